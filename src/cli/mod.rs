@@ -1,0 +1,373 @@
+//! The `imagestream` command line: `serve` runs the daemon; every other subcommand is a client of
+//! the admin API on the admin socket. Output is a table by default and JSON with `-o json`;
+//! errors are one line on stderr with a non-zero exit code.
+
+mod output;
+
+use crate::admin::client::connect;
+use crate::admin::pb;
+use crate::config::{Config, Overrides, DEFAULT_ADMIN_SOCKET};
+use crate::stream::reference::{parse_stream_key, parse_tag_ref};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use output::Printer;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imagestream",
+    version,
+    about = "Image streams for Kubernetes nodes: a CRI proxy that pins stream tags to verified digests",
+    long_about = "imagestream sits between the kubelet and the container runtime (containerd, CRI-O). \
+Pods that name a stream tag (imagestream.local/NAMESPACE/STREAM:TAG, or STREAM:TAG for streams with \
+--lookup-local) run the digest the tag is pinned to; tags have a history and can be moved and rolled \
+back without re-pushing.\n\nRun the daemon with `imagestream serve`; the other subcommands talk to it \
+over the admin socket.",
+    after_help = "Examples:\n  imagestream stream create team-a/app --lookup-local\n  imagestream tag set team-a/app:prod registry.example.com/team/app:v1\n  imagestream tag rollback team-a/app:prod\n  imagestream resolve app:prod --namespace team-a"
+)]
+pub struct Cli {
+    /// Admin socket of the daemon [default: /run/imagestream/admin.sock, or the config file's]
+    #[arg(long, global = true, env = "IMAGESTREAM_ADMIN_SOCKET", value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+    /// Output format
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: the CRI proxy and the admin API
+    Serve(ServeArgs),
+    /// Create, list, show and remove image streams
+    #[command(subcommand)]
+    Stream(StreamCommand),
+    /// Point tags at images, roll them back, show their history
+    #[command(subcommand)]
+    Tag(TagCommand),
+    /// Show what a pod in NAMESPACE would run for REFERENCE, without pulling
+    Resolve {
+        /// An image reference: imagestream.local/NS/STREAM:TAG, STREAM:TAG, or any other image
+        reference: String,
+        /// The pod's namespace (needed for short names)
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Print the effective daemon configuration (defaults, config file, flags) as TOML
+    Config(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Config file [default: /etc/imagestream/config.toml if present]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory [default: /var/lib/imagestream]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// CRI socket the kubelet talks to [default: /run/imagestream/imagestream.sock]
+    #[arg(long, value_name = "PATH")]
+    cri_socket: Option<PathBuf>,
+    /// The real runtime's CRI endpoint [default: unix:///run/containerd/containerd.sock]
+    #[arg(long, value_name = "ENDPOINT")]
+    runtime_endpoint: Option<String>,
+    /// A registry reached over plain HTTP, HOST:PORT (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// Log format on stderr
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum StreamCommand {
+    /// Create a stream NAMESPACE/NAME
+    Create {
+        /// NAMESPACE/NAME
+        stream: String,
+        /// Let pods of the namespace use the short name NAME:TAG
+        #[arg(long)]
+        lookup_local: bool,
+    },
+    /// List streams
+    #[command(alias = "list")]
+    Ls {
+        /// Only this namespace
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Show a stream and its tags
+    Get {
+        /// NAMESPACE/NAME
+        stream: String,
+    },
+    /// Remove a stream and all its tags
+    #[command(alias = "delete")]
+    Rm {
+        /// NAMESPACE/NAME
+        stream: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TagCommand {
+    /// Point NAMESPACE/NAME:TAG at SOURCE (resolved and verified in its registry now)
+    Set {
+        /// NAMESPACE/NAME:TAG
+        tag: String,
+        /// An image reference, by tag (registry/repo:tag) or digest (registry/repo@sha256:...)
+        source: String,
+    },
+    /// Point a tag back at an earlier digest (default: the previous one)
+    Rollback {
+        /// NAMESPACE/NAME:TAG
+        tag: String,
+        /// The generation to go back to
+        #[arg(long, value_name = "N")]
+        to_generation: Option<u64>,
+    },
+    /// Show a tag's generations, newest first
+    History {
+        /// NAMESPACE/NAME:TAG
+        tag: String,
+    },
+    /// Remove a tag and its history
+    #[command(alias = "delete")]
+    Rm {
+        /// NAMESPACE/NAME:TAG
+        tag: String,
+    },
+}
+
+/// Runs the command line; returns the process exit code.
+pub async fn main() -> i32 {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => 0,
+        Err(message) => {
+            eprintln!("error: {message}");
+            1
+        }
+    }
+}
+
+fn serve_config(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Config, String> {
+    Config::load(
+        args.config.as_deref(),
+        Overrides {
+            state_dir: args.state_dir.clone(),
+            cri_socket: args.cri_socket.clone(),
+            admin_socket,
+            runtime_endpoint: args.runtime_endpoint.clone(),
+            insecure_registries: args.insecure_registries.clone(),
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn status(e: tonic::Status) -> String {
+    let message = e.message();
+    if message.is_empty() {
+        format!("{:?}", e.code())
+    } else {
+        message.to_string()
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let printer = Printer::new(cli.output);
+    let admin_socket = cli.admin_socket.clone();
+    let socket = admin_socket
+        .clone()
+        .unwrap_or_else(|| default_admin_socket().into());
+    match cli.command {
+        Command::Serve(args) => {
+            let config = serve_config(&args, admin_socket)?;
+            init_logging(args.log_format);
+            crate::server::run(config, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Command::Config(args) => {
+            let config = serve_config(&args, admin_socket)?;
+            match cli.output {
+                Format::Json => printer.json(&config),
+                Format::Table => {
+                    print!("{}", toml::to_string(&config).map_err(|e| e.to_string())?)
+                }
+            }
+            Ok(())
+        }
+        Command::Stream(cmd) => {
+            let mut client = connect(&socket).await?;
+            match cmd {
+                StreamCommand::Create {
+                    stream,
+                    lookup_local,
+                } => {
+                    let (namespace, name) = parse_stream_key(&stream).map_err(|e| e.to_string())?;
+                    let s = client
+                        .create_stream(pb::CreateStreamRequest {
+                            namespace,
+                            name,
+                            lookup_local,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.stream_created(&s);
+                }
+                StreamCommand::Ls { namespace } => {
+                    let r = client
+                        .list_streams(pb::ListStreamsRequest {
+                            namespace: namespace.unwrap_or_default(),
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.streams(&r.streams);
+                }
+                StreamCommand::Get { stream } => {
+                    let (namespace, name) = parse_stream_key(&stream).map_err(|e| e.to_string())?;
+                    let s = client
+                        .get_stream(pb::GetStreamRequest { namespace, name })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.stream(&s);
+                }
+                StreamCommand::Rm { stream } => {
+                    let (namespace, name) = parse_stream_key(&stream).map_err(|e| e.to_string())?;
+                    client
+                        .delete_stream(pb::DeleteStreamRequest { namespace, name })
+                        .await
+                        .map_err(status)?;
+                    printer.done(&format!("stream {stream} removed"));
+                }
+            }
+            Ok(())
+        }
+        Command::Tag(cmd) => {
+            let mut client = connect(&socket).await?;
+            match cmd {
+                TagCommand::Set { tag, source } => {
+                    let t = parse_tag_ref(&tag).map_err(|e| e.to_string())?;
+                    let r = client
+                        .set_tag(pb::SetTagRequest {
+                            namespace: t.namespace,
+                            name: t.name,
+                            tag: t.tag,
+                            source,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.tag_moved(&tag, &r);
+                }
+                TagCommand::Rollback { tag, to_generation } => {
+                    let t = parse_tag_ref(&tag).map_err(|e| e.to_string())?;
+                    let r = client
+                        .rollback_tag(pb::RollbackTagRequest {
+                            namespace: t.namespace,
+                            name: t.name,
+                            tag: t.tag,
+                            to_generation: to_generation.unwrap_or(0),
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.tag_moved(&tag, &r);
+                }
+                TagCommand::History { tag } => {
+                    let t = parse_tag_ref(&tag).map_err(|e| e.to_string())?;
+                    let r = client
+                        .get_tag(pb::GetTagRequest {
+                            namespace: t.namespace,
+                            name: t.name,
+                            tag: t.tag,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.history(&r);
+                }
+                TagCommand::Rm { tag } => {
+                    let t = parse_tag_ref(&tag).map_err(|e| e.to_string())?;
+                    client
+                        .delete_tag(pb::DeleteTagRequest {
+                            namespace: t.namespace,
+                            name: t.name,
+                            tag: t.tag,
+                        })
+                        .await
+                        .map_err(status)?;
+                    printer.done(&format!("tag {tag} removed"));
+                }
+            }
+            Ok(())
+        }
+        Command::Resolve {
+            reference,
+            namespace,
+        } => {
+            let mut client = connect(&socket).await?;
+            let r = client
+                .resolve(pb::ResolveRequest {
+                    reference,
+                    namespace: namespace.unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            printer.resolved(&r);
+            Ok(())
+        }
+    }
+}
+
+/// The admin socket clients use without `--admin-socket`: the default config file's, else the
+/// embedded default.
+fn default_admin_socket() -> PathBuf {
+    Config::load(None, Overrides::default())
+        .map(|c| c.admin_socket)
+        .unwrap_or_else(|_| DEFAULT_ADMIN_SOCKET.into())
+}

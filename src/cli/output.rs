@@ -1,0 +1,212 @@
+//! Rendering of admin API answers: aligned tables for people, JSON (one document per command)
+//! for scripts.
+
+use super::Format;
+use crate::admin::pb;
+use serde_json::{json, Value};
+
+pub struct Printer {
+    format: Format,
+}
+
+fn generation_json(g: &pb::Generation) -> Value {
+    json!({
+        "generation": g.generation,
+        "digest": g.digest,
+        "reference": g.reference,
+        "created": g.created,
+        "cause": g.cause,
+    })
+}
+
+fn tag_json(t: &pb::Tag) -> Value {
+    json!({
+        "name": t.name,
+        "source": t.source,
+        "generations": t.generations.iter().map(generation_json).collect::<Vec<_>>(),
+    })
+}
+
+fn stream_json(s: &pb::Stream) -> Value {
+    json!({
+        "namespace": s.namespace,
+        "name": s.name,
+        "lookup_local": s.lookup_local,
+        "tags": s.tags.iter().map(tag_json).collect::<Vec<_>>(),
+    })
+}
+
+/// Prints rows as columns separated by at least two spaces.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn short_digest(d: &str) -> String {
+    match d.strip_prefix("sha256:") {
+        Some(hex) if hex.len() > 12 => format!("sha256:{}", &hex[..12]),
+        _ => d.to_string(),
+    }
+}
+
+impl Printer {
+    pub fn new(format: Format) -> Self {
+        Self { format }
+    }
+
+    pub fn json(&self, v: &impl serde::Serialize) {
+        match serde_json::to_string_pretty(v) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: cannot render JSON: {e}"),
+        }
+    }
+
+    pub fn done(&self, message: &str) {
+        match self.format {
+            Format::Json => self.json(&json!({ "ok": true, "message": message })),
+            Format::Table => println!("{message}"),
+        }
+    }
+
+    pub fn stream_created(&self, s: &pb::Stream) {
+        match self.format {
+            Format::Json => self.json(&stream_json(s)),
+            Format::Table => println!(
+                "stream {}/{} created{}",
+                s.namespace,
+                s.name,
+                if s.lookup_local {
+                    " (lookup_local: short names resolve in its namespace)"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+
+    pub fn streams(&self, streams: &[pb::Stream]) {
+        match self.format {
+            Format::Json => self.json(&streams.iter().map(stream_json).collect::<Vec<_>>()),
+            Format::Table => table(
+                &["NAMESPACE", "NAME", "LOOKUP_LOCAL", "TAGS"],
+                &streams
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.namespace.clone(),
+                            s.name.clone(),
+                            s.lookup_local.to_string(),
+                            s.tags
+                                .iter()
+                                .map(|t| t.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        }
+    }
+
+    pub fn stream(&self, s: &pb::Stream) {
+        match self.format {
+            Format::Json => self.json(&stream_json(s)),
+            Format::Table => {
+                println!("Stream:        {}/{}", s.namespace, s.name);
+                println!("Lookup local:  {}", s.lookup_local);
+                println!();
+                table(
+                    &["TAG", "GENERATION", "DIGEST", "UPDATED", "SOURCE"],
+                    &s.tags
+                        .iter()
+                        .map(|t| {
+                            let g = t.generations.first();
+                            vec![
+                                t.name.clone(),
+                                g.map(|g| g.generation.to_string()).unwrap_or_default(),
+                                g.map(|g| short_digest(&g.digest)).unwrap_or_default(),
+                                g.map(|g| g.created.clone()).unwrap_or_default(),
+                                t.source.clone(),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+    }
+
+    pub fn tag_moved(&self, name: &str, t: &pb::Tag) {
+        match self.format {
+            Format::Json => self.json(&tag_json(t)),
+            Format::Table => match t.generations.first() {
+                Some(g) => println!(
+                    "{name} -> {} (generation {}, {})",
+                    g.reference, g.generation, g.cause
+                ),
+                None => println!("{name} has no generations"),
+            },
+        }
+    }
+
+    pub fn history(&self, t: &pb::Tag) {
+        match self.format {
+            Format::Json => self.json(&tag_json(t)),
+            Format::Table => table(
+                &["GENERATION", "CREATED", "CAUSE", "REFERENCE"],
+                &t.generations
+                    .iter()
+                    .map(|g| {
+                        vec![
+                            g.generation.to_string(),
+                            g.created.clone(),
+                            g.cause.clone(),
+                            g.reference.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        }
+    }
+
+    pub fn resolved(&self, r: &pb::ResolveResponse) {
+        match self.format {
+            Format::Json => self.json(&json!({
+                "reference": r.reference,
+                "is_stream": r.is_stream,
+                "stream": if r.is_stream { Value::String(format!("{}/{}", r.stream_namespace, r.stream_name)) } else { Value::Null },
+                "tag": if r.is_stream { Value::String(r.tag.clone()) } else { Value::Null },
+                "generation": if r.is_stream { json!(r.generation) } else { Value::Null },
+                "digest": if r.is_stream { Value::String(r.digest.clone()) } else { Value::Null },
+            })),
+            Format::Table => {
+                if r.is_stream {
+                    println!(
+                        "{} (stream {}/{}:{}, generation {})",
+                        r.reference, r.stream_namespace, r.stream_name, r.tag, r.generation
+                    );
+                } else {
+                    println!("{} (not a stream reference: passed to the runtime unchanged)", r.reference);
+                }
+            }
+        }
+    }
+}

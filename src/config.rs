@@ -1,0 +1,252 @@
+//! Daemon configuration: embedded defaults (the constants below), overridden by a TOML file
+//! (`--config`, default [`DEFAULT_CONFIG_PATH`] when it exists), overridden by flags.
+//! Unknown keys in the file are an error that names them.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Config file read when `--config` is not given (only if it exists).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/imagestream/config.toml";
+/// Where streams and (later) the layer cache live.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/imagestream";
+/// The CRI socket the kubelet is pointed at.
+pub const DEFAULT_CRI_SOCKET: &str = "/run/imagestream/imagestream.sock";
+/// The admin API socket the CLI talks to.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/imagestream/admin.sock";
+/// The real runtime every CRI call is forwarded to.
+pub const DEFAULT_RUNTIME_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
+/// Virtual registry host of explicit stream references.
+pub const DEFAULT_STREAM_HOST: &str = crate::stream::reference::DEFAULT_STREAM_HOST;
+/// Generations kept per tag.
+pub const DEFAULT_HISTORY_LIMIT: usize = crate::stream::model::DEFAULT_HISTORY_LIMIT;
+/// How long SIGTERM waits for in-flight calls before exiting anyway.
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 15;
+/// How long a CRI call may wait to connect to the runtime.
+pub const RUNTIME_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// The config file, every key optional. See README "Configuration".
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub state_dir: Option<PathBuf>,
+    pub cri_socket: Option<PathBuf>,
+    pub admin_socket: Option<PathBuf>,
+    pub runtime_endpoint: Option<String>,
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    pub stream_host: Option<String>,
+    pub history_limit: Option<usize>,
+    pub drain_timeout_secs: Option<u64>,
+}
+
+/// Flags of `imagestream serve` that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub state_dir: Option<PathBuf>,
+    pub cri_socket: Option<PathBuf>,
+    pub admin_socket: Option<PathBuf>,
+    pub runtime_endpoint: Option<String>,
+    pub insecure_registries: Vec<String>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub cri_socket: PathBuf,
+    pub admin_socket: PathBuf,
+    pub runtime_endpoint: String,
+    pub insecure_registries: Vec<String>,
+    pub stream_host: String,
+    pub history_limit: usize,
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: DEFAULT_STATE_DIR.into(),
+            cri_socket: DEFAULT_CRI_SOCKET.into(),
+            admin_socket: DEFAULT_ADMIN_SOCKET.into(),
+            runtime_endpoint: DEFAULT_RUNTIME_ENDPOINT.into(),
+            insecure_registries: Vec::new(),
+            stream_host: DEFAULT_STREAM_HOST.into(),
+            history_limit: DEFAULT_HISTORY_LIMIT,
+            drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (`path`, or the default path if it exists), then `overrides`.
+    pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let file = match path {
+            Some(p) => Some(read_file(p)?),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Some(read_file(Path::new(DEFAULT_CONFIG_PATH))?)
+            }
+            None => None,
+        };
+        let mut config = Config::default();
+        if let Some(f) = file {
+            config.apply_file(f);
+        }
+        config.apply_overrides(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_file(&mut self, f: FileConfig) {
+        let FileConfig {
+            state_dir,
+            cri_socket,
+            admin_socket,
+            runtime_endpoint,
+            insecure_registries,
+            stream_host,
+            history_limit,
+            drain_timeout_secs,
+        } = f;
+        set(&mut self.state_dir, state_dir);
+        set(&mut self.cri_socket, cri_socket);
+        set(&mut self.admin_socket, admin_socket);
+        set(&mut self.runtime_endpoint, runtime_endpoint);
+        self.insecure_registries.extend(insecure_registries);
+        set(&mut self.stream_host, stream_host);
+        set(&mut self.history_limit, history_limit);
+        set(&mut self.drain_timeout_secs, drain_timeout_secs);
+    }
+
+    fn apply_overrides(&mut self, o: Overrides) {
+        set(&mut self.state_dir, o.state_dir);
+        set(&mut self.cri_socket, o.cri_socket);
+        set(&mut self.admin_socket, o.admin_socket);
+        set(&mut self.runtime_endpoint, o.runtime_endpoint);
+        for r in o.insecure_registries {
+            if !self.insecure_registries.contains(&r) {
+                self.insecure_registries.push(r);
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        runtime_socket_path(&self.runtime_endpoint).map_err(|message| ConfigError::Invalid {
+            key: "runtime_endpoint",
+            message,
+        })?;
+        if self.history_limit == 0 {
+            return Err(ConfigError::Invalid {
+                key: "history_limit",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.stream_host.is_empty() || self.stream_host.contains('/') {
+            return Err(ConfigError::Invalid {
+                key: "stream_host",
+                message: format!("{:?} is not a registry host name", self.stream_host),
+            });
+        }
+        for r in &self.insecure_registries {
+            if r.is_empty() || r.contains('/') || r.contains("://") {
+                return Err(ConfigError::Invalid {
+                    key: "insecure_registries",
+                    message: format!("{r:?} is not HOST or HOST:PORT"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text).map_err(|message| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+/// Parses config file text.
+pub fn parse(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim().to_string())
+}
+
+/// The socket path of a runtime endpoint: `unix:///path` or a bare absolute path.
+pub fn runtime_socket_path(endpoint: &str) -> Result<PathBuf, String> {
+    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{endpoint:?} is not a unix socket endpoint (expected unix:///path/to/socket)"
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_file_and_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "state_dir = \"/tmp/x\"\ncri_socket = \"/tmp/c.sock\"\ninsecure_registries = [\"r:5000\"]\n",
+        )
+        .expect("write");
+        let c = Config::load(
+            Some(&path),
+            Overrides {
+                cri_socket: Some("/tmp/flag.sock".into()),
+                insecure_registries: vec!["s:1".into()],
+                ..Default::default()
+            },
+        )
+        .expect("load");
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.cri_socket, PathBuf::from("/tmp/flag.sock"));
+        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(c.insecure_registries, vec!["r:5000", "s:1"]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = parse("stat_dir = \"/x\"").expect_err("unknown key");
+        assert!(e.contains("stat_dir"), "{e}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "runtime_endpoint = \"tcp://x\"").expect("write");
+        let e = Config::load(Some(&path), Overrides::default()).expect_err("bad endpoint");
+        assert!(e.to_string().contains("tcp://x"), "{e}");
+    }
+}

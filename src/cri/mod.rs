@@ -1,0 +1,62 @@
+//! The CRI proxy: serves CRI v1 `RuntimeService` and `ImageService` (and any other gRPC path)
+//! on the CRI socket, forwarding to the real runtime ([`upstream`]) and rewriting stream
+//! references to pinned digests in the four calls that carry them ([`proxy`]).
+//!
+//! [`serve`] runs the HTTP/2 server on a listener until `shutdown` completes, then drains
+//! in-flight calls for at most the grace period.
+
+pub mod proxy;
+pub mod upstream;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixListener;
+
+pub use proxy::CriProxy;
+pub use upstream::Upstream;
+
+/// Serves `proxy` on `listener` until `shutdown`, then drains for at most `grace`.
+pub async fn serve(
+    listener: UnixListener,
+    proxy: Arc<CriProxy>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "CRI socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let proxy = proxy.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let proxy = proxy.clone();
+                    async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                });
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "CRI connection ended");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("CRI calls drained"),
+        _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "CRI drain timed out; closing remaining calls"),
+    }
+}

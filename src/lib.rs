@@ -1,0 +1,30 @@
+//! imagestream: a CRI image-service proxy that gives every Kubernetes node *image streams*:
+//! named streams whose tags point at pinned, verified image digests, with history and rollback.
+//!
+//! # Layout
+//!
+//! Data flows one way: the CLI talks to the admin API, which calls the stream service, which
+//! pins through the registry client and writes the store, then swaps the in-memory view; the
+//! CRI proxy reads only that view.
+//!
+//! - [`config`]: embedded defaults (documented constants), the TOML file, flag overrides.
+//! - [`stream`]: the model (streams, tags, generations), name and reference grammar,
+//!   resolution ([`stream::resolve`]) and the service that changes streams.
+//! - [`store`]: persistence behind the narrow [`store::StreamStore`] trait (redb by default).
+//! - [`registry`]: pins a source reference to a verified manifest digest (oci-client).
+//! - [`cri`]: the CRI proxy: raw HTTP/2 forwarding to the runtime, and the four rewritten calls.
+//! - [`admin`]: the admin gRPC API (`proto/imagestream/v1/admin.proto`) and its client.
+//! - [`socket`]: creating root-only unix sockets, replacing stale ones.
+//! - [`server`]: [`server::run`] wires everything together until a shutdown future completes.
+//! - [`cli`]: the `imagestream` command line.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod cri;
+pub mod registry;
+pub mod server;
+pub mod socket;
+pub mod store;
+pub mod stream;

@@ -1,0 +1,217 @@
+//! The registry client used to pin tags: resolves a source reference to the sha256 digest of
+//! its manifest (or index) through oci-client, and verifies that the manifest bytes hash to the
+//! digest the registry claims before anything is pinned.
+//!
+//! Registries are reached over HTTPS, except the hosts configured as insecure (plain HTTP).
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::{
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
+    OCI_IMAGE_MEDIA_TYPE,
+};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::{Digest as _, Sha256};
+use std::time::Duration;
+use thiserror::Error;
+
+/// The manifest media types asked for when pinning: OCI image, OCI index, Docker v2 manifest
+/// and Docker manifest list.
+pub const ACCEPTED_MANIFEST_TYPES: [&str; 4] = [
+    OCI_IMAGE_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
+
+/// Largest manifest accepted from a registry.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
+/// Time allowed to connect to a registry.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed between reads from a registry.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error("invalid image reference {reference:?}: {message}")]
+    InvalidReference { reference: String, message: String },
+    #[error("manifest {reference} not found in its registry")]
+    NotFound { reference: String },
+    #[error("registry refused access to {reference}: {message}")]
+    Unauthorized { reference: String, message: String },
+    #[error("registry for {reference} is unreachable: {message}")]
+    Unreachable { reference: String, message: String },
+    #[error("manifest of {reference} does not match its digest: {message}; nothing was pinned")]
+    DigestMismatch { reference: String, message: String },
+    #[error("manifest of {reference} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")]
+    TooLarge { reference: String, size: usize },
+    #[error("registry error for {reference}: {message}")]
+    Other { reference: String, message: String },
+}
+
+/// A manifest pinned by digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedManifest {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// `registry/repository@sha256:<hex>`.
+    pub reference: String,
+}
+
+#[derive(Clone)]
+pub struct RegistryClient {
+    client: Client,
+}
+
+impl RegistryClient {
+    /// A client that speaks plain HTTP to `insecure_registries` (`HOST:PORT`) and HTTPS to
+    /// every other registry.
+    pub fn new(insecure_registries: &[String]) -> Self {
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(READ_TIMEOUT),
+            platform_resolver: None,
+            ..ClientConfig::default()
+        };
+        Self {
+            client: Client::new(config),
+        }
+    }
+
+    /// Parses `source` as an image reference (docker's normalisation: `nginx` is
+    /// `docker.io/library/nginx:latest`).
+    pub fn parse(source: &str) -> Result<Reference, RegistryError> {
+        source
+            .parse::<Reference>()
+            .map_err(|e| RegistryError::InvalidReference {
+                reference: source.to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Resolves `source` to the digest of its manifest now, verifying the bytes.
+    #[tracing::instrument(skip(self), fields(digest))]
+    pub async fn pin(&self, source: &str) -> Result<PinnedManifest, RegistryError> {
+        let reference = Self::parse(source)?;
+        if let Some(d) = reference.digest() {
+            check_sha256_digest(d).map_err(|message| RegistryError::InvalidReference {
+                reference: source.to_string(),
+                message,
+            })?;
+        }
+        let (bytes, claimed) = self
+            .client
+            .pull_manifest_raw(&reference, &RegistryAuth::Anonymous, &ACCEPTED_MANIFEST_TYPES)
+            .await
+            .map_err(|e| classify(source, e))?;
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(RegistryError::TooLarge {
+                reference: source.to_string(),
+                size: bytes.len(),
+            });
+        }
+        let computed = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+        if claimed != computed {
+            return Err(RegistryError::DigestMismatch {
+                reference: source.to_string(),
+                message: format!("registry claims {claimed}, the bytes hash to {computed}"),
+            });
+        }
+        if let Some(wanted) = reference.digest() {
+            if wanted != computed {
+                return Err(RegistryError::DigestMismatch {
+                    reference: source.to_string(),
+                    message: format!("asked for {wanted}, the bytes hash to {computed}"),
+                });
+            }
+        }
+        tracing::Span::current().record("digest", computed.as_str());
+        Ok(PinnedManifest {
+            reference: format!(
+                "{}/{}@{}",
+                reference.registry(),
+                reference.repository(),
+                computed
+            ),
+            digest: computed,
+        })
+    }
+}
+
+/// Checks that `digest` is `sha256:` followed by 64 lowercase hex digits.
+pub fn check_sha256_digest(digest: &str) -> Result<(), String> {
+    match digest.strip_prefix("sha256:") {
+        Some(hex)
+            if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "digest {digest:?} is not sha256: followed by 64 lowercase hex digits"
+        )),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = s.source();
+    }
+    message
+}
+
+fn classify(source: &str, e: OciDistributionError) -> RegistryError {
+    let reference = source.to_string();
+    let message = error_chain(&e);
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound { reference },
+        OciDistributionError::ServerError { code: 404, .. } => RegistryError::NotFound { reference },
+        OciDistributionError::RegistryError { ref envelope, .. }
+            if envelope
+                .errors
+                .iter()
+                .any(|e| format!("{:?}", e.code).contains("Unknown")) =>
+        {
+            RegistryError::NotFound { reference }
+        }
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => {
+            RegistryError::Unauthorized { reference, message }
+        }
+        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => {
+            RegistryError::Unreachable { reference, message }
+        }
+        OciDistributionError::DigestError(_) => RegistryError::DigestMismatch { reference, message },
+        _ => RegistryError::Other { reference, message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests() {
+        assert!(check_sha256_digest(&format!("sha256:{}", "a".repeat(64))).is_ok());
+        assert!(check_sha256_digest("sha256:abc").is_err());
+        assert!(check_sha256_digest(&format!("sha512:{}", "a".repeat(64))).is_err());
+        assert!(check_sha256_digest(&format!("sha256:{}", "A".repeat(64))).is_err());
+    }
+
+    #[test]
+    fn parse_normalises() {
+        let r = RegistryClient::parse("nginx").expect("parses");
+        assert_eq!(r.registry(), "docker.io");
+        assert_eq!(r.repository(), "library/nginx");
+        assert!(RegistryClient::parse("UPPER/case:x").is_err());
+    }
+}

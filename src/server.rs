@@ -1,0 +1,139 @@
+//! The daemon: opens the store, builds the stream service, binds the CRI and admin sockets and
+//! serves both until `shutdown`, then drains in-flight calls (bounded by the drain timeout) and
+//! removes its sockets. Tells systemd `READY=1` once both sockets accept.
+
+use crate::admin::{AdminApi, AdminServer};
+use crate::config::Config;
+use crate::cri::{CriProxy, Upstream};
+use crate::registry::RegistryClient;
+use crate::socket::{self, SocketError, SOCKET_MODE};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{StoreError, StreamStore};
+use crate::stream::service::{StreamError, StreamService, StreamSettings};
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use thiserror::Error;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// Mode of the state dir.
+pub const STATE_DIR_MODE: u32 = 0o700;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot create state dir {path}: {source}")]
+    StateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Streams(#[from] StreamError),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("invalid runtime endpoint: {0}")]
+    Runtime(String),
+    #[error("admin server failed: {0}")]
+    Admin(String),
+}
+
+/// Runs the daemon with `config` until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let state_dir = config.state_dir.clone();
+    std::fs::create_dir_all(&state_dir)
+        .and_then(|()| {
+            std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(STATE_DIR_MODE))
+        })
+        .map_err(|source| ServerError::StateDir {
+            path: state_dir.display().to_string(),
+            source,
+        })?;
+    let store: Arc<dyn StreamStore> = {
+        let dir = state_dir.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir))
+                .await
+                .map_err(|e| StoreError::Backend {
+                    path: state_dir.display().to_string(),
+                    message: e.to_string(),
+                })??,
+        )
+    };
+    let streams = Arc::new(
+        StreamService::new(
+            store,
+            RegistryClient::new(&config.insecure_registries),
+            StreamSettings {
+                stream_host: config.stream_host.clone(),
+                history_limit: config.history_limit,
+            },
+        )
+        .await?,
+    );
+    let upstream = Upstream::new(&config.runtime_endpoint).map_err(ServerError::Runtime)?;
+    let proxy = Arc::new(CriProxy::new(
+        upstream,
+        streams.view(),
+        config.stream_host.clone(),
+    ));
+
+    let cri_listener = socket::bind(&config.cri_socket, SOCKET_MODE)?;
+    let admin_listener = match socket::bind(&config.admin_socket, SOCKET_MODE) {
+        Ok(l) => l,
+        Err(e) => {
+            socket::remove(&config.cri_socket);
+            return Err(e.into());
+        }
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let grace = config.drain_timeout();
+    let cri_task = tokio::spawn(crate::cri::serve(
+        cri_listener,
+        proxy,
+        stopped(stop_rx.clone()),
+        grace,
+    ));
+    let admin_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AdminServer::new(AdminApi::new(streams)))
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(admin_listener),
+                stopped(stop_rx),
+            ),
+    );
+    tracing::info!(
+        cri_socket = %config.cri_socket.display(),
+        admin_socket = %config.admin_socket.display(),
+        runtime = %config.runtime_endpoint,
+        state_dir = %config.state_dir.display(),
+        "imagestream ready"
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    shutdown.await;
+    tracing::info!(?grace, "shutting down: draining in-flight calls");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(grace + std::time::Duration::from_secs(1), async {
+        let _ = cri_task.await;
+        admin_task.await
+    })
+    .await;
+    socket::remove(&config.cri_socket);
+    socket::remove(&config.admin_socket);
+    match drained {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(ServerError::Admin(e.to_string())),
+        Ok(Err(e)) => Err(ServerError::Admin(e.to_string())),
+        Err(_) => {
+            tracing::warn!("drain timed out; exiting");
+            Ok(())
+        }
+    }
+}

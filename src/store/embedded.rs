@@ -1,0 +1,143 @@
+//! The embedded store: one redb database file (`streams.redb` in the state dir). redb commits
+//! are crash-safe (copy-on-write B-tree with a checksummed commit slot), so a crash at any
+//! moment leaves the old or the new state, never a torn one. Records are JSON.
+
+use super::{Expect, StoreError, StreamStore};
+use crate::stream::model::{Stream, StreamKey};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+
+/// File name of the database inside the state dir.
+pub const DB_FILE: &str = "streams.redb";
+
+const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
+
+pub struct EmbeddedStore {
+    db: Database,
+    path: PathBuf,
+}
+
+fn key_string(key: &StreamKey) -> String {
+    format!("{}/{}", key.namespace, key.name)
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database at `state_dir/streams.redb`.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let path = state_dir.join(DB_FILE);
+        let db = Database::create(&path).map_err(|e| StoreError::Backend {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let store = Self { db, path };
+        // Create the table so that readers find it.
+        let txn = store.db.begin_write().map_err(|e| store.backend(e))?;
+        txn.open_table(STREAMS).map_err(|e| store.backend(e))?;
+        txn.commit().map_err(|e| store.backend(e))?;
+        Ok(store)
+    }
+
+    fn backend(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Backend {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    fn decode(key: &str, bytes: &[u8]) -> Result<Stream, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            key: key.to_string(),
+            message: e.to_string(),
+        })
+    }
+}
+
+impl StreamStore for EmbeddedStore {
+    fn list(&self) -> Result<Vec<Stream>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.backend(e))?;
+        let table = txn.open_table(STREAMS).map_err(|e| self.backend(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.backend(e))? {
+            let (k, v) = entry.map_err(|e| self.backend(e))?;
+            out.push(Self::decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn get(&self, key: &StreamKey) -> Result<Option<Stream>, StoreError> {
+        let k = key_string(key);
+        let txn = self.db.begin_read().map_err(|e| self.backend(e))?;
+        let table = txn.open_table(STREAMS).map_err(|e| self.backend(e))?;
+        let value = table.get(k.as_str()).map_err(|e| self.backend(e))?;
+        value.map(|v| Self::decode(&k, v.value())).transpose()
+    }
+
+    fn put(&self, stream: &Stream, expect: Expect) -> Result<(), StoreError> {
+        let key = stream.key();
+        let k = key_string(&key);
+        let bytes = serde_json::to_vec(stream).map_err(|e| self.backend(e))?;
+        let txn = self.db.begin_write().map_err(|e| self.backend(e))?;
+        {
+            let mut table = txn.open_table(STREAMS).map_err(|e| self.backend(e))?;
+            let existing = table
+                .get(k.as_str())
+                .map_err(|e| self.backend(e))?
+                .map(|v| Self::decode(&k, v.value()))
+                .transpose()?;
+            match (expect, existing) {
+                (Expect::Absent, Some(_)) => return Err(StoreError::AlreadyExists(key)),
+                (Expect::Revision(r), Some(s)) if s.revision != r => {
+                    return Err(StoreError::Conflict(key))
+                }
+                (Expect::Revision(_), None) => return Err(StoreError::Conflict(key)),
+                _ => {}
+            }
+            table
+                .insert(k.as_str(), bytes.as_slice())
+                .map_err(|e| self.backend(e))?;
+        }
+        txn.commit().map_err(|e| self.backend(e))
+    }
+
+    fn delete(&self, key: &StreamKey) -> Result<bool, StoreError> {
+        let k = key_string(key);
+        let txn = self.db.begin_write().map_err(|e| self.backend(e))?;
+        let existed = {
+            let mut table = txn.open_table(STREAMS).map_err(|e| self.backend(e))?;
+            let removed = table.remove(k.as_str()).map_err(|e| self.backend(e))?;
+            removed.is_some()
+        };
+        txn.commit().map_err(|e| self.backend(e))?;
+        Ok(existed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_cas() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let key = StreamKey::new("ns", "app");
+        let mut s = Stream::new(&key, true);
+        store.put(&s, Expect::Absent).expect("create");
+        assert!(matches!(
+            store.put(&s, Expect::Absent),
+            Err(StoreError::AlreadyExists(_))
+        ));
+        s.revision = 1;
+        store.put(&s, Expect::Revision(0)).expect("update");
+        assert!(matches!(
+            store.put(&s, Expect::Revision(0)),
+            Err(StoreError::Conflict(_))
+        ));
+        drop(store);
+        let store = EmbeddedStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.get(&key).expect("get"), Some(s));
+        assert_eq!(store.list().expect("list").len(), 1);
+        assert!(store.delete(&key).expect("delete"));
+        assert!(!store.delete(&key).expect("delete again"));
+    }
+}

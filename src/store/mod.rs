@@ -1,0 +1,44 @@
+//! Stream stores: where streams are persisted. The store is a narrow, synchronous key-value
+//! interface over whole [`Stream`] records with compare-and-swap on the record's revision, so
+//! that an embedded database (the default, [`embedded::EmbeddedStore`] on redb) and a
+//! cluster-wide one (etcd, later) slot in behind the same [`StreamStore`] trait. The CRI path
+//! never touches a store: it reads the in-memory view that the stream service keeps.
+
+pub mod embedded;
+
+use crate::stream::model::{Stream, StreamKey};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The record changed since it was read (compare-and-swap lost); read again and retry.
+    #[error("stream {0} was changed concurrently")]
+    Conflict(StreamKey),
+    #[error("stream {0} already exists")]
+    AlreadyExists(StreamKey),
+    #[error("stream store at {path}: {message}")]
+    Backend { path: String, message: String },
+    #[error("stream store record {key:?} is corrupt: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+/// What a write expects to find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// No record under the key (create).
+    Absent,
+    /// A record with this revision (update).
+    Revision(u64),
+}
+
+/// A persistent map of streams. Writes are atomic and durable when they return `Ok`.
+pub trait StreamStore: Send + Sync + 'static {
+    /// Every stream, for building the view at start.
+    fn list(&self) -> Result<Vec<Stream>, StoreError>;
+    fn get(&self, key: &StreamKey) -> Result<Option<Stream>, StoreError>;
+    /// Writes `stream` if the stored record matches `expect`; the stored revision becomes
+    /// `stream.revision`, which the caller has already incremented.
+    fn put(&self, stream: &Stream, expect: Expect) -> Result<(), StoreError>;
+    /// Removes the record; `Ok(false)` if there was none.
+    fn delete(&self, key: &StreamKey) -> Result<bool, StoreError>;
+}

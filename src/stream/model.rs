@@ -1,0 +1,198 @@
+//! The stream data model: a stream (`namespace/name`) holds tags; a tag holds its source and a
+//! bounded, append-only history of generations, newest first. These are the records the stores
+//! persist (as JSON) and the admin API shows.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Default number of generations kept per tag.
+pub const DEFAULT_HISTORY_LIMIT: usize = 20;
+
+/// Key of a stream: `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StreamKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl StreamKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for StreamKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stream {
+    pub namespace: String,
+    pub name: String,
+    /// Short names (`name:tag`) resolve to this stream for pods of its namespace.
+    pub lookup_local: bool,
+    pub tags: BTreeMap<String, Tag>,
+    /// Incremented by every write; stores use it for compare-and-swap.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl Stream {
+    pub fn new(key: &StreamKey, lookup_local: bool) -> Self {
+        Self {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            lookup_local,
+            tags: BTreeMap::new(),
+            revision: 0,
+        }
+    }
+
+    pub fn key(&self) -> StreamKey {
+        StreamKey::new(&self.namespace, &self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tag {
+    pub name: String,
+    /// What the tag follows: an image reference, by tag or by digest.
+    pub source: String,
+    /// Newest first; never empty for a stored tag.
+    pub generations: Vec<Generation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    pub generation: u64,
+    /// `sha256:<hex>` of the manifest (or index).
+    pub digest: String,
+    /// `registry/repository@sha256:<hex>`.
+    pub reference: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// `set`, `rollback to generation N`, `import`.
+    pub cause: String,
+}
+
+impl Tag {
+    /// The generation the tag points at now.
+    pub fn current(&self) -> Option<&Generation> {
+        self.generations.first()
+    }
+
+    /// Appends a generation (newest first) and trims the history to `limit` entries.
+    /// Generation numbers grow monotonically.
+    pub fn push(
+        &mut self,
+        digest: String,
+        reference: String,
+        created: String,
+        cause: String,
+        limit: usize,
+    ) -> &Generation {
+        let generation = self.current().map_or(1, |g| g.generation + 1);
+        self.generations.insert(
+            0,
+            Generation {
+                generation,
+                digest,
+                reference,
+                created,
+                cause,
+            },
+        );
+        self.generations.truncate(limit.max(1));
+        &self.generations[0]
+    }
+
+    /// The generation a rollback goes to: `to` if given, else the newest earlier generation
+    /// whose digest differs from the current one.
+    pub fn rollback_target(&self, to: Option<u64>) -> Result<&Generation, RollbackError> {
+        let current = self.current().ok_or(RollbackError::NoHistory)?;
+        match to {
+            Some(n) => {
+                let target = self
+                    .generations
+                    .iter()
+                    .find(|g| g.generation == n)
+                    .ok_or_else(|| RollbackError::NoSuchGeneration {
+                        generation: n,
+                        oldest: self.generations.last().map_or(0, |g| g.generation),
+                        newest: current.generation,
+                    })?;
+                if target.generation == current.generation {
+                    return Err(RollbackError::AlreadyCurrent(n));
+                }
+                Ok(target)
+            }
+            None => self
+                .generations
+                .iter()
+                .find(|g| g.digest != current.digest)
+                .ok_or(RollbackError::NoEarlierDigest),
+        }
+    }
+}
+
+/// Why a rollback cannot happen.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum RollbackError {
+    #[error("the tag has no history")]
+    NoHistory,
+    #[error("generation {generation} is not in the kept history (generations {oldest} to {newest})")]
+    NoSuchGeneration {
+        generation: u64,
+        oldest: u64,
+        newest: u64,
+    },
+    #[error("generation {0} is the current generation")]
+    AlreadyCurrent(u64),
+    #[error("no earlier generation has a different digest")]
+    NoEarlierDigest,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag() -> Tag {
+        Tag {
+            name: "prod".into(),
+            source: "r/app:v1".into(),
+            generations: vec![],
+        }
+    }
+
+    #[test]
+    fn history_is_bounded_and_monotonic() {
+        let mut t = tag();
+        for i in 0..5 {
+            t.push(format!("sha256:{i}"), "r".into(), "now".into(), "set".into(), 3);
+        }
+        assert_eq!(t.generations.len(), 3);
+        assert_eq!(t.current().map(|g| g.generation), Some(5));
+        assert_eq!(t.generations[2].generation, 3);
+    }
+
+    #[test]
+    fn rollback_targets() {
+        let mut t = tag();
+        t.push("sha256:a".into(), "r".into(), "n".into(), "set".into(), 20);
+        assert_eq!(t.rollback_target(None), Err(RollbackError::NoEarlierDigest));
+        t.push("sha256:b".into(), "r".into(), "n".into(), "set".into(), 20);
+        t.push("sha256:b".into(), "r".into(), "n".into(), "set".into(), 20);
+        assert_eq!(t.rollback_target(None).map(|g| g.generation), Ok(1));
+        assert_eq!(t.rollback_target(Some(2)).map(|g| g.generation), Ok(2));
+        assert_eq!(t.rollback_target(Some(3)), Err(RollbackError::AlreadyCurrent(3)));
+        assert!(matches!(
+            t.rollback_target(Some(9)),
+            Err(RollbackError::NoSuchGeneration { .. })
+        ));
+    }
+}

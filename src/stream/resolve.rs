@@ -1,0 +1,246 @@
+//! Resolution of image references through stream tags, for the CRI path and `imagestream
+//! resolve`. It reads only the in-memory [`View`]: no disk, no network, no lock held across an
+//! await. The stream service replaces the view after every successful store write.
+
+use super::model::{Stream, StreamKey};
+use super::reference::{classify, Classified, ReferenceError, TagRef};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use thiserror::Error;
+
+/// An immutable snapshot of every stream, indexed for resolution.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    streams: HashMap<StreamKey, Arc<Stream>>,
+    /// Names of the streams that have `lookup_local`, in any namespace.
+    local_names: HashSet<String>,
+}
+
+impl Snapshot {
+    pub fn new(streams: impl IntoIterator<Item = Stream>) -> Self {
+        let streams: HashMap<_, _> = streams
+            .into_iter()
+            .map(|s| (s.key(), Arc::new(s)))
+            .collect();
+        let local_names = streams
+            .values()
+            .filter(|s| s.lookup_local)
+            .map(|s| s.name.clone())
+            .collect();
+        Self {
+            streams,
+            local_names,
+        }
+    }
+
+    pub fn get(&self, key: &StreamKey) -> Option<&Arc<Stream>> {
+        self.streams.get(key)
+    }
+
+    pub fn streams(&self) -> impl Iterator<Item = &Arc<Stream>> {
+        self.streams.values()
+    }
+}
+
+/// The current snapshot, swapped whole on every change.
+#[derive(Debug, Default, Clone)]
+pub struct View {
+    inner: Arc<RwLock<Arc<Snapshot>>>,
+}
+
+impl View {
+    pub fn new(snapshot: Snapshot) -> Self {
+        Self {
+            inner: Arc::new(RwLock::new(Arc::new(snapshot))),
+        }
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        match self.inner.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn store(&self, snapshot: Snapshot) {
+        let snapshot = Arc::new(snapshot);
+        match self.inner.write() {
+            Ok(mut guard) => *guard = snapshot,
+            Err(poisoned) => *poisoned.into_inner() = snapshot,
+        }
+    }
+
+    /// Applies one changed (or, with `None`, deleted) stream to a copy of the snapshot.
+    pub fn apply(&self, key: &StreamKey, stream: Option<Stream>) {
+        let current = self.load();
+        let mut streams: Vec<Stream> = current
+            .streams
+            .iter()
+            .filter(|(k, _)| *k != key)
+            .map(|(_, s)| Stream::clone(s))
+            .collect();
+        streams.extend(stream);
+        self.store(Snapshot::new(streams));
+    }
+}
+
+/// A stream tag resolved to its pinned digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pinned {
+    pub tag: TagRef,
+    pub generation: u64,
+    pub digest: String,
+    /// `registry/repository@sha256:<hex>`: what the runtime is asked for.
+    pub reference: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Not a stream reference: hand it to the runtime unchanged.
+    PassThrough,
+    /// A stream tag and what it points at now.
+    Pinned(Pinned),
+    /// A short name that may name a stream, asked without a namespace (ImageStatus,
+    /// RemoveImage): answer "not present" so that the kubelet goes on to PullImage.
+    NeedsNamespace { name: String, tag: String },
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error("image stream {namespace}/{name} not found (reference {reference:?})")]
+    UnknownStream {
+        namespace: String,
+        name: String,
+        reference: String,
+    },
+    #[error("tag {tag:?} not found in image stream {namespace}/{name} (reference {reference:?})")]
+    UnknownTag {
+        namespace: String,
+        name: String,
+        tag: String,
+        reference: String,
+    },
+}
+
+/// Resolves `reference` for a pod in `namespace` (if known).
+///
+/// A short name counts as a stream reference only where some stream of that name has
+/// `lookup_local`; then it resolves in the pod's namespace or is `UnknownStream` there.
+pub fn resolve(
+    snapshot: &Snapshot,
+    stream_host: &str,
+    reference: &str,
+    namespace: Option<&str>,
+) -> Result<Resolution, ResolveError> {
+    let tag_ref = match classify(reference, stream_host)? {
+        Classified::Other => return Ok(Resolution::PassThrough),
+        Classified::Stream(t) => t,
+        Classified::ShortName { name, tag } => {
+            if !snapshot.local_names.contains(&name) {
+                return Ok(Resolution::PassThrough);
+            }
+            let Some(namespace) = namespace.filter(|n| !n.is_empty()) else {
+                return Ok(Resolution::NeedsNamespace { name, tag });
+            };
+            let key = StreamKey::new(namespace, &name);
+            if !snapshot.get(&key).is_some_and(|s| s.lookup_local) {
+                return Err(ResolveError::UnknownStream {
+                    namespace: key.namespace,
+                    name: key.name,
+                    reference: reference.to_string(),
+                });
+            }
+            TagRef {
+                namespace: key.namespace,
+                name: key.name,
+                tag,
+            }
+        }
+    };
+    let key = StreamKey::new(&tag_ref.namespace, &tag_ref.name);
+    let stream = snapshot
+        .get(&key)
+        .ok_or_else(|| ResolveError::UnknownStream {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            reference: reference.to_string(),
+        })?;
+    let generation = stream
+        .tags
+        .get(&tag_ref.tag)
+        .and_then(|t| t.current())
+        .ok_or_else(|| ResolveError::UnknownTag {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            tag: tag_ref.tag.clone(),
+            reference: reference.to_string(),
+        })?;
+    Ok(Resolution::Pinned(Pinned {
+        generation: generation.generation,
+        digest: generation.digest.clone(),
+        reference: generation.reference.clone(),
+        tag: tag_ref,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::model::Tag;
+
+    const H: &str = "imagestream.local";
+
+    fn snapshot() -> Snapshot {
+        let mut s = Stream::new(&StreamKey::new("team-a", "app"), true);
+        let mut t = Tag {
+            name: "prod".into(),
+            source: "r/app:v1".into(),
+            generations: vec![],
+        };
+        t.push(
+            "sha256:aa".into(),
+            "r/app@sha256:aa".into(),
+            "now".into(),
+            "set".into(),
+            20,
+        );
+        s.tags.insert("prod".into(), t);
+        Snapshot::new([s])
+    }
+
+    #[test]
+    fn explicit_and_short() {
+        let s = snapshot();
+        let Ok(Resolution::Pinned(p)) = resolve(&s, H, "imagestream.local/team-a/app:prod", None)
+        else {
+            panic!("not pinned")
+        };
+        assert_eq!(p.reference, "r/app@sha256:aa");
+        assert!(matches!(
+            resolve(&s, H, "app:prod", Some("team-a")),
+            Ok(Resolution::Pinned(_))
+        ));
+        assert!(matches!(
+            resolve(&s, H, "app:prod", None),
+            Ok(Resolution::NeedsNamespace { .. })
+        ));
+        assert!(matches!(
+            resolve(&s, H, "app:prod", Some("team-b")),
+            Err(ResolveError::UnknownStream { .. })
+        ));
+        assert_eq!(
+            resolve(&s, H, "nginx:1", Some("team-a")),
+            Ok(Resolution::PassThrough)
+        );
+        assert!(matches!(
+            resolve(&s, H, "imagestream.local/team-a/app:dev", None),
+            Err(ResolveError::UnknownTag { .. })
+        ));
+        assert!(matches!(
+            resolve(&s, H, "imagestream.local/bad", None),
+            Err(ResolveError::Reference(_))
+        ));
+    }
+}

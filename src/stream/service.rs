@@ -1,0 +1,333 @@
+//! The stream service: every change to streams and tags goes through here. It validates names,
+//! pins sources through the registry client, writes the store (read, modify, compare-and-swap)
+//! and then swaps the resolution [`View`], so that the CRI path sees the change at once.
+
+use super::model::{RollbackError, Stream, StreamKey, Tag};
+use super::names::{validate_namespace, NameError};
+use super::reference::{classify, Classified, ReferenceError, TagRef};
+use super::resolve::{resolve, Resolution, ResolveError, Snapshot, View};
+use crate::registry::{RegistryClient, RegistryError};
+use crate::store::{Expect, StoreError, StreamStore};
+use std::sync::Arc;
+use thiserror::Error;
+use time::format_description::well_known::Rfc3339;
+
+/// How often a write retries after losing a compare-and-swap race.
+const CAS_RETRIES: usize = 8;
+
+#[derive(Debug, Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error("invalid source {source_ref:?}: {why}")]
+    Source { source_ref: String, why: String },
+    #[error("image stream {0} not found")]
+    StreamNotFound(StreamKey),
+    #[error("tag {tag:?} not found in image stream {stream}")]
+    TagNotFound { stream: StreamKey, tag: String },
+    #[error("image stream {0} already exists")]
+    AlreadyExists(StreamKey),
+    #[error("cannot roll back {tag}: {source}")]
+    Rollback {
+        tag: TagRef,
+        #[source]
+        source: RollbackError,
+    },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for StreamError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::AlreadyExists(k) => StreamError::AlreadyExists(k),
+            other => StreamError::Store(other),
+        }
+    }
+}
+
+/// Settings of the stream service.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// Virtual registry host of explicit stream references.
+    pub stream_host: String,
+    /// Generations kept per tag.
+    pub history_limit: usize,
+}
+
+pub struct StreamService {
+    store: Arc<dyn StreamStore>,
+    registry: RegistryClient,
+    view: View,
+    settings: StreamSettings,
+    /// Serialises this node's writes; the store's compare-and-swap guards against others.
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StreamError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(StreamError::from),
+        Err(e) => Err(StreamError::Store(StoreError::Backend {
+            path: "store".into(),
+            message: format!("store task failed: {e}"),
+        })),
+    }
+}
+
+impl StreamService {
+    /// Builds the service and its view from everything in `store`.
+    pub async fn new(
+        store: Arc<dyn StreamStore>,
+        registry: RegistryClient,
+        settings: StreamSettings,
+    ) -> Result<Self, StreamError> {
+        let s = store.clone();
+        let streams = blocking(move || s.list()).await?;
+        Ok(Self {
+            store,
+            registry,
+            view: View::new(Snapshot::new(streams)),
+            settings,
+            write_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The resolution view, shared with the CRI proxy.
+    pub fn view(&self) -> View {
+        self.view.clone()
+    }
+
+    pub fn settings(&self) -> &StreamSettings {
+        &self.settings
+    }
+
+    /// Resolves `reference` as a pod in `namespace` would see it.
+    pub fn resolve(
+        &self,
+        reference: &str,
+        namespace: Option<&str>,
+    ) -> Result<Resolution, ResolveError> {
+        resolve(
+            &self.view.load(),
+            &self.settings.stream_host,
+            reference,
+            namespace,
+        )
+    }
+
+    pub async fn create(&self, key: StreamKey, lookup_local: bool) -> Result<Stream, StreamError> {
+        validate_key(&key)?;
+        let _guard = self.write_lock.lock().await;
+        let stream = Stream::new(&key, lookup_local);
+        let (s, st) = (self.store.clone(), stream.clone());
+        blocking(move || s.put(&st, Expect::Absent)).await?;
+        self.view.apply(&key, Some(stream.clone()));
+        tracing::info!(stream = %key, lookup_local, "stream created");
+        Ok(stream)
+    }
+
+    /// Streams of `namespace` (all when `None`), sorted by key.
+    pub fn list(&self, namespace: Option<&str>) -> Vec<Stream> {
+        let mut out: Vec<Stream> = self
+            .view
+            .load()
+            .streams()
+            .filter(|s| namespace.is_none_or(|ns| s.namespace == ns))
+            .map(|s| Stream::clone(s))
+            .collect();
+        out.sort_by(|a, b| a.key().cmp(&b.key()));
+        out
+    }
+
+    pub fn get(&self, key: &StreamKey) -> Result<Stream, StreamError> {
+        validate_key(key)?;
+        self.view
+            .load()
+            .get(key)
+            .map(|s| Stream::clone(s))
+            .ok_or_else(|| StreamError::StreamNotFound(key.clone()))
+    }
+
+    pub fn get_tag(&self, t: &TagRef) -> Result<Tag, StreamError> {
+        let stream = self.get(&tag_key(t))?;
+        stream
+            .tags
+            .get(&t.tag)
+            .cloned()
+            .ok_or_else(|| StreamError::TagNotFound {
+                stream: tag_key(t),
+                tag: t.tag.clone(),
+            })
+    }
+
+    pub async fn delete(&self, key: &StreamKey) -> Result<(), StreamError> {
+        validate_key(key)?;
+        let _guard = self.write_lock.lock().await;
+        let (s, k) = (self.store.clone(), key.clone());
+        if !blocking(move || s.delete(&k)).await? {
+            return Err(StreamError::StreamNotFound(key.clone()));
+        }
+        self.view.apply(key, None);
+        tracing::info!(stream = %key, "stream deleted");
+        Ok(())
+    }
+
+    /// Points `t` at `source`, resolved and verified in its registry now.
+    #[tracing::instrument(skip(self), fields(stream = %tag_key(t), tag = %t.tag, digest))]
+    pub async fn set_tag(&self, t: &TagRef, source: &str) -> Result<Tag, StreamError> {
+        self.get(&tag_key(t))?;
+        let source_err = |why: &str| StreamError::Source {
+            source_ref: source.to_string(),
+            why: why.to_string(),
+        };
+        match classify(source, &self.settings.stream_host) {
+            Ok(Classified::Stream(_)) | Err(_) => {
+                return Err(source_err(
+                    "a tag's source is an image in a registry; following another stream tag is not supported yet",
+                ))
+            }
+            Ok(_) => {}
+        }
+        let pinned = self.registry.pin(source).await?;
+        tracing::Span::current().record("digest", pinned.digest.as_str());
+        let limit = self.settings.history_limit;
+        let stream = self
+            .update(t, |stream| {
+                let tag = stream.tags.entry(t.tag.clone()).or_insert_with(|| Tag {
+                    name: t.tag.clone(),
+                    source: source.to_string(),
+                    generations: Vec::new(),
+                });
+                tag.source = source.to_string();
+                tag.push(
+                    pinned.digest.clone(),
+                    pinned.reference.clone(),
+                    now_rfc3339(),
+                    "set".into(),
+                    limit,
+                );
+                Ok(())
+            })
+            .await?;
+        tracing::info!(reference = %pinned.reference, "tag set");
+        take_tag(stream, t)
+    }
+
+    /// Appends a generation pointing at an older digest.
+    #[tracing::instrument(skip(self), fields(stream = %tag_key(t), tag = %t.tag, digest))]
+    pub async fn rollback(&self, t: &TagRef, to: Option<u64>) -> Result<Tag, StreamError> {
+        let limit = self.settings.history_limit;
+        let stream = self
+            .update(t, |stream| {
+                let tag = stream
+                    .tags
+                    .get_mut(&t.tag)
+                    .ok_or_else(|| StreamError::TagNotFound {
+                        stream: tag_key(t),
+                        tag: t.tag.clone(),
+                    })?;
+                let target = tag
+                    .rollback_target(to)
+                    .map_err(|source| StreamError::Rollback {
+                        tag: t.clone(),
+                        source,
+                    })?
+                    .clone();
+                tag.push(
+                    target.digest,
+                    target.reference,
+                    now_rfc3339(),
+                    format!("rollback to generation {}", target.generation),
+                    limit,
+                );
+                Ok(())
+            })
+            .await?;
+        let tag = take_tag(stream, t)?;
+        if let Some(g) = tag.current() {
+            tracing::Span::current().record("digest", g.digest.as_str());
+            tracing::info!(cause = %g.cause, "tag rolled back");
+        }
+        Ok(tag)
+    }
+
+    pub async fn delete_tag(&self, t: &TagRef) -> Result<(), StreamError> {
+        self.update(t, |stream| {
+            stream
+                .tags
+                .remove(&t.tag)
+                .map(|_| ())
+                .ok_or_else(|| StreamError::TagNotFound {
+                    stream: tag_key(t),
+                    tag: t.tag.clone(),
+                })
+        })
+        .await?;
+        tracing::info!(stream = %tag_key(t), tag = %t.tag, "tag deleted");
+        Ok(())
+    }
+
+    /// Read, modify with `f`, compare-and-swap; retried when another writer won. Returns the
+    /// stream after the change.
+    async fn update(
+        &self,
+        t: &TagRef,
+        mut f: impl FnMut(&mut Stream) -> Result<(), StreamError>,
+    ) -> Result<Stream, StreamError> {
+        let key = tag_key(t);
+        validate_key(&key)?;
+        let _guard = self.write_lock.lock().await;
+        for _ in 0..CAS_RETRIES {
+            let (s, k) = (self.store.clone(), key.clone());
+            let mut stream = blocking(move || s.get(&k))
+                .await?
+                .ok_or_else(|| StreamError::StreamNotFound(key.clone()))?;
+            let expect = Expect::Revision(stream.revision);
+            f(&mut stream)?;
+            stream.revision += 1;
+            let (s, st) = (self.store.clone(), stream.clone());
+            match blocking(move || s.put(&st, expect)).await {
+                Ok(()) => {
+                    self.view.apply(&key, Some(stream.clone()));
+                    return Ok(stream);
+                }
+                Err(StreamError::Store(StoreError::Conflict(_))) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StreamError::Store(StoreError::Conflict(key)))
+    }
+}
+
+fn take_tag(mut stream: Stream, t: &TagRef) -> Result<Tag, StreamError> {
+    stream
+        .tags
+        .remove(&t.tag)
+        .ok_or_else(|| StreamError::TagNotFound {
+            stream: tag_key(t),
+            tag: t.tag.clone(),
+        })
+}
+
+fn tag_key(t: &TagRef) -> StreamKey {
+    StreamKey::new(&t.namespace, &t.name)
+}
+
+fn validate_key(key: &StreamKey) -> Result<(), NameError> {
+    validate_namespace(&key.namespace)?;
+    super::names::validate_stream_name(&key.name)
+}
