@@ -212,6 +212,7 @@ mod tests {
         let r = RegistryClient::parse("nginx").expect("parses");
         assert_eq!(r.registry(), "docker.io");
         assert_eq!(r.repository(), "library/nginx");
-        assert!(RegistryClient::parse("UPPER/case:x").is_err());
+        assert!(RegistryClient::parse("bad ref:x").is_err());
+        assert!(RegistryClient::parse("").is_err());
     }
 }

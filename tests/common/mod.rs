@@ -1,0 +1,1114 @@
+//! Shared integration-test harness: real, isolated test beds for the CRI image-service proxy.
+//!
+//! Provides
+//! - [`Registry`]: a real `docker-registry` (distribution 2.8) on a free loopback port with its own
+//!   storage in a temp dir; `stop`/`restart` keep port and storage.
+//! - [`push_image`] / [`push_pause_image`]: build tiny busybox-based OCI images with `umoci` and push
+//!   them with `skopeo`; returns the manifest digest. The busybox base layout is built once and cached
+//!   (in `CARGO_TARGET_TMPDIR`, shared safely between threads and processes).
+//! - [`Containerd`]: a real containerd (CRI plugin, `native` snapshotter, no cgroups) with root, state
+//!   and socket in its own temp dir; `stop`/`start_again` keep its state.
+//! - CRI clients over the unix socket ([`cri_channel`], [`runtime_client`], [`image_client`]) and
+//!   config builders ([`pod_config`], [`container_config`]).
+//! - Small helpers: [`free_port`], [`wait_for_socket`], [`processes_mentioning`], [`mounts_under`].
+//!
+//! Everything is torn down on `Drop`: processes (containerd, its shims and their containers) are
+//! killed, mounts under the bed dir are lazily unmounted deepest first, shim sockets are removed and
+//! the temp dir is deleted. Test beds are independent, so tests may run in parallel threads and
+//! processes. Needs root and the Debian packages containerd, runc, docker-registry, skopeo, umoci and
+//! busybox-static; a missing piece panics with a message naming it.
+#![allow(dead_code)]
+
+pub mod daemon;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ImageSpec, LinuxContainerConfig, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, VersionRequest,
+};
+use tempfile::TempDir;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A free loopback TCP port (bound to 127.0.0.1:0, then released).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
+    listener
+        .local_addr()
+        .expect("local_addr of a bound listener")
+        .port()
+}
+
+/// Polls until the unix socket at `path` accepts a connection; false on timeout.
+pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if StdUnixStream::connect(path).is_ok() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Panics with an install hint unless `bin` is on PATH.
+pub fn require_binary(bin: &str, apt_package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in
+        std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+    {
+        let candidate = dir.join(bin);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("{bin} not found: apt-get install {apt_package}");
+}
+
+/// Panics unless the test runs as root (containerd and runc need it).
+pub fn require_root(what: &str) {
+    let status = fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let euid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("");
+    assert!(euid == "0", "{what} needs root (effective uid is {euid:?})");
+}
+
+/// Runs a command, panicking with its stderr/stdout when it fails. Returns stdout.
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what}: {cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Last `max_bytes` of a (log) file, for panic messages.
+pub fn file_tail(path: &Path, max_bytes: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let start = bytes.len().saturating_sub(max_bytes);
+            String::from_utf8_lossy(&bytes[start..]).into_owned()
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+fn log_file(path: &Path) -> (Stdio, Stdio) {
+    let f = File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open log file {}: {e}", path.display()));
+    let f2 = f.try_clone().expect("clone log file handle");
+    (Stdio::from(f), Stdio::from(f2))
+}
+
+/// Sends `signal` (e.g. "TERM", "KILL") to pids via /usr/bin/kill; errors (already gone) ignored.
+fn send_signal(pids: &[u32], signal: &str) {
+    if pids.is_empty() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .args(pids.iter().map(|p| p.to_string()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Waits up to `timeout` for a child to exit; SIGKILLs it afterwards.
+fn wait_or_kill(child: &mut Child, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs a future to completion on a fresh current-thread runtime in a helper thread, so that
+/// synchronous harness code works both inside and outside a tokio runtime.
+fn block_on_fresh<F>(fut: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("build helper tokio runtime")
+                .block_on(fut)
+        })
+        .join()
+        .expect("helper runtime thread panicked")
+    })
+}
+
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        nanos % 1_000_000_000_000
+    )
+}
+
+fn harness_tempdir(prefix: &str) -> TempDir {
+    // Short paths under /tmp: unix socket paths are limited to 108 bytes.
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("create harness temp dir")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes and mounts
+// ---------------------------------------------------------------------------------------------
+
+struct ProcInfo {
+    pid: u32,
+    ppid: u32,
+    zombie: bool,
+    cmdline: String,
+}
+
+fn list_processes() -> Vec<ProcInfo> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ..." - comm may contain spaces and parentheses.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut fields = after.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let ppid = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .split('\0')
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        out.push(ProcInfo {
+            pid,
+            ppid,
+            zombie: state == "Z" || state == "X",
+            cmdline,
+        });
+    }
+    out
+}
+
+fn dir_needle(dir: &Path) -> String {
+    let mut s = dir.to_string_lossy().into_owned();
+    if !s.ends_with('/') {
+        s.push('/');
+    }
+    s
+}
+
+/// Live (non-zombie) processes whose command line mentions `dir/` (pid, command line).
+pub fn processes_mentioning(dir: &Path) -> Vec<(u32, String)> {
+    let needle = dir_needle(dir);
+    let me = std::process::id();
+    list_processes()
+        .into_iter()
+        .filter(|p| !p.zombie && p.pid != me && p.cmdline.contains(&needle))
+        .map(|p| (p.pid, p.cmdline))
+        .collect()
+}
+
+/// Unix socket paths that the given processes have open (from /proc/PID/fd and /proc/net/unix).
+fn unix_socket_paths_of(pids: &[u32]) -> Vec<PathBuf> {
+    let mut inodes = BTreeSet::new();
+    for pid in pids {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    let table = fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // Num RefCount Protocol Flags Type St Inode [Path]
+            if cols.len() >= 8 && inodes.contains(cols[6]) && cols[7].starts_with('/') {
+                Some(PathBuf::from(cols[7]))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// Kills (SIGKILL) every process whose command line mentions `dir/`, plus all their descendants
+/// (containers run as children of their shim), waits for them to die and removes the shims'
+/// sockets under /run/containerd/s.
+pub fn kill_processes_mentioning(dir: &Path) {
+    let needle = dir_needle(dir);
+    let me = std::process::id();
+    for _round in 0..3 {
+        let procs = list_processes();
+        let mut targets: BTreeSet<u32> = procs
+            .iter()
+            .filter(|p| !p.zombie && p.pid != me && p.cmdline.contains(&needle))
+            .map(|p| p.pid)
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let shims: Vec<u32> = procs
+            .iter()
+            .filter(|p| targets.contains(&p.pid) && p.cmdline.contains("containerd-shim"))
+            .map(|p| p.pid)
+            .collect();
+        // Descendants (closure over ppid).
+        loop {
+            let before = targets.len();
+            for p in &procs {
+                if !p.zombie && p.pid != me && targets.contains(&p.ppid) {
+                    targets.insert(p.pid);
+                }
+            }
+            if targets.len() == before {
+                break;
+            }
+        }
+        let shim_sockets = unix_socket_paths_of(&shims);
+        let pids: Vec<u32> = targets.iter().copied().collect();
+        send_signal(&pids, "KILL");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let alive = list_processes()
+                .iter()
+                .any(|p| !p.zombie && targets.contains(&p.pid));
+            if !alive {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for sock in shim_sockets {
+            if sock.starts_with("/run/containerd/s") {
+                let _ = fs::remove_file(sock);
+            }
+        }
+    }
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    // Mount points escape space, tab, newline and backslash as \ooo (octal).
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let oct = &bytes[i + 1..i + 4];
+            if oct.iter().all(|b| (b'0'..=b'7').contains(b)) {
+                let v = oct
+                    .iter()
+                    .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
+                if let Ok(v) = u8::try_from(v) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mount points at or under `dir` (from /proc/self/mountinfo), deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    mounts.dedup();
+    mounts
+}
+
+/// Lazily unmounts (`umount -l`) everything mounted at or under `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    for _ in 0..5 {
+        let mounts = mounts_under(dir);
+        if mounts.is_empty() {
+            return;
+        }
+        for m in mounts {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&m)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry
+// ---------------------------------------------------------------------------------------------
+
+/// A real `docker-registry` (distribution 2.8) serving plain HTTP on 127.0.0.1.
+pub struct Registry {
+    /// "127.0.0.1:PORT"
+    pub addr: String,
+    /// Temp dir holding config.yml, registry.log and the storage (`data/`).
+    pub dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    pause_pushed: Mutex<bool>,
+    tmp: Option<TempDir>,
+}
+
+impl Registry {
+    /// Starts a registry on a free port with storage in a fresh temp dir (delete enabled) and waits
+    /// until `GET /v2/` answers 200.
+    pub fn start() -> Registry {
+        require_binary("docker-registry", "docker-registry");
+        let tmp = harness_tempdir("isreg-");
+        let dir = tmp.path().to_path_buf();
+        let data = dir.join("data");
+        fs::create_dir_all(&data).expect("create registry storage dir");
+        let log = dir.join("registry.log");
+        let config = dir.join("config.yml");
+        let mut last_err = String::new();
+        // The free port can be taken between probing and binding; retry with a new one.
+        for _attempt in 0..5 {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let yml = format!(
+                "version: 0.1\n\
+                 log:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                 storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n\
+                 \x20 maintenance:\n    uploadpurging:\n      enabled: false\n\
+                 http:\n  addr: {addr}\n  secret: imagestream-test-secret\n",
+                data = data.display()
+            );
+            fs::write(&config, yml).expect("write registry config.yml");
+            let mut reg = Registry {
+                addr,
+                dir: dir.clone(),
+                config: config.clone(),
+                log: log.clone(),
+                child: None,
+                pause_pushed: Mutex::new(false),
+                tmp: None,
+            };
+            match reg.spawn_and_wait() {
+                Ok(()) => {
+                    reg.tmp = Some(tmp);
+                    return reg;
+                }
+                Err(e) => {
+                    last_err = e;
+                    reg.stop();
+                }
+            }
+        }
+        panic!(
+            "docker-registry did not come up: {last_err}\nlog tail:\n{}",
+            file_tail(&log, 4000)
+        );
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let (out, err) = log_file(&self.log);
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("spawn docker-registry: {e}"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("docker-registry exited early: {status}"));
+                }
+            }
+            if http_get_status(&self.addr, "/v2/") == Some(200) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err("timeout waiting for GET /v2/ == 200".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the registry process (storage and port are kept for `restart`).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(&[child.id()], "TERM");
+            wait_or_kill(&mut child, Duration::from_secs(5));
+        }
+    }
+
+    /// Starts the registry again on the same port with the same storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                Err(e) if Instant::now() >= deadline => panic!(
+                    "docker-registry restart on {} failed: {e}\nlog tail:\n{}",
+                    self.addr,
+                    file_tail(&self.log, 4000)
+                ),
+                Err(_) => {
+                    self.stop();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Whether the registry process is running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// "<addr>/<name_tag>", e.g. `reg.image_ref("app:v1")`.
+    pub fn image_ref(&self, name_tag: &str) -> String {
+        format!("{}/{}", self.addr, name_tag)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "harness: registry log tail:\n{}",
+                file_tail(&self.log, 2000)
+            );
+        }
+        self.stop();
+        if let Some(tmp) = self.tmp.take() {
+            let path = tmp.path().to_path_buf();
+            if tmp.close().is_err() {
+                let _ = fs::remove_dir_all(&path);
+            }
+        }
+    }
+}
+
+/// Plain HTTP/1.0 GET with std TcpStream; returns the status code.
+pub fn http_get_status(addr: &str, path: &str) -> Option<u16> {
+    http_request(addr, "GET", path, &[]).map(|(status, _)| status)
+}
+
+/// Plain HTTP/1.0 request with std TcpStream (no body); returns (status, body).
+/// Note: registry 2.8 answers 404 for an OCI manifest unless the request sends
+/// `Accept: application/vnd.oci.image.manifest.v1+json`.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, Vec<u8>)> {
+    let sock_addr = addr.parse().ok()?;
+    let mut stream = TcpStream::connect_timeout(&sock_addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .ok()?;
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    let _ = stream.read_to_end(&mut buf);
+    let header_end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..header_end]);
+    let mut parts = head.lines().next()?.split_whitespace();
+    if !parts.next()?.starts_with("HTTP/") {
+        return None;
+    }
+    let status = parts.next()?.parse().ok()?;
+    Some((status, buf[header_end + 4..].to_vec()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images
+// ---------------------------------------------------------------------------------------------
+
+const BASE_TAG: &str = "base";
+const BASE_FORMAT_VERSION: u32 = 1;
+
+/// OCI layout with the busybox layer (tag "base"), built once and cached on disk.
+fn base_layout() -> &'static Path {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(build_base_layout)
+}
+
+fn build_base_layout() -> PathBuf {
+    require_binary("umoci", "umoci");
+    let busybox = Path::new("/bin/busybox");
+    let meta = fs::metadata(busybox).unwrap_or_else(|e| {
+        panic!("/bin/busybox not usable ({e}): apt-get install busybox-static")
+    });
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Cargo gives integration tests/benches a scratch dir that survives runs; use it as a
+    // cross-process cache. Elsewhere fall back to the system temp dir.
+    let cache_root = option_env!("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    fs::create_dir_all(&cache_root).expect("create image cache dir");
+    let final_dir = cache_root.join(format!(
+        "imagestream-base-v{BASE_FORMAT_VERSION}-{}-{mtime}",
+        meta.len()
+    ));
+    if final_dir.join("index.json").is_file() {
+        return final_dir;
+    }
+    let work = tempfile::Builder::new()
+        .prefix(".imagestream-base-build-")
+        .tempdir_in(&cache_root)
+        .expect("create base image build dir");
+    let layout = work.path().join("layout");
+    let bundle = work.path().join("bundle");
+    let image = format!("{}:{BASE_TAG}", layout.display());
+    run(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+        "umoci init",
+    );
+    run(
+        Command::new("umoci").args(["new", "--image"]).arg(&image),
+        "umoci new",
+    );
+    run(
+        Command::new("umoci")
+            .args(["unpack", "--rootless", "--image"])
+            .arg(&image)
+            .arg(&bundle),
+        "umoci unpack",
+    );
+    let bin = bundle.join("rootfs/bin");
+    fs::create_dir_all(&bin).expect("create rootfs/bin");
+    fs::copy(busybox, bin.join("busybox")).expect("copy /bin/busybox into image");
+    for applet in ["sh", "sleep", "cat", "echo", "ls"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("symlink busybox applet");
+    }
+    run(
+        Command::new("umoci")
+            .args(["repack", "--image"])
+            .arg(&image)
+            .arg(&bundle),
+        "umoci repack",
+    );
+    // Atomic publish; if another process won the race, use its copy.
+    if fs::rename(&layout, &final_dir).is_err() && !final_dir.join("index.json").is_file() {
+        panic!(
+            "cannot publish base image layout to {}",
+            final_dir.display()
+        );
+    }
+    final_dir
+}
+
+fn copy_dir_recursive(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap_or_else(|e| panic!("create {}: {e}", to.display()));
+    for entry in fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display())) {
+        let entry = entry.expect("read_dir entry");
+        let ty = entry.file_type().expect("file type");
+        let dst = to.join(entry.file_name());
+        if ty.is_dir() {
+            copy_dir_recursive(&entry.path(), &dst);
+        } else {
+            fs::copy(entry.path(), &dst)
+                .unwrap_or_else(|e| panic!("copy {}: {e}", entry.path().display()));
+        }
+    }
+}
+
+/// Builds an image (busybox at /bin/busybox with sh/sleep/cat/echo/ls symlinks, `/version`
+/// containing `version` + "\n", label `imagestream.test/version=<version>`, the given entrypoint)
+/// and pushes it with skopeo to `registry.addr/name:tag`. Returns the manifest digest "sha256:...".
+pub fn push_image(
+    registry: &Registry,
+    name: &str,
+    tag: &str,
+    version: &str,
+    entrypoint: &[&str],
+) -> String {
+    push_image_to(&registry.addr, name, tag, version, entrypoint)
+}
+
+/// Like [`push_image`], for any registry address ("host:port", plain HTTP).
+pub fn push_image_to(
+    addr: &str,
+    name: &str,
+    tag: &str,
+    version: &str,
+    entrypoint: &[&str],
+) -> String {
+    require_binary("skopeo", "skopeo");
+    let base = base_layout();
+    let work = harness_tempdir("isimg-");
+    let layout = work.path().join("layout");
+    copy_dir_recursive(base, &layout);
+    let version_file = work.path().join("version");
+    fs::write(&version_file, format!("{version}\n")).expect("write version file");
+    let base_image = format!("{}:{BASE_TAG}", layout.display());
+    run(
+        Command::new("umoci")
+            .args(["insert", "--image"])
+            .arg(&base_image)
+            .arg(&version_file)
+            .arg("/version"),
+        "umoci insert /version",
+    );
+    let mut cfg = Command::new("umoci");
+    cfg.args(["config", "--image"])
+        .arg(&base_image)
+        .args(["--tag", "img"])
+        .arg(format!("--config.label=imagestream.test/version={version}"));
+    for part in entrypoint {
+        cfg.arg(format!("--config.entrypoint={part}"));
+    }
+    run(&mut cfg, "umoci config");
+    let digest_file = work.path().join("digest");
+    run(
+        Command::new("skopeo")
+            .args([
+                "--insecure-policy",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--digestfile",
+            ])
+            .arg(&digest_file)
+            .arg(format!("oci:{}:img", layout.display()))
+            .arg(format!("docker://{addr}/{name}:{tag}")),
+        "skopeo copy",
+    );
+    let digest = fs::read_to_string(&digest_file).expect("read skopeo digest file");
+    let digest = digest.trim().to_string();
+    assert!(
+        digest.starts_with("sha256:"),
+        "unexpected digest from skopeo: {digest:?}"
+    );
+    digest
+}
+
+/// Pushes "pause:test" (entrypoint `/bin/sleep infinity`) once per registry.
+pub fn push_pause_image(registry: &Registry) {
+    let mut pushed = registry
+        .pause_pushed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if !*pushed {
+        push_image(
+            registry,
+            "pause",
+            "test",
+            "pause",
+            &["/bin/sleep", "infinity"],
+        );
+        *pushed = true;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// containerd
+// ---------------------------------------------------------------------------------------------
+
+/// A real containerd with the CRI plugin, everything (root, state, socket, runc root) in a temp dir.
+pub struct Containerd {
+    /// The bed's temp dir.
+    pub dir: PathBuf,
+    /// The containerd gRPC (CRI) unix socket.
+    pub socket: PathBuf,
+    /// `<dir>/config.toml`
+    pub config: PathBuf,
+    /// `<dir>/containerd.log` (stdout and stderr, appended across restarts)
+    pub log: PathBuf,
+    /// Registry address used for the sandbox image.
+    pub registry_addr: String,
+    child: Option<Child>,
+    tmp: Option<TempDir>,
+}
+
+impl Containerd {
+    /// Writes the config, pushes the pause image if needed, starts containerd and waits (30 s)
+    /// until the CRI `Version` call answers.
+    pub fn start(registry: &Registry) -> Containerd {
+        push_pause_image(registry);
+        Self::start_with_registry_addr(&registry.addr)
+    }
+
+    /// Like [`Containerd::start`], but only sets `sandbox_image = "<addr>/pause:test"` (the caller
+    /// makes sure the pause image exists there).
+    pub fn start_with_registry_addr(registry_addr: &str) -> Containerd {
+        require_root("containerd");
+        require_binary("containerd", "containerd");
+        require_binary("containerd-shim-runc-v2", "containerd");
+        require_binary("runc", "runc");
+        let tmp = harness_tempdir("isctd-");
+        let dir = tmp.path().to_path_buf();
+        let socket = dir.join("containerd.sock");
+        assert!(
+            socket.as_os_str().len() < 100,
+            "containerd socket path too long for a unix socket: {}",
+            socket.display()
+        );
+        for sub in ["root", "state", "certs.d", "cni/net.d", "opt", "runc"] {
+            fs::create_dir_all(dir.join(sub)).expect("create containerd bed subdir");
+        }
+        let d = dir.display();
+        let config = dir.join("config.toml");
+        let toml = format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.overlayfs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_cgroup = true
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  sandbox_image = "{registry_addr}/pause:test"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "{d}/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{d}/cni/net.d"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{d}/certs.d"
+"#
+        );
+        fs::write(&config, toml).expect("write containerd config.toml");
+        let mut ctd = Containerd {
+            log: dir.join("containerd.log"),
+            dir,
+            socket,
+            config,
+            registry_addr: registry_addr.to_string(),
+            child: None,
+            tmp: Some(tmp),
+        };
+        ctd.start_again();
+        ctd
+    }
+
+    /// "unix:///path/to/containerd.sock"
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// `<dir>/certs.d/<host>/hosts.toml` location for per-registry config (re-read on every pull).
+    pub fn hosts_toml(&self, host: &str) -> PathBuf {
+        self.dir.join("certs.d").join(host).join("hosts.toml")
+    }
+
+    /// Whether the containerd process is running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGTERM, wait up to 10 s, then SIGKILL. Shims, containers and state are left alone so that
+    /// [`Containerd::start_again`] picks them up.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(&[child.id()], "TERM");
+            wait_or_kill(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    /// Starts containerd again with the same config and socket; waits for CRI `Version`.
+    pub fn start_again(&mut self) {
+        self.stop();
+        let (out, err) = log_file(&self.log);
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn containerd: {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last_err = String::from("socket never appeared");
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "containerd exited early ({status}); log tail:\n{}",
+                    file_tail(&self.log, 6000)
+                );
+            }
+            if self.socket.exists() {
+                let socket = self.socket.clone();
+                match block_on_fresh(async move {
+                    tokio::time::timeout(Duration::from_secs(3), cri_version(&socket)).await
+                }) {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) => last_err = e,
+                    Err(_) => last_err = "CRI Version call timed out".into(),
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "containerd CRI did not answer Version within 30 s ({last_err}); log tail:\n{}",
+                    file_tail(&self.log, 6000)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Full teardown without dropping: stop containerd, kill shims and containers, unmount,
+    /// remove shim sockets. The temp dir is removed on drop.
+    pub fn kill_all(&mut self) {
+        self.stop();
+        kill_processes_mentioning(&self.dir);
+        unmount_under(&self.dir);
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "harness: containerd log tail ({}):\n{}",
+                self.log.display(),
+                file_tail(&self.log, 3000)
+            );
+        }
+        self.kill_all();
+        if let Some(tmp) = self.tmp.take() {
+            let path = tmp.path().to_path_buf();
+            if tmp.close().is_err() {
+                // Something was still mounted or busy: try once more.
+                kill_processes_mentioning(&path);
+                unmount_under(&path);
+                if let Err(e) = fs::remove_dir_all(&path) {
+                    eprintln!("harness: cannot remove {}: {e}", path.display());
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CRI clients and configs
+// ---------------------------------------------------------------------------------------------
+
+/// A tonic channel to a CRI server on a unix socket; Err on connection failure.
+pub async fn try_cri_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
+    let socket = socket.to_path_buf();
+    Endpoint::from_static("http://[::1]:50051")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+}
+
+/// A tonic channel to a CRI server on a unix socket.
+pub async fn cri_channel(socket: &Path) -> Channel {
+    try_cri_channel(socket)
+        .await
+        .unwrap_or_else(|e| panic!("connect to CRI socket {}: {e:?}", socket.display()))
+}
+
+/// CRI RuntimeService client on a unix socket.
+pub async fn runtime_client(socket: &Path) -> RuntimeServiceClient<Channel> {
+    RuntimeServiceClient::new(cri_channel(socket).await)
+}
+
+/// CRI ImageService client on a unix socket.
+pub async fn image_client(socket: &Path) -> ImageServiceClient<Channel> {
+    ImageServiceClient::new(cri_channel(socket).await)
+}
+
+/// One CRI `Version` call; Ok(runtime_name runtime_version).
+pub async fn cri_version(socket: &Path) -> Result<String, String> {
+    let channel = try_cri_channel(socket)
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let resp = RuntimeServiceClient::new(channel)
+        .version(VersionRequest::default())
+        .await
+        .map_err(|e| format!("Version: {e}"))?
+        .into_inner();
+    Ok(format!("{} {}", resp.runtime_name, resp.runtime_version))
+}
+
+/// Pod sandbox config with host networking (no CNI needed), a unique uid and `log_dir` as log
+/// directory (created).
+pub fn pod_config(name: &str, namespace: &str, log_dir: &Path) -> PodSandboxConfig {
+    fs::create_dir_all(log_dir)
+        .unwrap_or_else(|e| panic!("create pod log dir {}: {e}", log_dir.display()));
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.to_string(),
+            uid: format!("uid-{name}-{}", unique_suffix()),
+            namespace: namespace.to_string(),
+            attempt: 0,
+        }),
+        // No hostname: with the host's network (and UTS) namespace it must stay empty.
+        log_directory: log_dir.to_string_lossy().into_owned(),
+        labels: HashMap::from([("imagestream.test/pod".to_string(), name.to_string())]),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Pod as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Container config for `image` named `name`, log_path "name.log". `command`/`args` are empty
+/// (image entrypoint); set them on the result, e.g. `cfg.command = vec!["/bin/sleep".into(), "infinity".into()]`.
+pub fn container_config(name: &str, image: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.to_string(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        }),
+        log_path: format!("{name}.log"),
+        linux: Some(LinuxContainerConfig::default()),
+        ..Default::default()
+    }
+}
+
+/// [`container_config`] with an explicit command.
+pub fn container_config_with_command(name: &str, image: &str, command: &[&str]) -> ContainerConfig {
+    let mut cfg = container_config(name, image);
+    cfg.command = command.iter().map(|s| s.to_string()).collect();
+    cfg
+}
+
+/// ImageSpec for a reference.
+pub fn image_spec(image: &str) -> ImageSpec {
+    ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    }
+}
