@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test of imagestream on this machine: installs what the tests need (Debian packages,
+# as root), then `cargo test`, which starts real containerd, docker-registry and the daemon in
+# temp dirs. Usage: sudo bash scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler iproute2 util-linux procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "==> installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update
+  apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+echo "==> cargo test"
+cargo test --locked "$@"
