@@ -85,6 +85,8 @@ async fn compare(
 async fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let calls: usize = std::env::var("IMAGESTREAM_BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    // Log as in production (info), not as the tests do (debug).
+    std::env::set_var("IMAGESTREAM_TEST_LOG", "info");
     let registry = Registry::start();
     let digest = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
     let ctd = Containerd::start(&registry);

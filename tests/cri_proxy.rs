@@ -306,3 +306,57 @@ async fn runtime_down_is_unavailable_naming_it_and_recovers() {
     }
     img.list_images(ListImagesRequest::default()).await.expect("ListImages after the runtime is back");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_in_flight_calls_and_exits_zero() {
+    let registry = Registry::start();
+    push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
+    let ctd = Containerd::start(&registry);
+    let mut daemon = Daemon::start(&ctd.endpoint(), &[&registry.addr], &[]);
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut rt = runtime_client(&daemon.cri_socket).await;
+    let mut img = image_client(&daemon.cri_socket).await;
+    let image_ref = img
+        .pull_image(PullImageRequest { image: Some(image_spec(&registry.image_ref("app:v1"))), ..Default::default() })
+        .await
+        .expect("PullImage")
+        .into_inner()
+        .image_ref;
+    let pod = pod_config("drain", "default", logs.path());
+    let pod_id = rt
+        .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod.clone()), runtime_handler: String::new() })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id;
+    let ctr = rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id,
+            config: Some(container_config_with_command("app", &image_ref, &["/bin/sleep", "infinity"])),
+            sandbox_config: Some(pod),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    rt.start_container(StartContainerRequest { container_id: ctr.clone() }).await.expect("StartContainer");
+
+    // A call that takes 2 s is in flight when SIGTERM arrives: it completes, then the daemon exits 0.
+    let mut in_flight = rt.clone();
+    let call = tokio::spawn(async move {
+        in_flight
+            .exec_sync(ExecSyncRequest {
+                container_id: ctr,
+                cmd: vec!["/bin/sh".into(), "-c".into(), "sleep 2; echo finished".into()],
+                timeout: 30,
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = daemon.pid().expect("daemon pid");
+    common::daemon::signal(pid, "TERM");
+    let out = call.await.expect("task").expect("in-flight ExecSync completed through the drain").into_inner();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "finished\n");
+    let status = daemon.stop_after_signal();
+    assert!(status.success(), "exit status {status}");
+}

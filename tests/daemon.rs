@@ -121,7 +121,8 @@ fn cli_errors_are_one_line_and_non_zero() {
     cases.push((vec!["tag", "rollback", "team-a/app:nope"], "not found"));
     cases.push((vec!["tag", "set", "team-a/app:prod", "bad ref!"], "bad ref!"));
     cases.push((vec!["tag", "set", "team-a/app:prod", &missing_digest], "not found"));
-    cases.push((vec!["tag", "set", "team-a/app:prod", "imagestream.local/team-a/app:x"], "not supported yet"));
+    cases.push((vec!["tag", "set", "team-a/app:prod", "imagestream.local/team-a/app:x"], "tag \"x\" not found in image stream team-a/app"));
+    cases.push((vec!["tag", "set", "team-a/app:prod", "imagestream.local/team-a"], "imagestream.local/team-a"));
     for (args, needle) in &cases {
         let out = d.cli(args);
         let err = stderr(&out);
@@ -148,6 +149,11 @@ fn cli_errors_are_one_line_and_non_zero() {
     let by_digest = format!("{}/app@{digest}", registry.addr);
     let t = d.cli_json(&["tag", "set", "team-a/app:pinned", &by_digest]);
     assert_eq!(t["generations"][0]["reference"], by_digest.as_str());
+
+    // A tag set from another stream tag pins what that tag points at now.
+    let t = d.cli_json(&["tag", "set", "team-a/app:copy", "imagestream.local/team-a/app:prod"]);
+    assert_eq!(t["generations"][0]["digest"], digest.as_str());
+    assert_eq!(t["source"], "imagestream.local/team-a/app:prod");
 
     // Usage errors exit 2; no daemon is a clear message.
     let out = d.cli(&["tag", "frobnicate"]);

@@ -27,6 +27,42 @@ pub const IMAGE_STATUS: &str = "/runtime.v1.ImageService/ImageStatus";
 pub const REMOVE_IMAGE: &str = "/runtime.v1.ImageService/RemoveImage";
 pub const CREATE_CONTAINER: &str = "/runtime.v1.RuntimeService/CreateContainer";
 
+/// The unary methods of CRI v1 (every method but the server-streaming `GetContainerEvents`).
+/// Their request is one small message: the proxy collects it before forwarding, so that the
+/// runtime receives headers and message in one write and wakes once. Anything else (streams,
+/// methods newer than this list) is forwarded frame by frame as it arrives.
+const UNARY_METHODS: &[&str] = &[
+    "/runtime.v1.RuntimeService/Version",
+    "/runtime.v1.RuntimeService/RunPodSandbox",
+    "/runtime.v1.RuntimeService/StopPodSandbox",
+    "/runtime.v1.RuntimeService/RemovePodSandbox",
+    "/runtime.v1.RuntimeService/PodSandboxStatus",
+    "/runtime.v1.RuntimeService/ListPodSandbox",
+    "/runtime.v1.RuntimeService/StartContainer",
+    "/runtime.v1.RuntimeService/StopContainer",
+    "/runtime.v1.RuntimeService/RemoveContainer",
+    "/runtime.v1.RuntimeService/ListContainers",
+    "/runtime.v1.RuntimeService/ContainerStatus",
+    "/runtime.v1.RuntimeService/UpdateContainerResources",
+    "/runtime.v1.RuntimeService/ReopenContainerLog",
+    "/runtime.v1.RuntimeService/ExecSync",
+    "/runtime.v1.RuntimeService/Exec",
+    "/runtime.v1.RuntimeService/Attach",
+    "/runtime.v1.RuntimeService/PortForward",
+    "/runtime.v1.RuntimeService/ContainerStats",
+    "/runtime.v1.RuntimeService/ListContainerStats",
+    "/runtime.v1.RuntimeService/PodSandboxStats",
+    "/runtime.v1.RuntimeService/ListPodSandboxStats",
+    "/runtime.v1.RuntimeService/UpdateRuntimeConfig",
+    "/runtime.v1.RuntimeService/Status",
+    "/runtime.v1.RuntimeService/CheckpointContainer",
+    "/runtime.v1.RuntimeService/ListMetricDescriptors",
+    "/runtime.v1.RuntimeService/ListPodSandboxMetrics",
+    "/runtime.v1.RuntimeService/RuntimeConfig",
+    "/runtime.v1.ImageService/ListImages",
+    "/runtime.v1.ImageService/ImageFsInfo",
+];
+
 /// Largest CRI message accepted or sent on the rewritten calls (the kubelet's own limit).
 pub const MAX_CRI_MESSAGE_BYTES: usize = 16 << 20;
 
@@ -80,7 +116,27 @@ impl CriProxy {
         B::Error: Into<BoxError> + Send,
     {
         let (parts, body) = req.into_parts();
-        let req = http::Request::from_parts(parts, Body::new(body));
+        let body = if UNARY_METHODS.contains(&parts.uri.path()) {
+            // gRPC framing adds 5 bytes to the message.
+            match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                body,
+                MAX_CRI_MESSAGE_BYTES + 5,
+            ))
+            .await
+            {
+                Ok(collected) => Body::new(http_body_util::Full::new(collected.to_bytes())),
+                Err(e) => {
+                    return Status::resource_exhausted(format!(
+                        "request to {} not forwarded: {e}",
+                        parts.uri.path()
+                    ))
+                    .into_http()
+                }
+            }
+        } else {
+            Body::new(body)
+        };
+        let req = http::Request::from_parts(parts, body);
         match self.upstream.clone().oneshot(req).await {
             Ok(resp) => resp,
             Err(never) => match never {},

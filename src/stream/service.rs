@@ -6,7 +6,7 @@ use super::model::{RollbackError, Stream, StreamKey, Tag};
 use super::names::{validate_namespace, NameError};
 use super::reference::{classify, Classified, ReferenceError, TagRef};
 use super::resolve::{resolve, Resolution, ResolveError, Snapshot, View};
-use crate::registry::{RegistryClient, RegistryError};
+use crate::registry::{PinnedManifest, RegistryClient, RegistryError};
 use crate::store::{Expect, StoreError, StreamStore};
 use std::sync::Arc;
 use thiserror::Error;
@@ -194,15 +194,19 @@ impl StreamService {
             source_ref: source.to_string(),
             why: why.to_string(),
         };
-        match classify(source, &self.settings.stream_host) {
-            Ok(Classified::Stream(_)) | Err(_) => {
-                return Err(source_err(
-                    "a tag's source is an image in a registry; following another stream tag is not supported yet",
-                ))
-            }
-            Ok(_) => {}
-        }
-        let pinned = self.registry.pin(source).await?;
+        let pinned = match classify(source, &self.settings.stream_host) {
+            Err(e) => return Err(source_err(&e.to_string())),
+            // Another stream's tag: pin what it points at now. Following it as it moves is
+            // the importer's job (not yet built).
+            Ok(Classified::Stream(other)) => match self.resolve(source, None)? {
+                Resolution::Pinned(p) => PinnedManifest {
+                    digest: p.digest,
+                    reference: p.reference,
+                },
+                _ => return Err(source_err(&format!("{other} does not resolve"))),
+            },
+            Ok(_) => self.registry.pin(source).await?,
+        };
         tracing::Span::current().record("digest", pinned.digest.as_str());
         let limit = self.settings.history_limit;
         let stream = self

@@ -73,7 +73,10 @@ impl Daemon {
             .expect("daemon log file");
         let child = Command::new(binary())
             .args(&self.args)
-            .env("RUST_LOG", "imagestream=debug,info")
+            .env(
+                "RUST_LOG",
+                std::env::var("IMAGESTREAM_TEST_LOG").unwrap_or_else(|_| "imagestream=debug,info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log)
@@ -104,8 +107,15 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn stop(&mut self) -> ExitStatus {
+        if let Some(child) = &self.child {
+            signal(child.id(), "TERM");
+        }
+        self.stop_after_signal()
+    }
+
+    /// Waits for the exit status of a daemon that was already signalled.
+    pub fn stop_after_signal(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("daemon running");
-        signal(child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().expect("wait for imagestream") {
