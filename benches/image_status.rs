@@ -21,13 +21,24 @@ const WARMUP: usize = 200;
 /// Calls per round; rounds alternate between the series so that drift hits both alike.
 const ROUND: usize = 100;
 
-async fn sample(client: &mut ImageServiceClient<Channel>, image: &str, n: usize, out: &mut Vec<Duration>) {
+async fn sample(
+    client: &mut ImageServiceClient<Channel>,
+    image: &str,
+    n: usize,
+    out: &mut Vec<Duration>,
+) {
     for _ in 0..n {
-        let req = ImageStatusRequest { image: Some(image_spec(image)), verbose: false };
+        let req = ImageStatusRequest {
+            image: Some(image_spec(image)),
+            verbose: false,
+        };
         let t = Instant::now();
         let resp = client.image_status(req).await.expect("ImageStatus");
         out.push(t.elapsed());
-        assert!(resp.into_inner().image.is_some(), "image {image} not present");
+        assert!(
+            resp.into_inner().image.is_some(),
+            "image {image} not present"
+        );
     }
 }
 
@@ -47,7 +58,10 @@ struct Stats {
 
 fn stats(mut v: Vec<Duration>) -> Stats {
     v.sort();
-    Stats { p50: percentile(&v, 0.5), p99: percentile(&v, 0.99) }
+    Stats {
+        p50: percentile(&v, 0.5),
+        p99: percentile(&v, 0.99),
+    }
 }
 
 async fn compare(
@@ -71,8 +85,16 @@ async fn compare(
     }
     let (v, d) = (stats(via), stats(dir));
     println!("{label}");
-    println!("  direct to containerd   p50 {:>8.1} µs   p99 {:>8.1} µs", us(d.p50), us(d.p99));
-    println!("  through imagestream    p50 {:>8.1} µs   p99 {:>8.1} µs", us(v.p50), us(v.p99));
+    println!(
+        "  direct to containerd   p50 {:>8.1} µs   p99 {:>8.1} µs",
+        us(d.p50),
+        us(d.p99)
+    );
+    println!(
+        "  through imagestream    p50 {:>8.1} µs   p99 {:>8.1} µs",
+        us(v.p50),
+        us(v.p99)
+    );
     println!(
         "  ratio (proxy/direct)   p50 {:>8.2}      p99 {:>8.2}       added p50 {:.1} µs (target <= 50 µs)",
         us(v.p50) / us(d.p50),
@@ -84,7 +106,10 @@ async fn compare(
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
-    let calls: usize = std::env::var("IMAGESTREAM_BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let calls: usize = std::env::var("IMAGESTREAM_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
     // Log as in production (info), not as the tests do (debug).
     std::env::set_var("IMAGESTREAM_TEST_LOG", "info");
     let registry = Registry::start();
@@ -92,7 +117,12 @@ async fn main() {
     let ctd = Containerd::start(&registry);
     let daemon = Daemon::start(&ctd.endpoint(), &[&registry.addr], &[]);
     daemon.cli_ok(&["stream", "create", "bench/app"]);
-    daemon.cli_ok(&["tag", "set", "bench/app:prod", &registry.image_ref("app:v1")]);
+    daemon.cli_ok(&[
+        "tag",
+        "set",
+        "bench/app:prod",
+        &registry.image_ref("app:v1"),
+    ]);
 
     let plain = registry.image_ref("app:v1");
     let pinned = format!("{}/app@{digest}", registry.addr);
@@ -100,11 +130,32 @@ async fn main() {
     let mut direct = image_client(&ctd.socket).await;
     let mut proxy = image_client(&daemon.cri_socket).await;
     direct
-        .pull_image(PullImageRequest { image: Some(image_spec(&plain)), ..Default::default() })
+        .pull_image(PullImageRequest {
+            image: Some(image_spec(&plain)),
+            ..Default::default()
+        })
         .await
         .expect("PullImage");
 
-    println!("ImageStatus latency, {calls} calls per series, one connection each, sequential calls");
-    compare("plain reference (forwarded as raw HTTP/2)", &mut proxy, &plain, &mut direct, &plain, calls).await;
-    compare("stream reference (resolved + rewritten) vs its pinned reference direct", &mut proxy, stream_ref, &mut direct, &pinned, calls).await;
+    println!(
+        "ImageStatus latency, {calls} calls per series, one connection each, sequential calls"
+    );
+    compare(
+        "plain reference (forwarded as raw HTTP/2)",
+        &mut proxy,
+        &plain,
+        &mut direct,
+        &plain,
+        calls,
+    )
+    .await;
+    compare(
+        "stream reference (resolved + rewritten) vs its pinned reference direct",
+        &mut proxy,
+        stream_ref,
+        &mut direct,
+        &pinned,
+        calls,
+    )
+    .await;
 }

@@ -91,12 +91,18 @@ mod tests {
         let live = bind(&path, SOCKET_MODE).expect("bind");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(matches!(bind(&path, SOCKET_MODE), Err(SocketError::InUse(_))));
+        assert!(matches!(
+            bind(&path, SOCKET_MODE),
+            Err(SocketError::InUse(_))
+        ));
         drop(live);
         let again = bind(&path, SOCKET_MODE).expect("stale replaced");
         drop(again);
         let file = dir.path().join("plain");
         std::fs::write(&file, b"x").expect("write");
-        assert!(matches!(bind(&file, SOCKET_MODE), Err(SocketError::NotASocket(_))));
+        assert!(matches!(
+            bind(&file, SOCKET_MODE),
+            Err(SocketError::NotASocket(_))
+        ));
     }
 }

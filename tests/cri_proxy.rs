@@ -19,10 +19,15 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 
 /// Calls `path` with a raw `VersionRequest` body, as a client with newer bindings would.
-async fn raw_version_call(socket: &std::path::Path, path: &'static str) -> Result<String, tonic::Status> {
+async fn raw_version_call(
+    socket: &std::path::Path,
+    path: &'static str,
+) -> Result<String, tonic::Status> {
     let channel = cri_channel(socket).await;
     let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
     let codec = tonic_prost::ProstCodec::<VersionRequest, k8s_cri::v1::VersionResponse>::default();
     let resp = grpc
         .unary(
@@ -43,7 +48,11 @@ struct RawDecoder;
 impl tonic::codec::Encoder for RawEncoder {
     type Item = bytes::Bytes;
     type Error = tonic::Status;
-    fn encode(&mut self, item: bytes::Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
         use bytes::BufMut;
         dst.put(item);
         Ok(())
@@ -53,7 +62,10 @@ impl tonic::codec::Encoder for RawEncoder {
 impl tonic::codec::Decoder for RawDecoder {
     type Item = bytes::Bytes;
     type Error = tonic::Status;
-    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<bytes::Bytes>, tonic::Status> {
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, tonic::Status> {
         use bytes::Buf;
         let len = src.remaining();
         Ok(Some(src.copy_to_bytes(len)))
@@ -74,7 +86,10 @@ impl tonic::codec::Codec for RawCodec {
 }
 
 /// Opens a server-streaming call with an empty request message.
-async fn raw_server_stream(socket: &std::path::Path, path: &'static str) -> tonic::Streaming<bytes::Bytes> {
+async fn raw_server_stream(
+    socket: &std::path::Path,
+    path: &'static str,
+) -> tonic::Streaming<bytes::Bytes> {
     let channel = cri_channel(socket).await;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.expect("channel ready");
@@ -102,20 +117,37 @@ async fn client_sequence_through_the_proxy_matches_containerd() {
     let mut direct_img = image_client(&ctd.socket).await;
 
     // Version: the same answer.
-    let via = rt.version(VersionRequest::default()).await.expect("Version").into_inner();
-    let direct = direct_rt.version(VersionRequest::default()).await.expect("Version").into_inner();
+    let via = rt
+        .version(VersionRequest::default())
+        .await
+        .expect("Version")
+        .into_inner();
+    let direct = direct_rt
+        .version(VersionRequest::default())
+        .await
+        .expect("Version")
+        .into_inner();
     assert_eq!(via, direct);
 
     // Server streaming: GetContainerEvents answers as the runtime does (containerd 1.6 does not
     // implement it; 1.7+ streams events), and a server-streaming method with data (containerd's
     // own event Subscribe, served on the same socket) streams through the proxy.
-    let via = rt.get_container_events(GetEventsRequest::default()).await.map(|_| ()).map_err(|e| (e.code(), e.message().to_string()));
-    let direct = direct_rt.get_container_events(GetEventsRequest::default()).await.map(|_| ()).map_err(|e| (e.code(), e.message().to_string()));
+    let via = rt
+        .get_container_events(GetEventsRequest::default())
+        .await
+        .map(|_| ())
+        .map_err(|e| (e.code(), e.message().to_string()));
+    let direct = direct_rt
+        .get_container_events(GetEventsRequest::default())
+        .await
+        .map(|_| ())
+        .map_err(|e| (e.code(), e.message().to_string()));
     assert_eq!(via, direct);
     // gRPC-go sends a stream's headers with its first message: open it in the background.
     let socket = daemon.cri_socket.clone();
     let first_event = tokio::spawn(async move {
-        let mut events = raw_server_stream(&socket, "/containerd.services.events.v1.Events/Subscribe").await;
+        let mut events =
+            raw_server_stream(&socket, "/containerd.services.events.v1.Events/Subscribe").await;
         events.message().await
     });
 
@@ -131,24 +163,43 @@ async fn client_sequence_through_the_proxy_matches_containerd() {
         .into_inner()
         .image_ref;
     let status = direct_img
-        .image_status(ImageStatusRequest { image: Some(image_spec(&app)), verbose: false })
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(&app)),
+            verbose: false,
+        })
         .await
         .expect("ImageStatus direct")
         .into_inner();
     assert_eq!(status.image.map(|i| i.id), Some(image_ref.clone()));
     let via_status = img
-        .image_status(ImageStatusRequest { image: Some(image_spec(&app)), verbose: true })
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(&app)),
+            verbose: true,
+        })
         .await
         .expect("ImageStatus")
         .into_inner();
     let direct_status = direct_img
-        .image_status(ImageStatusRequest { image: Some(image_spec(&app)), verbose: true })
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(&app)),
+            verbose: true,
+        })
         .await
         .expect("ImageStatus")
         .into_inner();
     assert_eq!(via_status, direct_status);
-    let mut via_list = img.list_images(ListImagesRequest::default()).await.expect("ListImages").into_inner().images;
-    let mut direct_list = direct_img.list_images(ListImagesRequest::default()).await.expect("ListImages").into_inner().images;
+    let mut via_list = img
+        .list_images(ListImagesRequest::default())
+        .await
+        .expect("ListImages")
+        .into_inner()
+        .images;
+    let mut direct_list = direct_img
+        .list_images(ListImagesRequest::default())
+        .await
+        .expect("ListImages")
+        .into_inner()
+        .images;
     via_list.sort_by(|a, b| a.id.cmp(&b.id));
     direct_list.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(via_list, direct_list);
@@ -156,12 +207,23 @@ async fn client_sequence_through_the_proxy_matches_containerd() {
     // Pod and container lifecycle with host networking.
     let pod = pod_config("proxy-pod", "default", logs.path());
     let pod_id = rt
-        .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod.clone()), runtime_handler: String::new() })
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: String::new(),
+        })
         .await
         .expect("RunPodSandbox")
         .into_inner()
         .pod_sandbox_id;
-    let cfg = container_config_with_command("app", &image_ref, &["/bin/sh", "-c", "echo hello-from-app; exec /bin/sleep infinity"]);
+    let cfg = container_config_with_command(
+        "app",
+        &image_ref,
+        &[
+            "/bin/sh",
+            "-c",
+            "echo hello-from-app; exec /bin/sleep infinity",
+        ],
+    );
     let ctr_id = rt
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod_id.clone(),
@@ -172,18 +234,27 @@ async fn client_sequence_through_the_proxy_matches_containerd() {
         .expect("CreateContainer")
         .into_inner()
         .container_id;
-    rt.start_container(StartContainerRequest { container_id: ctr_id.clone() })
-        .await
-        .expect("StartContainer");
+    rt.start_container(StartContainerRequest {
+        container_id: ctr_id.clone(),
+    })
+    .await
+    .expect("StartContainer");
     let exec = rt
-        .exec_sync(ExecSyncRequest { container_id: ctr_id.clone(), cmd: vec!["cat".into(), "/version".into()], timeout: 10 })
+        .exec_sync(ExecSyncRequest {
+            container_id: ctr_id.clone(),
+            cmd: vec!["cat".into(), "/version".into()],
+            timeout: 10,
+        })
         .await
         .expect("ExecSync")
         .into_inner();
     assert_eq!(exec.exit_code, 0);
     assert_eq!(String::from_utf8_lossy(&exec.stdout), "v1\n");
     let st = rt
-        .container_status(ContainerStatusRequest { container_id: ctr_id.clone(), verbose: false })
+        .container_status(ContainerStatusRequest {
+            container_id: ctr_id.clone(),
+            verbose: false,
+        })
         .await
         .expect("ContainerStatus")
         .into_inner()
@@ -191,7 +262,10 @@ async fn client_sequence_through_the_proxy_matches_containerd() {
         .expect("status");
     assert_eq!(st.state, ContainerState::ContainerRunning as i32);
     let direct_st = direct_rt
-        .container_status(ContainerStatusRequest { container_id: ctr_id.clone(), verbose: false })
+        .container_status(ContainerStatusRequest {
+            container_id: ctr_id.clone(),
+            verbose: false,
+        })
         .await
         .expect("ContainerStatus direct")
         .into_inner()
@@ -202,17 +276,30 @@ async fn client_sequence_through_the_proxy_matches_containerd() {
     // Logs: the container's stdout lands in the log file the runtime was told to write.
     let log_path = logs.path().join("app.log");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("hello-from-app") {
-        assert!(Instant::now() < deadline, "container log never showed its output");
+    while !std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .contains("hello-from-app")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "container log never showed its output"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let stats = rt
-        .container_stats(ContainerStatsRequest { container_id: ctr_id.clone() })
+        .container_stats(ContainerStatsRequest {
+            container_id: ctr_id.clone(),
+        })
         .await
         .expect("ContainerStats")
         .into_inner();
     assert!(stats.stats.is_some());
-    let pods = rt.list_pod_sandbox(ListPodSandboxRequest::default()).await.expect("ListPodSandbox").into_inner().items;
+    let pods = rt
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
     assert!(pods.iter().any(|p| p.id == pod_id));
 
     // The event stream delivered the runtime's events (image pull, container start) as they happened.
@@ -224,31 +311,60 @@ async fn client_sequence_through_the_proxy_matches_containerd() {
         .expect("an event");
     assert!(!event.is_empty());
 
-    rt.stop_container(StopContainerRequest { container_id: ctr_id.clone(), timeout: 1 })
-        .await
-        .expect("StopContainer");
-    rt.remove_container(RemoveContainerRequest { container_id: ctr_id })
-        .await
-        .expect("RemoveContainer");
-    rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod_id.clone() })
-        .await
-        .expect("StopPodSandbox");
-    rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod_id })
-        .await
-        .expect("RemovePodSandbox");
-    img.remove_image(RemoveImageRequest { image: Some(image_spec(&app)) })
-        .await
-        .expect("RemoveImage");
+    rt.stop_container(StopContainerRequest {
+        container_id: ctr_id.clone(),
+        timeout: 1,
+    })
+    .await
+    .expect("StopContainer");
+    rt.remove_container(RemoveContainerRequest {
+        container_id: ctr_id,
+    })
+    .await
+    .expect("RemoveContainer");
+    rt.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod_id.clone(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod_id,
+    })
+    .await
+    .expect("RemovePodSandbox");
+    img.remove_image(RemoveImageRequest {
+        image: Some(image_spec(&app)),
+    })
+    .await
+    .expect("RemoveImage");
     let gone = direct_img
-        .image_status(ImageStatusRequest { image: Some(image_spec(&app)), verbose: false })
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(&app)),
+            verbose: false,
+        })
         .await
         .expect("ImageStatus")
         .into_inner();
-    assert!(gone.image.is_none(), "image still present after RemoveImage through the proxy");
+    assert!(
+        gone.image.is_none(),
+        "image still present after RemoveImage through the proxy"
+    );
 
     // Errors come back unchanged: a bad container id.
-    let via_err = rt.container_status(ContainerStatusRequest { container_id: "nope".into(), verbose: false }).await.expect_err("unknown id");
-    let direct_err = direct_rt.container_status(ContainerStatusRequest { container_id: "nope".into(), verbose: false }).await.expect_err("unknown id");
+    let via_err = rt
+        .container_status(ContainerStatusRequest {
+            container_id: "nope".into(),
+            verbose: false,
+        })
+        .await
+        .expect_err("unknown id");
+    let direct_err = direct_rt
+        .container_status(ContainerStatusRequest {
+            container_id: "nope".into(),
+            verbose: false,
+        })
+        .await
+        .expect_err("unknown id");
     assert_eq!(via_err.code(), direct_err.code());
     assert_eq!(via_err.message(), direct_err.message());
 }
@@ -260,14 +376,28 @@ async fn methods_unknown_to_the_proxy_are_forwarded() {
     let daemon = Daemon::start(&ctd.endpoint(), &[], &[]);
 
     // A whole service the proxy has no bindings for (containerd 1.6 still serves v1alpha2).
-    let via = raw_version_call(&daemon.cri_socket, "/runtime.v1alpha2.RuntimeService/Version").await;
+    let via = raw_version_call(
+        &daemon.cri_socket,
+        "/runtime.v1alpha2.RuntimeService/Version",
+    )
+    .await;
     let direct = raw_version_call(&ctd.socket, "/runtime.v1alpha2.RuntimeService/Version").await;
-    assert_eq!(via.as_ref().map_err(|e| e.code()), direct.as_ref().map_err(|e| e.code()));
+    assert_eq!(
+        via.as_ref().map_err(|e| e.code()),
+        direct.as_ref().map_err(|e| e.code())
+    );
     assert_eq!(via.expect("v1alpha2 Version through the proxy"), "v1alpha2");
 
     // A method newer than anything: the runtime's own answer comes back, not the proxy's.
-    let via = raw_version_call(&daemon.cri_socket, "/runtime.v1.RuntimeService/SomeFutureMethod").await.expect_err("unknown method");
-    let direct = raw_version_call(&ctd.socket, "/runtime.v1.RuntimeService/SomeFutureMethod").await.expect_err("unknown method");
+    let via = raw_version_call(
+        &daemon.cri_socket,
+        "/runtime.v1.RuntimeService/SomeFutureMethod",
+    )
+    .await
+    .expect_err("unknown method");
+    let direct = raw_version_call(&ctd.socket, "/runtime.v1.RuntimeService/SomeFutureMethod")
+        .await
+        .expect_err("unknown method");
     assert_eq!(via.code(), direct.code());
     assert_eq!(via.message(), direct.message());
 }
@@ -279,15 +409,27 @@ async fn runtime_down_is_unavailable_naming_it_and_recovers() {
     let daemon = Daemon::start(&ctd.endpoint(), &[], &[]);
     let mut rt = runtime_client(&daemon.cri_socket).await;
     let mut img = image_client(&daemon.cri_socket).await;
-    rt.version(VersionRequest::default()).await.expect("Version while up");
+    rt.version(VersionRequest::default())
+        .await
+        .expect("Version while up");
 
     ctd.stop();
-    let err = rt.version(VersionRequest::default()).await.expect_err("runtime is down");
+    let err = rt
+        .version(VersionRequest::default())
+        .await
+        .expect_err("runtime is down");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains(&ctd.endpoint()), "message does not name the endpoint: {}", err.message());
+    assert!(
+        err.message().contains(&ctd.endpoint()),
+        "message does not name the endpoint: {}",
+        err.message()
+    );
     // A rewritten call fails the same way.
     let err = img
-        .image_status(ImageStatusRequest { image: Some(image_spec("busybox:1")), verbose: false })
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec("busybox:1")),
+            verbose: false,
+        })
         .await
         .expect_err("runtime is down");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -299,12 +441,17 @@ async fn runtime_down_is_unavailable_naming_it_and_recovers() {
         match rt.version(VersionRequest::default()).await {
             Ok(_) => break,
             Err(e) => {
-                assert!(Instant::now() < deadline, "runtime back but proxy still fails: {e:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "runtime back but proxy still fails: {e:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
-    img.list_images(ListImagesRequest::default()).await.expect("ListImages after the runtime is back");
+    img.list_images(ListImagesRequest::default())
+        .await
+        .expect("ListImages after the runtime is back");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -317,14 +464,20 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     let mut rt = runtime_client(&daemon.cri_socket).await;
     let mut img = image_client(&daemon.cri_socket).await;
     let image_ref = img
-        .pull_image(PullImageRequest { image: Some(image_spec(&registry.image_ref("app:v1"))), ..Default::default() })
+        .pull_image(PullImageRequest {
+            image: Some(image_spec(&registry.image_ref("app:v1"))),
+            ..Default::default()
+        })
         .await
         .expect("PullImage")
         .into_inner()
         .image_ref;
     let pod = pod_config("drain", "default", logs.path());
     let pod_id = rt
-        .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod.clone()), runtime_handler: String::new() })
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: String::new(),
+        })
         .await
         .expect("RunPodSandbox")
         .into_inner()
@@ -332,14 +485,22 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     let ctr = rt
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod_id,
-            config: Some(container_config_with_command("app", &image_ref, &["/bin/sleep", "infinity"])),
+            config: Some(container_config_with_command(
+                "app",
+                &image_ref,
+                &["/bin/sleep", "infinity"],
+            )),
             sandbox_config: Some(pod),
         })
         .await
         .expect("CreateContainer")
         .into_inner()
         .container_id;
-    rt.start_container(StartContainerRequest { container_id: ctr.clone() }).await.expect("StartContainer");
+    rt.start_container(StartContainerRequest {
+        container_id: ctr.clone(),
+    })
+    .await
+    .expect("StartContainer");
 
     // A call that takes 2 s is in flight when SIGTERM arrives: it completes, then the daemon exits 0.
     let mut in_flight = rt.clone();
@@ -347,7 +508,11 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
         in_flight
             .exec_sync(ExecSyncRequest {
                 container_id: ctr,
-                cmd: vec!["/bin/sh".into(), "-c".into(), "sleep 2; echo finished".into()],
+                cmd: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "sleep 2; echo finished".into(),
+                ],
                 timeout: 30,
             })
             .await
@@ -355,7 +520,11 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = daemon.pid().expect("daemon pid");
     common::daemon::signal(pid, "TERM");
-    let out = call.await.expect("task").expect("in-flight ExecSync completed through the drain").into_inner();
+    let out = call
+        .await
+        .expect("task")
+        .expect("in-flight ExecSync completed through the drain")
+        .into_inner();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "finished\n");
     let status = daemon.stop_after_signal();
     assert!(status.success(), "exit status {status}");

@@ -27,7 +27,11 @@ fn sockets_are_private_stale_ones_replaced_live_ones_refused_and_sigterm_exits_z
         let mode = std::fs::metadata(s).expect("socket").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{} has mode {mode:o}", s.display());
     }
-    let state_mode = std::fs::metadata(&d.state_dir).expect("state dir").permissions().mode() & 0o777;
+    let state_mode = std::fs::metadata(&d.state_dir)
+        .expect("state dir")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(state_mode, 0o700);
 
     // A second daemon on the same sockets is refused, naming the socket.
@@ -41,8 +45,16 @@ fn sockets_are_private_stale_ones_replaced_live_ones_refused_and_sigterm_exits_z
         .output()
         .expect("second daemon");
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("served by another live process"), "{}", stderr(&out));
-    assert!(stderr(&out).contains(&d.cri_socket.display().to_string()), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("served by another live process"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(&d.cri_socket.display().to_string()),
+        "{}",
+        stderr(&out)
+    );
 
     // SIGTERM: exit 0, sockets removed.
     let status = d.stop();
@@ -62,13 +74,19 @@ fn sockets_are_private_stale_ones_replaced_live_ones_refused_and_sigterm_exits_z
 #[test]
 fn config_file_and_flags_override_embedded_defaults() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(binary()).args(["config", "-o", "json"]).output().expect("config");
+    let out = Command::new(binary())
+        .args(["config", "-o", "json"])
+        .output()
+        .expect("config");
     assert!(out.status.success(), "{}", stderr(&out));
     let defaults: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(defaults["state_dir"], "/var/lib/imagestream");
     assert_eq!(defaults["cri_socket"], "/run/imagestream/imagestream.sock");
     assert_eq!(defaults["admin_socket"], "/run/imagestream/admin.sock");
-    assert_eq!(defaults["runtime_endpoint"], "unix:///run/containerd/containerd.sock");
+    assert_eq!(
+        defaults["runtime_endpoint"],
+        "unix:///run/containerd/containerd.sock"
+    );
 
     let file = dir.path().join("config.toml");
     std::fs::write(
@@ -79,17 +97,30 @@ fn config_file_and_flags_override_embedded_defaults() {
     let out = Command::new(binary())
         .args(["config", "-o", "json", "--config"])
         .arg(&file)
-        .args(["--state-dir", "/flag/wins", "--insecure-registry", "other:1"])
+        .args([
+            "--state-dir",
+            "/flag/wins",
+            "--insecure-registry",
+            "other:1",
+        ])
         .output()
         .expect("config");
     assert!(out.status.success(), "{}", stderr(&out));
     let c: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(c["state_dir"], "/flag/wins");
     assert_eq!(c["runtime_endpoint"], "unix:///run/crio/crio.sock");
-    assert_eq!(c["insecure_registries"], serde_json::json!(["reg.local:5000", "other:1"]));
+    assert_eq!(
+        c["insecure_registries"],
+        serde_json::json!(["reg.local:5000", "other:1"])
+    );
 
     std::fs::write(&file, "stat_dir = \"/typo\"\n").expect("write config");
-    let out = Command::new(binary()).arg("config").arg("--config").arg(&file).output().expect("config");
+    let out = Command::new(binary())
+        .arg("config")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .expect("config");
     assert!(!out.status.success());
     assert!(stderr(&out).contains("stat_dir"), "{}", stderr(&out));
 }
@@ -108,26 +139,58 @@ fn cli_errors_are_one_line_and_non_zero() {
         (vec!["stream", "create", "team-a"], "NAMESPACE/STREAM"),
         (vec!["stream", "create", "../app"], ".."),
         (vec!["stream", "create", &long_stream], "longer than"),
-        (vec!["stream", "get", "team-a/nope"], "team-a/nope not found"),
-        (vec!["tag", "set", "team-a/nope:prod", "r/x:y"], "team-a/nope not found"),
+        (
+            vec!["stream", "get", "team-a/nope"],
+            "team-a/nope not found",
+        ),
+        (
+            vec!["tag", "set", "team-a/nope:prod", "r/x:y"],
+            "team-a/nope not found",
+        ),
         (vec!["tag", "history", "team-a/app:prod"], "not found"),
         (vec!["tag", "set", &long_tag, "r/x:y"], "tag"),
-        (vec!["resolve", "imagestream.local/team-a"], "imagestream.local/team-a"),
+        (
+            vec!["resolve", "imagestream.local/team-a"],
+            "imagestream.local/team-a",
+        ),
     ];
     d.cli_ok(&["stream", "create", "team-a/app"]);
     let mut cases = cases;
     cases.push((vec!["stream", "create", "team-a/app"], "already exists"));
-    cases.push((vec!["tag", "history", "team-a/app:nope"], "\"nope\" not found in image stream team-a/app"));
+    cases.push((
+        vec!["tag", "history", "team-a/app:nope"],
+        "\"nope\" not found in image stream team-a/app",
+    ));
     cases.push((vec!["tag", "rollback", "team-a/app:nope"], "not found"));
-    cases.push((vec!["tag", "set", "team-a/app:prod", "bad ref!"], "bad ref!"));
-    cases.push((vec!["tag", "set", "team-a/app:prod", &missing_digest], "not found"));
-    cases.push((vec!["tag", "set", "team-a/app:prod", "imagestream.local/team-a/app:x"], "tag \"x\" not found in image stream team-a/app"));
-    cases.push((vec!["tag", "set", "team-a/app:prod", "imagestream.local/team-a"], "imagestream.local/team-a"));
+    cases.push((
+        vec!["tag", "set", "team-a/app:prod", "bad ref!"],
+        "bad ref!",
+    ));
+    cases.push((
+        vec!["tag", "set", "team-a/app:prod", &missing_digest],
+        "not found",
+    ));
+    cases.push((
+        vec![
+            "tag",
+            "set",
+            "team-a/app:prod",
+            "imagestream.local/team-a/app:x",
+        ],
+        "tag \"x\" not found in image stream team-a/app",
+    ));
+    cases.push((
+        vec!["tag", "set", "team-a/app:prod", "imagestream.local/team-a"],
+        "imagestream.local/team-a",
+    ));
     for (args, needle) in &cases {
         let out = d.cli(args);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.starts_with("error: ") && err.trim_end().lines().count() == 1, "{args:?}: {err:?}");
+        assert!(
+            err.starts_with("error: ") && err.trim_end().lines().count() == 1,
+            "{args:?}: {err:?}"
+        );
         assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
     }
     // Nothing was pinned by the failures.
@@ -135,9 +198,18 @@ fn cli_errors_are_one_line_and_non_zero() {
     assert_eq!(s["tags"], serde_json::json!([]));
 
     // Rollback with no earlier digest, and to a generation that is not there.
-    d.cli_ok(&["tag", "set", "team-a/app:prod", &registry.image_ref("app:v1")]);
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v1"),
+    ]);
     let out = d.cli(&["tag", "rollback", "team-a/app:prod"]);
-    assert!(stderr(&out).contains("no earlier generation"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no earlier generation"),
+        "{}",
+        stderr(&out)
+    );
     let out = d.cli(&["tag", "rollback", "team-a/app:prod", "--to-generation", "7"]);
     assert!(stderr(&out).contains("generation 7"), "{}", stderr(&out));
 
@@ -151,7 +223,12 @@ fn cli_errors_are_one_line_and_non_zero() {
     assert_eq!(t["generations"][0]["reference"], by_digest.as_str());
 
     // A tag set from another stream tag pins what that tag points at now.
-    let t = d.cli_json(&["tag", "set", "team-a/app:copy", "imagestream.local/team-a/app:prod"]);
+    let t = d.cli_json(&[
+        "tag",
+        "set",
+        "team-a/app:copy",
+        "imagestream.local/team-a/app:prod",
+    ]);
     assert_eq!(t["generations"][0]["digest"], digest.as_str());
     assert_eq!(t["source"], "imagestream.local/team-a/app:prod");
 
@@ -160,8 +237,15 @@ fn cli_errors_are_one_line_and_non_zero() {
     assert_eq!(out.status.code(), Some(2));
     let out = cli_with_socket(&d.dir.path().join("nothing.sock"), &["stream", "ls"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("cannot reach the imagestream daemon"), "{}", stderr(&out));
-    let help = Command::new(binary()).args(["tag", "set", "--help"]).output().expect("help");
+    assert!(
+        stderr(&out).contains("cannot reach the imagestream daemon"),
+        "{}",
+        stderr(&out)
+    );
+    let help = Command::new(binary())
+        .args(["tag", "set", "--help"])
+        .output()
+        .expect("help");
     assert!(String::from_utf8_lossy(&help.stdout).contains("SOURCE"));
 }
 
@@ -214,5 +298,9 @@ fn a_manifest_that_does_not_match_its_digest_is_never_pinned() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.to_lowercase().contains("digest"), "{err}");
     let s = d.cli_json(&["stream", "get", "team-a/app"]);
-    assert_eq!(s["tags"], serde_json::json!([]), "a mismatching manifest was pinned");
+    assert_eq!(
+        s["tags"],
+        serde_json::json!([]),
+        "a mismatching manifest was pinned"
+    );
 }

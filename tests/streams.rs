@@ -39,7 +39,10 @@ impl Node {
         let pod = pod_config(pod_name, namespace, &self.logs.path().join(pod_name));
         let present = self
             .img
-            .image_status(ImageStatusRequest { image: Some(image_spec(image)), verbose: false })
+            .image_status(ImageStatusRequest {
+                image: Some(image_spec(image)),
+                verbose: false,
+            })
             .await
             .expect("ImageStatus")
             .into_inner()
@@ -50,7 +53,10 @@ impl Node {
         };
         let pod_id = self
             .rt
-            .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod.clone()), runtime_handler: String::new() })
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(pod.clone()),
+                runtime_handler: String::new(),
+            })
             .await
             .expect("RunPodSandbox")
             .into_inner()
@@ -59,27 +65,57 @@ impl Node {
         let cfg = container_config_with_command("app", image, &["/bin/sleep", "infinity"]);
         let ctr = self
             .rt
-            .create_container(CreateContainerRequest { pod_sandbox_id: pod_id.clone(), config: Some(cfg), sandbox_config: Some(pod) })
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod_id.clone(),
+                config: Some(cfg),
+                sandbox_config: Some(pod),
+            })
             .await
             .expect("CreateContainer")
             .into_inner()
             .container_id;
-        self.rt.start_container(StartContainerRequest { container_id: ctr.clone() }).await.expect("StartContainer");
+        self.rt
+            .start_container(StartContainerRequest {
+                container_id: ctr.clone(),
+            })
+            .await
+            .expect("StartContainer");
         let out = self
             .rt
-            .exec_sync(ExecSyncRequest { container_id: ctr, cmd: vec!["cat".into(), "/version".into()], timeout: 10 })
+            .exec_sync(ExecSyncRequest {
+                container_id: ctr,
+                cmd: vec!["cat".into(), "/version".into()],
+                timeout: 10,
+            })
             .await
             .expect("ExecSync")
             .into_inner();
-        self.rt.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod_id.clone() }).await.expect("StopPodSandbox");
-        self.rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod_id }).await.expect("RemovePodSandbox");
-        (String::from_utf8_lossy(&out.stdout).trim().to_string(), image_ref)
+        self.rt
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod_id.clone(),
+            })
+            .await
+            .expect("StopPodSandbox");
+        self.rt
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod_id,
+            })
+            .await
+            .expect("RemovePodSandbox");
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            image_ref,
+        )
     }
 
     async fn pull(&mut self, image: &str, pod: &PodSandboxConfig) -> Result<String, tonic::Status> {
         Ok(self
             .img
-            .pull_image(PullImageRequest { image: Some(image_spec(image)), auth: None, sandbox_config: Some(pod.clone()) })
+            .pull_image(PullImageRequest {
+                image: Some(image_spec(image)),
+                auth: None,
+                sandbox_config: Some(pod.clone()),
+            })
             .await?
             .into_inner()
             .image_ref)
@@ -96,16 +132,27 @@ async fn stream_story_set_move_rollback_restart() {
     let mut direct = image_client(&ctd.socket).await;
 
     daemon.cli_ok(&["stream", "create", "team-a/app", "--lookup-local"]);
-    let tag = daemon.cli_json(&["tag", "set", "team-a/app:prod", &registry.image_ref("app:v1")]);
+    let tag = daemon.cli_json(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v1"),
+    ]);
     assert_eq!(tag["generations"][0]["digest"], v1.as_str());
-    assert_eq!(tag["generations"][0]["reference"], format!("{}/app@{v1}", registry.addr));
+    assert_eq!(
+        tag["generations"][0]["reference"],
+        format!("{}/app@{v1}", registry.addr)
+    );
 
     // A pod in team-a runs app:prod: v1, and the runtime holds v1's digest.
     let mut node = Node::new(&daemon).await;
     let (version, v1_id) = node.run("p1", "team-a", "app:prod").await;
     assert_eq!(version, "v1");
     let held = direct
-        .image_status(ImageStatusRequest { image: Some(image_spec(&format!("{}/app@{v1}", registry.addr))), verbose: false })
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(&format!("{}/app@{v1}", registry.addr))),
+            verbose: false,
+        })
         .await
         .expect("ImageStatus direct")
         .into_inner()
@@ -113,18 +160,45 @@ async fn stream_story_set_move_rollback_restart() {
         .expect("runtime holds v1's digest");
     assert_eq!(held.id, v1_id);
     // A second pull of the same pinned digest is answered without pulling again.
-    let again = node.pull("app:prod", &pod_config("p1b", "team-a", node.logs.path())).await.expect("PullImage again");
+    let again = node
+        .pull("app:prod", &pod_config("p1b", "team-a", node.logs.path()))
+        .await
+        .expect("PullImage again");
     assert_eq!(again, v1_id);
     // The explicit stream reference works from any namespace, and ImageStatus of it reports v1.
     let explicit = "imagestream.local/team-a/app:prod";
-    let st = node.img.image_status(ImageStatusRequest { image: Some(image_spec(explicit)), verbose: false }).await.expect("ImageStatus").into_inner();
+    let st = node
+        .img
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(explicit)),
+            verbose: false,
+        })
+        .await
+        .expect("ImageStatus")
+        .into_inner();
     assert_eq!(st.image.map(|i| i.id), Some(v1_id.clone()));
 
     // Move the tag to v2: ImageStatus of the stream reference stops reporting v1, and the next
     // pod runs v2.
-    daemon.cli_ok(&["tag", "set", "team-a/app:prod", &registry.image_ref("app:v2")]);
-    let st = node.img.image_status(ImageStatusRequest { image: Some(image_spec(explicit)), verbose: false }).await.expect("ImageStatus").into_inner();
-    assert!(st.image.is_none(), "ImageStatus still reports the old image after the tag moved");
+    daemon.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v2"),
+    ]);
+    let st = node
+        .img
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(explicit)),
+            verbose: false,
+        })
+        .await
+        .expect("ImageStatus")
+        .into_inner();
+    assert!(
+        st.image.is_none(),
+        "ImageStatus still reports the old image after the tag moved"
+    );
     let (version, v2_id) = node.run("p2", "team-a", "app:prod").await;
     assert_eq!(version, "v2");
     assert_ne!(v2_id, v1_id);
@@ -142,10 +216,19 @@ async fn stream_story_set_move_rollback_restart() {
 
     // History: three generations, newest first.
     let history = daemon.cli_json(&["tag", "history", "team-a/app:prod"]);
-    let gens = history["generations"].as_array().expect("generations").clone();
+    let gens = history["generations"]
+        .as_array()
+        .expect("generations")
+        .clone();
     let summary: Vec<(u64, String, String)> = gens
         .iter()
-        .map(|g| (g["generation"].as_u64().unwrap_or(0), g["digest"].as_str().unwrap_or("").to_string(), g["cause"].as_str().unwrap_or("").to_string()))
+        .map(|g| {
+            (
+                g["generation"].as_u64().unwrap_or(0),
+                g["digest"].as_str().unwrap_or("").to_string(),
+                g["cause"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         summary,
@@ -154,6 +237,11 @@ async fn stream_story_set_move_rollback_restart() {
             (2, v2.clone(), "set".to_string()),
             (1, v1.clone(), "set".to_string()),
         ]
+    );
+    assert_eq!(
+        gens[0]["source"],
+        registry.image_ref("app:v1").as_str(),
+        "a rollback keeps the source of the generation it goes back to"
     );
     let table = daemon.cli_ok(&["tag", "history", "team-a/app:prod"]);
     assert!(table.starts_with("GENERATION"), "{table}");
@@ -176,22 +264,76 @@ async fn stream_story_set_move_rollback_restart() {
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     assert!(err.message().contains("team-b/app"), "{}", err.message());
     // An unknown tag names stream and tag; a malformed stream reference is InvalidArgument.
-    let err = node.pull("app:nope", &pod_config("p6", "team-a", node.logs.path())).await.expect_err("unknown tag");
+    let err = node
+        .pull("app:nope", &pod_config("p6", "team-a", node.logs.path()))
+        .await
+        .expect_err("unknown tag");
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err.message().contains("nope") && err.message().contains("team-a/app"), "{}", err.message());
-    let err = node.pull("imagestream.local/team-a", &pod_config("p7", "team-a", node.logs.path())).await.expect_err("malformed");
+    assert!(
+        err.message().contains("nope") && err.message().contains("team-a/app"),
+        "{}",
+        err.message()
+    );
+    let err = node
+        .pull(
+            "imagestream.local/team-a",
+            &pod_config("p7", "team-a", node.logs.path()),
+        )
+        .await
+        .expect_err("malformed");
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("imagestream.local/team-a"), "{}", err.message());
+    assert!(
+        err.message().contains("imagestream.local/team-a"),
+        "{}",
+        err.message()
+    );
 
     // RemoveImage of the stream reference removes the pinned image.
-    node.img.remove_image(RemoveImageRequest { image: Some(image_spec(explicit)) }).await.expect("RemoveImage");
+    node.img
+        .remove_image(RemoveImageRequest {
+            image: Some(image_spec(explicit)),
+        })
+        .await
+        .expect("RemoveImage");
     let gone = direct
-        .image_status(ImageStatusRequest { image: Some(image_spec(&format!("{}/app@{v1}", registry.addr))), verbose: false })
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(&format!("{}/app@{v1}", registry.addr))),
+            verbose: false,
+        })
         .await
         .expect("ImageStatus")
         .into_inner();
-    assert!(gone.image.is_none(), "pinned image still present after RemoveImage of the stream reference");
+    assert!(
+        gone.image.is_none(),
+        "pinned image still present after RemoveImage of the stream reference"
+    );
+    // ImageStatus / RemoveImage of an unknown stream tag: not present, so that the kubelet goes
+    // on to PullImage, whose NotFound names the stream and tag.
+    let st = node
+        .img
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec("imagestream.local/team-a/app:nope")),
+            verbose: false,
+        })
+        .await
+        .expect("ImageStatus")
+        .into_inner();
+    assert!(st.image.is_none());
+    node.img
+        .remove_image(RemoveImageRequest {
+            image: Some(image_spec("imagestream.local/team-z/app:prod")),
+        })
+        .await
+        .expect("RemoveImage of nothing succeeds");
     // A short name without a namespace is "not present", never an error.
-    let st = node.img.image_status(ImageStatusRequest { image: Some(image_spec("app:prod")), verbose: false }).await.expect("ImageStatus").into_inner();
+    let st = node
+        .img
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec("app:prod")),
+            verbose: false,
+        })
+        .await
+        .expect("ImageStatus")
+        .into_inner();
     assert!(st.image.is_none());
 }

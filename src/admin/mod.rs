@@ -69,7 +69,8 @@ fn key(namespace: String, name: String) -> StreamKey {
 }
 
 fn tag_ref(namespace: String, name: String, tag: String) -> Result<TagRef, Status> {
-    crate::stream::names::validate_tag(&tag).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    crate::stream::names::validate_tag(&tag)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     Ok(TagRef {
         namespace,
         name,
@@ -110,7 +111,9 @@ impl Admin for AdminApi {
         req: Request<pb::GetStreamRequest>,
     ) -> Result<Response<pb::Stream>, Status> {
         let r = req.into_inner();
-        Ok(Response::new(self.streams.get(&key(r.namespace, r.name))?.into()))
+        Ok(Response::new(
+            self.streams.get(&key(r.namespace, r.name))?.into(),
+        ))
     }
 
     async fn delete_stream(
@@ -126,9 +129,13 @@ impl Admin for AdminApi {
         let r = req.into_inner();
         let t = tag_ref(r.namespace, r.name, r.tag)?;
         if r.source.is_empty() {
-            return Err(Status::invalid_argument("source reference must not be empty"));
+            return Err(Status::invalid_argument(
+                "source reference must not be empty",
+            ));
         }
-        Ok(Response::new(self.streams.set_tag(&t, &r.source).await?.into()))
+        Ok(Response::new(
+            self.streams.set_tag(&t, &r.source).await?.into(),
+        ))
     }
 
     async fn rollback_tag(
@@ -170,7 +177,10 @@ impl Admin for AdminApi {
             crate::stream::names::validate_namespace(ns)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
-        let resolution = self.streams.resolve(&r.reference, ns).map_err(Status::from)?;
+        let resolution = self
+            .streams
+            .resolve(&r.reference, ns)
+            .map_err(Status::from)?;
         let resp = match resolution {
             Resolution::PassThrough => pb::ResolveResponse {
                 reference: r.reference,
@@ -225,6 +235,7 @@ impl From<Generation> for pb::Generation {
             reference: g.reference,
             created: g.created,
             cause: g.cause,
+            source: g.source,
         }
     }
 }

@@ -26,7 +26,12 @@ over the admin socket.",
 )]
 pub struct Cli {
     /// Admin socket of the daemon [default: /run/imagestream/admin.sock, or the config file's]
-    #[arg(long, global = true, env = "IMAGESTREAM_ADMIN_SOCKET", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        env = "IMAGESTREAM_ADMIN_SOCKET",
+        value_name = "PATH"
+    )]
     admin_socket: Option<PathBuf>,
     /// Output format
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
@@ -217,19 +222,18 @@ fn status(e: tonic::Status) -> String {
 async fn run(cli: Cli) -> Result<(), String> {
     let printer = Printer::new(cli.output);
     let admin_socket = cli.admin_socket.clone();
-    let socket = admin_socket
-        .clone()
-        .unwrap_or_else(|| default_admin_socket().into());
+    // Clients only: the daemon's own socket comes from its config.
+    let socket = || admin_socket.clone().unwrap_or_else(default_admin_socket);
     match cli.command {
         Command::Serve(args) => {
-            let config = serve_config(&args, admin_socket)?;
+            let config = serve_config(&args, admin_socket.clone())?;
             init_logging(args.log_format);
             crate::server::run(config, shutdown_signal())
                 .await
                 .map_err(|e| e.to_string())
         }
         Command::Config(args) => {
-            let config = serve_config(&args, admin_socket)?;
+            let config = serve_config(&args, admin_socket.clone())?;
             match cli.output {
                 Format::Json => printer.json(&config),
                 Format::Table => {
@@ -239,7 +243,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Stream(cmd) => {
-            let mut client = connect(&socket).await?;
+            let mut client = connect(&socket()).await?;
             match cmd {
                 StreamCommand::Create {
                     stream,
@@ -288,7 +292,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Tag(cmd) => {
-            let mut client = connect(&socket).await?;
+            let mut client = connect(&socket()).await?;
             match cmd {
                 TagCommand::Set { tag, source } => {
                     let t = parse_tag_ref(&tag).map_err(|e| e.to_string())?;
@@ -350,7 +354,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             reference,
             namespace,
         } => {
-            let mut client = connect(&socket).await?;
+            let mut client = connect(&socket()).await?;
             let r = client
                 .resolve(pb::ResolveRequest {
                     reference,

@@ -16,6 +16,7 @@ fn generation_json(g: &pb::Generation) -> Value {
         "reference": g.reference,
         "created": g.created,
         "cause": g.cause,
+        "source": g.source,
     })
 }
 
@@ -135,7 +136,7 @@ impl Printer {
                 println!("Lookup local:  {}", s.lookup_local);
                 println!();
                 table(
-                    &["TAG", "GENERATION", "DIGEST", "UPDATED", "SOURCE"],
+                    &["TAG", "GENERATION", "DIGEST", "CAUSE", "UPDATED", "SOURCE"],
                     &s.tags
                         .iter()
                         .map(|t| {
@@ -144,8 +145,9 @@ impl Printer {
                                 t.name.clone(),
                                 g.map(|g| g.generation.to_string()).unwrap_or_default(),
                                 g.map(|g| short_digest(&g.digest)).unwrap_or_default(),
+                                g.map(|g| g.cause.clone()).unwrap_or_default(),
                                 g.map(|g| g.created.clone()).unwrap_or_default(),
-                                t.source.clone(),
+                                g.map(|g| g.source.clone()).unwrap_or_default(),
                             ]
                         })
                         .collect::<Vec<_>>(),
@@ -171,7 +173,7 @@ impl Printer {
         match self.format {
             Format::Json => self.json(&tag_json(t)),
             Format::Table => table(
-                &["GENERATION", "CREATED", "CAUSE", "REFERENCE"],
+                &["GENERATION", "CREATED", "CAUSE", "SOURCE", "REFERENCE"],
                 &t.generations
                     .iter()
                     .map(|g| {
@@ -179,6 +181,7 @@ impl Printer {
                             g.generation.to_string(),
                             g.created.clone(),
                             g.cause.clone(),
+                            g.source.clone(),
                             g.reference.clone(),
                         ]
                     })

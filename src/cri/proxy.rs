@@ -164,13 +164,24 @@ impl CriProxy {
         )?)
     }
 
+    /// For calls that carry no namespace and answer "is it here": a stream reference that names
+    /// no stream tag (or a short name that needs a namespace) is simply not present, so that the
+    /// kubelet goes on to PullImage, whose error names the stream and tag.
+    fn rewrite_or_absent(&self, spec: &mut ImageSpec) -> Result<bool, Status> {
+        match self.rewrite(spec, None) {
+            Ok(Resolution::NeedsNamespace { .. }) => Ok(false),
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                tracing::debug!(image = %spec.image, reason = %status.message(), "not present");
+                Ok(false)
+            }
+            Err(status) => Err(status),
+        }
+    }
+
     /// Rewrites `spec` to the pinned reference of the stream tag it names, if it names one.
     /// Returns what happened, for the caller to decide on the short-name-without-namespace case.
-    fn rewrite(
-        &self,
-        spec: &mut ImageSpec,
-        namespace: Option<&str>,
-    ) -> Result<Resolution, Status> {
+    fn rewrite(&self, spec: &mut ImageSpec, namespace: Option<&str>) -> Result<Resolution, Status> {
         let resolution = self.resolve(&spec.image, namespace)?;
         if let Resolution::Pinned(p) = &resolution {
             record(&p.tag, &p.digest);
@@ -239,8 +250,7 @@ impl CriProxy {
         async move {
             let (metadata, _, mut msg) = req.into_parts();
             if let Some(spec) = msg.image.as_mut() {
-                if let Resolution::NeedsNamespace { .. } = self.rewrite(spec, None)? {
-                    // Not present: the kubelet goes on to PullImage, which carries the namespace.
+                if !self.rewrite_or_absent(spec)? {
                     return Ok(Response::new(ImageStatusResponse::default()));
                 }
             }
@@ -260,8 +270,8 @@ impl CriProxy {
         async move {
             let (metadata, _, mut msg) = req.into_parts();
             if let Some(spec) = msg.image.as_mut() {
-                if let Resolution::NeedsNamespace { .. } = self.rewrite(spec, None)? {
-                    // Nothing on the node is known by that name without a namespace.
+                if !self.rewrite_or_absent(spec)? {
+                    // Removing what is not there succeeds (CRI: RemoveImage is idempotent).
                     return Ok(Response::new(RemoveImageResponse::default()));
                 }
             }

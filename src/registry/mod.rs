@@ -104,7 +104,11 @@ impl RegistryClient {
         }
         let (bytes, claimed) = self
             .client
-            .pull_manifest_raw(&reference, &RegistryAuth::Anonymous, &ACCEPTED_MANIFEST_TYPES)
+            .pull_manifest_raw(
+                &reference,
+                &RegistryAuth::Anonymous,
+                &ACCEPTED_MANIFEST_TYPES,
+            )
             .await
             .map_err(|e| classify(source, e))?;
         if bytes.len() > MAX_MANIFEST_BYTES {
@@ -173,8 +177,12 @@ fn classify(source: &str, e: OciDistributionError) -> RegistryError {
     let reference = source.to_string();
     let message = error_chain(&e);
     match e {
-        OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound { reference },
-        OciDistributionError::ServerError { code: 404, .. } => RegistryError::NotFound { reference },
+        OciDistributionError::ImageManifestNotFoundError(_) => {
+            RegistryError::NotFound { reference }
+        }
+        OciDistributionError::ServerError { code: 404, .. } => {
+            RegistryError::NotFound { reference }
+        }
         OciDistributionError::RegistryError { ref envelope, .. }
             if envelope
                 .errors
@@ -190,7 +198,9 @@ fn classify(source: &str, e: OciDistributionError) -> RegistryError {
         OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => {
             RegistryError::Unreachable { reference, message }
         }
-        OciDistributionError::DigestError(_) => RegistryError::DigestMismatch { reference, message },
+        OciDistributionError::DigestError(_) => {
+            RegistryError::DigestMismatch { reference, message }
+        }
         _ => RegistryError::Other { reference, message },
     }
 }

@@ -78,6 +78,9 @@ pub struct Generation {
     pub created: String,
     /// `set`, `rollback to generation N`, `import`.
     pub cause: String,
+    /// The source reference this digest was pinned from.
+    #[serde(default)]
+    pub source: String,
 }
 
 impl Tag {
@@ -88,23 +91,17 @@ impl Tag {
 
     /// Appends a generation (newest first) and trims the history to `limit` entries.
     /// Generation numbers grow monotonically.
-    pub fn push(
-        &mut self,
-        digest: String,
-        reference: String,
-        created: String,
-        cause: String,
-        limit: usize,
-    ) -> &Generation {
+    pub fn push(&mut self, new: NewGeneration, limit: usize) -> &Generation {
         let generation = self.current().map_or(1, |g| g.generation + 1);
         self.generations.insert(
             0,
             Generation {
                 generation,
-                digest,
-                reference,
-                created,
-                cause,
+                digest: new.digest,
+                reference: new.reference,
+                created: new.created,
+                cause: new.cause,
+                source: new.source,
             },
         );
         self.generations.truncate(limit.max(1));
@@ -140,12 +137,24 @@ impl Tag {
     }
 }
 
+/// What a new generation records; its number is assigned by [`Tag::push`].
+#[derive(Debug, Clone)]
+pub struct NewGeneration {
+    pub digest: String,
+    pub reference: String,
+    pub created: String,
+    pub cause: String,
+    pub source: String,
+}
+
 /// Why a rollback cannot happen.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum RollbackError {
     #[error("the tag has no history")]
     NoHistory,
-    #[error("generation {generation} is not in the kept history (generations {oldest} to {newest})")]
+    #[error(
+        "generation {generation} is not in the kept history (generations {oldest} to {newest})"
+    )]
     NoSuchGeneration {
         generation: u64,
         oldest: u64,
@@ -161,6 +170,16 @@ pub enum RollbackError {
 mod tests {
     use super::*;
 
+    fn gen(digest: &str) -> NewGeneration {
+        NewGeneration {
+            digest: digest.into(),
+            reference: "r".into(),
+            created: "now".into(),
+            cause: "set".into(),
+            source: "r/app:v1".into(),
+        }
+    }
+
     fn tag() -> Tag {
         Tag {
             name: "prod".into(),
@@ -173,7 +192,7 @@ mod tests {
     fn history_is_bounded_and_monotonic() {
         let mut t = tag();
         for i in 0..5 {
-            t.push(format!("sha256:{i}"), "r".into(), "now".into(), "set".into(), 3);
+            t.push(gen(&format!("sha256:{i}")), 3);
         }
         assert_eq!(t.generations.len(), 3);
         assert_eq!(t.current().map(|g| g.generation), Some(5));
@@ -183,13 +202,16 @@ mod tests {
     #[test]
     fn rollback_targets() {
         let mut t = tag();
-        t.push("sha256:a".into(), "r".into(), "n".into(), "set".into(), 20);
+        t.push(gen("sha256:a"), 20);
         assert_eq!(t.rollback_target(None), Err(RollbackError::NoEarlierDigest));
-        t.push("sha256:b".into(), "r".into(), "n".into(), "set".into(), 20);
-        t.push("sha256:b".into(), "r".into(), "n".into(), "set".into(), 20);
+        t.push(gen("sha256:b"), 20);
+        t.push(gen("sha256:b"), 20);
         assert_eq!(t.rollback_target(None).map(|g| g.generation), Ok(1));
         assert_eq!(t.rollback_target(Some(2)).map(|g| g.generation), Ok(2));
-        assert_eq!(t.rollback_target(Some(3)), Err(RollbackError::AlreadyCurrent(3)));
+        assert_eq!(
+            t.rollback_target(Some(3)),
+            Err(RollbackError::AlreadyCurrent(3))
+        );
         assert!(matches!(
             t.rollback_target(Some(9)),
             Err(RollbackError::NoSuchGeneration { .. })

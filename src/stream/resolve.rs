@@ -200,10 +200,13 @@ mod tests {
             generations: vec![],
         };
         t.push(
-            "sha256:aa".into(),
-            "r/app@sha256:aa".into(),
-            "now".into(),
-            "set".into(),
+            crate::stream::model::NewGeneration {
+                digest: "sha256:aa".into(),
+                reference: "r/app@sha256:aa".into(),
+                created: "now".into(),
+                cause: "set".into(),
+                source: "r/app:v1".into(),
+            },
             20,
         );
         s.tags.insert("prod".into(), t);

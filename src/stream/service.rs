@@ -2,7 +2,7 @@
 //! pins sources through the registry client, writes the store (read, modify, compare-and-swap)
 //! and then swaps the resolution [`View`], so that the CRI path sees the change at once.
 
-use super::model::{RollbackError, Stream, StreamKey, Tag};
+use super::model::{NewGeneration, RollbackError, Stream, StreamKey, Tag};
 use super::names::{validate_namespace, NameError};
 use super::reference::{classify, Classified, ReferenceError, TagRef};
 use super::resolve::{resolve, Resolution, ResolveError, Snapshot, View};
@@ -149,7 +149,7 @@ impl StreamService {
             .filter(|s| namespace.is_none_or(|ns| s.namespace == ns))
             .map(|s| Stream::clone(s))
             .collect();
-        out.sort_by(|a, b| a.key().cmp(&b.key()));
+        out.sort_by_key(Stream::key);
         out
     }
 
@@ -187,7 +187,7 @@ impl StreamService {
     }
 
     /// Points `t` at `source`, resolved and verified in its registry now.
-    #[tracing::instrument(skip(self), fields(stream = %tag_key(t), tag = %t.tag, digest))]
+    #[tracing::instrument(skip(self, t), fields(stream = %tag_key(t), tag = %t.tag, digest))]
     pub async fn set_tag(&self, t: &TagRef, source: &str) -> Result<Tag, StreamError> {
         self.get(&tag_key(t))?;
         let source_err = |why: &str| StreamError::Source {
@@ -218,10 +218,13 @@ impl StreamService {
                 });
                 tag.source = source.to_string();
                 tag.push(
-                    pinned.digest.clone(),
-                    pinned.reference.clone(),
-                    now_rfc3339(),
-                    "set".into(),
+                    NewGeneration {
+                        digest: pinned.digest.clone(),
+                        reference: pinned.reference.clone(),
+                        created: now_rfc3339(),
+                        cause: "set".into(),
+                        source: source.to_string(),
+                    },
                     limit,
                 );
                 Ok(())
@@ -232,7 +235,7 @@ impl StreamService {
     }
 
     /// Appends a generation pointing at an older digest.
-    #[tracing::instrument(skip(self), fields(stream = %tag_key(t), tag = %t.tag, digest))]
+    #[tracing::instrument(skip(self, t), fields(stream = %tag_key(t), tag = %t.tag, digest))]
     pub async fn rollback(&self, t: &TagRef, to: Option<u64>) -> Result<Tag, StreamError> {
         let limit = self.settings.history_limit;
         let stream = self
@@ -252,10 +255,13 @@ impl StreamService {
                     })?
                     .clone();
                 tag.push(
-                    target.digest,
-                    target.reference,
-                    now_rfc3339(),
-                    format!("rollback to generation {}", target.generation),
+                    NewGeneration {
+                        digest: target.digest,
+                        reference: target.reference,
+                        created: now_rfc3339(),
+                        cause: format!("rollback to generation {}", target.generation),
+                        source: target.source,
+                    },
                     limit,
                 );
                 Ok(())

@@ -75,7 +75,8 @@ impl Daemon {
             .args(&self.args)
             .env(
                 "RUST_LOG",
-                std::env::var("IMAGESTREAM_TEST_LOG").unwrap_or_else(|_| "imagestream=debug,info".into()),
+                std::env::var("IMAGESTREAM_TEST_LOG")
+                    .unwrap_or_else(|_| "imagestream=debug,info".into()),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
@@ -87,7 +88,11 @@ impl Daemon {
         while !(super::wait_for_socket(&self.cri_socket, Duration::from_millis(50))
             && super::wait_for_socket(&self.admin_socket, Duration::from_millis(50)))
         {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!(
                     "imagestream exited early ({status}):\n{}",
                     super::file_tail(&self.log, 4000)
