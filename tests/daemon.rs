@@ -304,3 +304,69 @@ fn a_manifest_that_does_not_match_its_digest_is_never_pinned() {
         "a mismatching manifest was pinned"
     );
 }
+
+#[test]
+fn kill_9_during_tag_updates_leaves_a_consistent_history() {
+    let registry = Registry::start();
+    let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
+    let v2 = push_image(&registry, "app", "v2", "v2", &["/bin/sleep", "infinity"]);
+    let mut d = daemon_without_runtime(&[&registry.addr]);
+    d.cli_ok(&["stream", "create", "team-a/app"]);
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v1"),
+    ]);
+    let mut last_generation = 1;
+    for round in 0..6u64 {
+        let socket = d.admin_socket.clone();
+        let refs = [registry.image_ref("app:v2"), registry.image_ref("app:v1")];
+        let writer = std::thread::spawn(move || {
+            for i in 0..200 {
+                let source = refs[i % 2].as_str();
+                let args: Vec<&str> = if i % 5 == 4 {
+                    vec!["tag", "rollback", "team-a/app:prod"]
+                } else {
+                    vec!["tag", "set", "team-a/app:prod", source]
+                };
+                if !cli_with_socket(&socket, &args).status.success() {
+                    break;
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(150 + round * 41));
+        common::daemon::signal(d.pid().expect("pid"), "KILL");
+        d.stop_after_signal();
+        writer.join().expect("writer thread");
+        d.start_again();
+
+        let history = d.cli_json(&["tag", "history", "team-a/app:prod"]);
+        let gens = history["generations"].as_array().expect("generations");
+        assert!(
+            !gens.is_empty() && gens.len() <= 20,
+            "history length {}",
+            gens.len()
+        );
+        let numbers: Vec<u64> = gens
+            .iter()
+            .map(|g| g["generation"].as_u64().expect("number"))
+            .collect();
+        assert!(
+            numbers.windows(2).all(|w| w[0] == w[1] + 1),
+            "generations not contiguous: {numbers:?}"
+        );
+        assert!(
+            numbers[0] >= last_generation,
+            "history went backwards: {} < {last_generation}",
+            numbers[0]
+        );
+        last_generation = numbers[0];
+        for g in gens {
+            let digest = g["digest"].as_str().expect("digest");
+            assert!(digest == v1 || digest == v2, "unknown digest {digest}");
+            assert_eq!(g["reference"], format!("{}/app@{digest}", registry.addr));
+        }
+    }
+    assert!(last_generation > 1, "no update happened before the kills");
+}
