@@ -51,6 +51,19 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// CPU time (user + system) the process `pid` has used so far, from /proc (clock ticks of 10 ms).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
 struct Stats {
     p50: Duration,
     p99: Duration,
@@ -64,7 +77,9 @@ fn stats(mut v: Vec<Duration>) -> Stats {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn compare(
+    daemon_pid: u32,
     label: &str,
     proxy: &mut ImageServiceClient<Channel>,
     proxy_image: &str,
@@ -77,10 +92,13 @@ async fn compare(
     sample(direct, direct_image, WARMUP, &mut scratch).await;
     let (mut via, mut dir) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
     let mut done = 0;
+    let mut daemon_cpu = Duration::ZERO;
     while done < calls {
         let n = ROUND.min(calls - done);
         sample(direct, direct_image, n, &mut dir).await;
+        let before = cpu_time(daemon_pid);
         sample(proxy, proxy_image, n, &mut via).await;
+        daemon_cpu += cpu_time(daemon_pid).saturating_sub(before);
         done += n;
     }
     let (v, d) = (stats(via), stats(dir));
@@ -100,6 +118,10 @@ async fn compare(
         us(v.p50) / us(d.p50),
         us(v.p99) / us(d.p99),
         us(v.p50) - us(d.p50)
+    );
+    println!(
+        "  imagestream CPU time per proxied call: {:.1} µs (user + system, from /proc, 10 ms ticks)",
+        us(daemon_cpu) / calls as f64
     );
 }
 
@@ -140,7 +162,9 @@ async fn main() {
     println!(
         "ImageStatus latency, {calls} calls per series, one connection each, sequential calls"
     );
+    let pid = daemon.pid().expect("daemon pid");
     compare(
+        pid,
         "plain reference (forwarded as raw HTTP/2)",
         &mut proxy,
         &plain,
@@ -150,6 +174,7 @@ async fn main() {
     )
     .await;
     compare(
+        pid,
         "stream reference (resolved + rewritten) vs its pinned reference direct",
         &mut proxy,
         stream_ref,
