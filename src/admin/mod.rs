@@ -125,6 +125,24 @@ impl Admin for AdminApi {
         Ok(Response::new(pb::DeleteStreamResponse {}))
     }
 
+    async fn update_stream_access(
+        &self,
+        req: Request<pb::UpdateStreamAccessRequest>,
+    ) -> Result<Response<pb::Stream>, Status> {
+        let r = req.into_inner();
+        let s = self
+            .streams
+            .update_access(
+                &key(r.namespace, r.name),
+                &r.allow,
+                &r.deny,
+                &r.remove,
+                r.reset,
+            )
+            .await?;
+        Ok(Response::new(s.into()))
+    }
+
     async fn set_tag(&self, req: Request<pb::SetTagRequest>) -> Result<Response<pb::Tag>, Status> {
         let r = req.into_inner();
         let t = tag_ref(r.namespace, r.name, r.tag)?;
@@ -213,6 +231,10 @@ impl From<Stream> for pb::Stream {
             name: s.name,
             lookup_local: s.lookup_local,
             tags: s.tags.into_values().map(Into::into).collect(),
+            access: Some(pb::Access {
+                allow: s.access.allow,
+                deny: s.access.deny,
+            }),
         }
     }
 }

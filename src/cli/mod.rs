@@ -124,6 +124,26 @@ enum StreamCommand {
         /// NAMESPACE/NAME
         stream: String,
     },
+    /// Choose which namespaces' pods may use a stream (default: its own namespace only)
+    #[command(
+        after_help = "Patterns are namespace names or globs. A deny wins over an allow; the stream's own namespace is allowed unless denied.\nExamples:\n  imagestream stream access team-a/app --allow 'team-*' --deny team-x\n  imagestream stream access team-a/app --remove 'team-*'\n  imagestream stream access team-a/app --reset"
+    )]
+    Access {
+        /// NAMESPACE/NAME
+        stream: String,
+        /// Allow pods of namespaces matching PATTERN (repeatable)
+        #[arg(long, value_name = "PATTERN")]
+        allow: Vec<String>,
+        /// Deny pods of namespaces matching PATTERN (repeatable)
+        #[arg(long, value_name = "PATTERN")]
+        deny: Vec<String>,
+        /// Remove PATTERN from both lists (repeatable)
+        #[arg(long, value_name = "PATTERN")]
+        remove: Vec<String>,
+        /// Empty both lists first
+        #[arg(long)]
+        reset: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -279,6 +299,28 @@ async fn run(cli: Cli) -> Result<(), String> {
                         .map_err(status)?
                         .into_inner();
                     printer.stream(&s);
+                }
+                StreamCommand::Access {
+                    stream,
+                    allow,
+                    deny,
+                    remove,
+                    reset,
+                } => {
+                    let (namespace, name) = parse_stream_key(&stream).map_err(|e| e.to_string())?;
+                    let s = client
+                        .update_stream_access(pb::UpdateStreamAccessRequest {
+                            namespace,
+                            name,
+                            allow,
+                            deny,
+                            remove,
+                            reset,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.access(&s);
                 }
                 StreamCommand::Rm { stream } => {
                     let (namespace, name) = parse_stream_key(&stream).map_err(|e| e.to_string())?;

@@ -28,11 +28,30 @@ fn tag_json(t: &pb::Tag) -> Value {
     })
 }
 
+fn access_json(s: &pb::Stream) -> Value {
+    let a = s.access.clone().unwrap_or_default();
+    json!({ "allow": a.allow, "deny": a.deny })
+}
+
+/// The access list as one line: who may use the stream.
+fn access_line(s: &pb::Stream) -> String {
+    let a = s.access.clone().unwrap_or_default();
+    let mut line = format!("{} (own namespace)", s.namespace);
+    for p in &a.allow {
+        line.push_str(&format!(", {p}"));
+    }
+    if !a.deny.is_empty() {
+        line.push_str(&format!("; denied: {}", a.deny.join(", ")));
+    }
+    line
+}
+
 fn stream_json(s: &pb::Stream) -> Value {
     json!({
         "namespace": s.namespace,
         "name": s.name,
         "lookup_local": s.lookup_local,
+        "access": access_json(s),
         "tags": s.tags.iter().map(tag_json).collect::<Vec<_>>(),
     })
 }
@@ -134,6 +153,7 @@ impl Printer {
             Format::Table => {
                 println!("Stream:        {}/{}", s.namespace, s.name);
                 println!("Lookup local:  {}", s.lookup_local);
+                println!("Used by:       {}", access_line(s));
                 println!();
                 table(
                     &["TAG", "GENERATION", "DIGEST", "CAUSE", "UPDATED", "SOURCE"],
@@ -153,6 +173,18 @@ impl Printer {
                         .collect::<Vec<_>>(),
                 );
             }
+        }
+    }
+
+    pub fn access(&self, s: &pb::Stream) {
+        match self.format {
+            Format::Json => self.json(&stream_json(s)),
+            Format::Table => println!(
+                "stream {}/{} may be used by: {}",
+                s.namespace,
+                s.name,
+                access_line(s)
+            ),
         }
     }
 

@@ -76,6 +76,7 @@ impl From<ResolveError> for Status {
             ResolveError::UnknownStream { .. } | ResolveError::UnknownTag { .. } => {
                 Status::not_found(e.to_string())
             }
+            ResolveError::Denied { .. } => Status::permission_denied(e.to_string()),
         }
     }
 }
@@ -156,17 +157,15 @@ impl CriProxy {
     }
 
     fn resolve(&self, reference: &str, namespace: Option<&str>) -> Result<Resolution, Status> {
-        Ok(resolve(
-            &self.view.load(),
-            &self.stream_host,
-            reference,
-            namespace,
-        )?)
+        let mut spec = ImageSpec {
+            image: reference.to_string(),
+            ..Default::default()
+        };
+        self.rewrite(&mut spec, namespace)
     }
 
-    /// For calls that carry no namespace and answer "is it here": a stream reference that names
-    /// no stream tag (or a short name that needs a namespace) is simply not present, so that the
-    /// kubelet goes on to PullImage, whose error names the stream and tag.
+    /// For RemoveImage, which carries no namespace: a stream reference that names no stream tag
+    /// (or a short name that needs a namespace) is simply not there. Returns whether to forward.
     fn rewrite_or_absent(&self, spec: &mut ImageSpec) -> Result<bool, Status> {
         match self.rewrite(spec, None) {
             Ok(Resolution::NeedsNamespace { .. }) => Ok(false),
@@ -182,7 +181,29 @@ impl CriProxy {
     /// Rewrites `spec` to the pinned reference of the stream tag it names, if it names one.
     /// Returns what happened, for the caller to decide on the short-name-without-namespace case.
     fn rewrite(&self, spec: &mut ImageSpec, namespace: Option<&str>) -> Result<Resolution, Status> {
-        let resolution = self.resolve(&spec.image, namespace)?;
+        let resolution = match resolve(&self.view.load(), &self.stream_host, &spec.image, namespace)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                if let ResolveError::Denied {
+                    pod_namespace,
+                    namespace,
+                    name,
+                    reference,
+                } = &e
+                {
+                    tracing::warn!(
+                        target: "imagestream::audit",
+                        action = "deny",
+                        pod_namespace = %pod_namespace,
+                        stream = %format!("{namespace}/{name}"),
+                        reference = %reference,
+                        "stream use denied"
+                    );
+                }
+                return Err(e.into());
+            }
+        };
         if let Resolution::Pinned(p) = &resolution {
             record(&p.tag, &p.digest);
             tracing::debug!(from = %spec.image, to = %p.reference, "rewrote stream reference");
@@ -250,8 +271,18 @@ impl CriProxy {
         async move {
             let (metadata, _, mut msg) = req.into_parts();
             if let Some(spec) = msg.image.as_mut() {
-                if !self.rewrite_or_absent(spec)? {
-                    return Ok(Response::new(ImageStatusResponse::default()));
+                // A stream reference is never reported present: ImageStatus carries no namespace,
+                // so "present" would let the kubelet skip PullImage and with it the stream's
+                // access check. PullImage answers at once when the runtime holds the digest.
+                match self.rewrite(spec, None) {
+                    Ok(Resolution::PassThrough) => {}
+                    Ok(Resolution::Pinned(_) | Resolution::NeedsNamespace { .. }) => {
+                        return Ok(Response::new(ImageStatusResponse::default()))
+                    }
+                    Err(status) if status.code() == tonic::Code::NotFound => {
+                        return Ok(Response::new(ImageStatusResponse::default()))
+                    }
+                    Err(status) => return Err(status),
                 }
             }
             self.images()
@@ -296,6 +327,11 @@ impl CriProxy {
                 .and_then(|c| c.metadata.as_ref())
                 .map(|m| m.namespace.clone());
             if let Some(spec) = msg.config.as_mut().and_then(|c| c.image.as_mut()) {
+                // The kubelet passes the pulled image id and keeps what the pod named in
+                // `user_specified_image`: the access check applies to that too.
+                if !spec.user_specified_image.is_empty() && namespace.is_some() {
+                    self.resolve(&spec.user_specified_image, namespace.as_deref())?;
+                }
                 let original = spec.image.clone();
                 if let Resolution::NeedsNamespace { .. } =
                     self.rewrite(spec, namespace.as_deref())?

@@ -37,9 +37,43 @@ pub struct Stream {
     /// Short names (`name:tag`) resolve to this stream for pods of its namespace.
     pub lookup_local: bool,
     pub tags: BTreeMap<String, Tag>,
+    /// Which namespaces' pods may use the stream.
+    #[serde(default)]
+    pub access: Access,
     /// Incremented by every write; stores use it for compare-and-swap.
     #[serde(default)]
     pub revision: u64,
+}
+
+/// A stream's access list: namespace names or globs (`team-*`). The stream's own namespace is
+/// allowed unless denied; a deny wins over an allow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Access {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+/// Checks an access pattern: a namespace name with `*`, `?` or `[...]` globs.
+pub fn validate_access_pattern(pattern: &str) -> Result<(), String> {
+    let ok_chars = pattern.chars().all(|c| {
+        c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || matches!(c, '-' | '*' | '?' | '[' | ']' | '!')
+    });
+    if pattern.is_empty() || pattern.len() > super::names::MAX_NAMESPACE_LEN || !ok_chars {
+        return Err(format!(
+            "invalid access pattern {pattern:?}: a namespace name or glob (lowercase letters, digits, '-', '*', '?', [...]) of at most 63 characters"
+        ));
+    }
+    glob::Pattern::new(pattern)
+        .map(|_| ())
+        .map_err(|e| format!("invalid access pattern {pattern:?}: {e}"))
+}
+
+fn matches(pattern: &str, namespace: &str) -> bool {
+    glob::Pattern::new(pattern).is_ok_and(|p| p.matches(namespace))
 }
 
 impl Stream {
@@ -49,12 +83,21 @@ impl Stream {
             name: key.name.clone(),
             lookup_local,
             tags: BTreeMap::new(),
+            access: Access::default(),
             revision: 0,
         }
     }
 
     pub fn key(&self) -> StreamKey {
         StreamKey::new(&self.namespace, &self.name)
+    }
+
+    /// Whether pods of `namespace` may use this stream.
+    pub fn allows(&self, namespace: &str) -> bool {
+        if self.access.deny.iter().any(|p| matches(p, namespace)) {
+            return false;
+        }
+        namespace == self.namespace || self.access.allow.iter().any(|p| matches(p, namespace))
     }
 }
 
@@ -197,6 +240,25 @@ mod tests {
         assert_eq!(t.generations.len(), 3);
         assert_eq!(t.current().map(|g| g.generation), Some(5));
         assert_eq!(t.generations[2].generation, 3);
+    }
+
+    #[test]
+    fn access_lists() {
+        let mut s = Stream::new(&StreamKey::new("team-a", "app"), false);
+        assert!(s.allows("team-a"));
+        assert!(!s.allows("team-b"));
+        s.access.allow.push("team-*".into());
+        assert!(s.allows("team-b"));
+        assert!(!s.allows("other"));
+        s.access.deny.push("team-b".into());
+        assert!(!s.allows("team-b"));
+        assert!(s.allows("team-c"));
+        s.access.deny.push("team-a".into());
+        assert!(!s.allows("team-a"));
+        assert!(validate_access_pattern("team-*").is_ok());
+        assert!(validate_access_pattern("../x").is_err());
+        assert!(validate_access_pattern("").is_err());
+        assert!(validate_access_pattern(&"a".repeat(64)).is_err());
     }
 
     #[test]

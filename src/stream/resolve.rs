@@ -115,6 +115,13 @@ pub enum ResolveError {
         name: String,
         reference: String,
     },
+    #[error("pods of namespace {pod_namespace} may not use image stream {namespace}/{name} (reference {reference:?}); the stream's owner can allow it with `imagestream stream access {namespace}/{name} --allow {pod_namespace}`")]
+    Denied {
+        pod_namespace: String,
+        namespace: String,
+        name: String,
+        reference: String,
+    },
     #[error("tag {tag:?} not found in image stream {namespace}/{name} (reference {reference:?})")]
     UnknownTag {
         namespace: String,
@@ -124,7 +131,8 @@ pub enum ResolveError {
     },
 }
 
-/// Resolves `reference` for a pod in `namespace` (if known).
+/// Resolves `reference` for a pod in `namespace` (if known); a known namespace must be allowed
+/// by the stream's access list.
 ///
 /// A short name counts as a stream reference only where some stream of that name has
 /// `lookup_local`; then it resolves in the pod's namespace or is `UnknownStream` there.
@@ -167,6 +175,16 @@ pub fn resolve(
             name: key.name.clone(),
             reference: reference.to_string(),
         })?;
+    if let Some(pod_namespace) = namespace.filter(|n| !n.is_empty()) {
+        if !stream.allows(pod_namespace) {
+            return Err(ResolveError::Denied {
+                pod_namespace: pod_namespace.to_string(),
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                reference: reference.to_string(),
+            });
+        }
+    }
     let generation = stream
         .tags
         .get(&tag_ref.tag)
@@ -240,6 +258,10 @@ mod tests {
         assert!(matches!(
             resolve(&s, H, "imagestream.local/team-a/app:dev", None),
             Err(ResolveError::UnknownTag { .. })
+        ));
+        assert!(matches!(
+            resolve(&s, H, "imagestream.local/team-a/app:prod", Some("team-b")),
+            Err(ResolveError::Denied { .. })
         ));
         assert!(matches!(
             resolve(&s, H, "imagestream.local/bad", None),

@@ -2,7 +2,9 @@
 //! pins sources through the registry client, writes the store (read, modify, compare-and-swap)
 //! and then swaps the resolution [`View`], so that the CRI path sees the change at once.
 
-use super::model::{NewGeneration, RollbackError, Stream, StreamKey, Tag};
+use super::model::{
+    validate_access_pattern, Access, NewGeneration, RollbackError, Stream, StreamKey, Tag,
+};
 use super::names::{validate_namespace, NameError};
 use super::reference::{classify, Classified, ReferenceError, TagRef};
 use super::resolve::{resolve, Resolution, ResolveError, Snapshot, View};
@@ -21,7 +23,7 @@ pub enum StreamError {
     Name(#[from] NameError),
     #[error(transparent)]
     Reference(#[from] ReferenceError),
-    #[error("invalid source {source_ref:?}: {why}")]
+    #[error("invalid value {source_ref:?}: {why}")]
     Source { source_ref: String, why: String },
     #[error("image stream {0} not found")]
     StreamNotFound(StreamKey),
@@ -186,6 +188,55 @@ impl StreamService {
         Ok(())
     }
 
+    /// Changes a stream's access list: `reset` empties it, then `remove` patterns go, then
+    /// `allow` and `deny` patterns are added.
+    pub async fn update_access(
+        &self,
+        key: &StreamKey,
+        allow: &[String],
+        deny: &[String],
+        remove: &[String],
+        reset: bool,
+    ) -> Result<Stream, StreamError> {
+        for p in allow.iter().chain(deny).chain(remove) {
+            validate_access_pattern(p).map_err(|why| StreamError::Source {
+                source_ref: p.clone(),
+                why,
+            })?;
+        }
+        let stream = self
+            .update(key, |stream| {
+                let before = stream.access.clone();
+                let access = &mut stream.access;
+                if reset {
+                    *access = Access::default();
+                }
+                access.allow.retain(|p| !remove.contains(p));
+                access.deny.retain(|p| !remove.contains(p));
+                for p in allow {
+                    if !access.allow.contains(p) {
+                        access.allow.push(p.clone());
+                    }
+                }
+                for p in deny {
+                    if !access.deny.contains(p) {
+                        access.deny.push(p.clone());
+                    }
+                }
+                tracing::info!(
+                    target: "imagestream::audit",
+                    action = "update-access",
+                    stream = %key,
+                    before = ?before,
+                    after = ?stream.access,
+                    "stream access changed"
+                );
+                Ok(())
+            })
+            .await?;
+        Ok(stream)
+    }
+
     /// Points `t` at `source`, resolved and verified in its registry now.
     #[tracing::instrument(skip(self, t), fields(stream = %tag_key(t), tag = %t.tag, digest))]
     pub async fn set_tag(&self, t: &TagRef, source: &str) -> Result<Tag, StreamError> {
@@ -210,7 +261,7 @@ impl StreamService {
         tracing::Span::current().record("digest", pinned.digest.as_str());
         let limit = self.settings.history_limit;
         let stream = self
-            .update(t, |stream| {
+            .update(&tag_key(t), |stream| {
                 let tag = stream.tags.entry(t.tag.clone()).or_insert_with(|| Tag {
                     name: t.tag.clone(),
                     source: source.to_string(),
@@ -239,7 +290,7 @@ impl StreamService {
     pub async fn rollback(&self, t: &TagRef, to: Option<u64>) -> Result<Tag, StreamError> {
         let limit = self.settings.history_limit;
         let stream = self
-            .update(t, |stream| {
+            .update(&tag_key(t), |stream| {
                 let tag = stream
                     .tags
                     .get_mut(&t.tag)
@@ -276,7 +327,7 @@ impl StreamService {
     }
 
     pub async fn delete_tag(&self, t: &TagRef) -> Result<(), StreamError> {
-        self.update(t, |stream| {
+        self.update(&tag_key(t), |stream| {
             stream
                 .tags
                 .remove(&t.tag)
@@ -295,10 +346,10 @@ impl StreamService {
     /// stream after the change.
     async fn update(
         &self,
-        t: &TagRef,
+        key: &StreamKey,
         mut f: impl FnMut(&mut Stream) -> Result<(), StreamError>,
     ) -> Result<Stream, StreamError> {
-        let key = tag_key(t);
+        let key = key.clone();
         validate_key(&key)?;
         let _guard = self.write_lock.lock().await;
         for _ in 0..CAS_RETRIES {
