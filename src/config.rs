@@ -53,6 +53,12 @@ pub struct FileConfig {
     pub stream_host: Option<String>,
     pub history_limit: Option<usize>,
     pub drain_timeout_secs: Option<u64>,
+    pub admin_group: Option<String>,
+    pub reader_group: Option<String>,
+    #[serde(default)]
+    pub allowed_registries: Vec<String>,
+    pub require_pinned: Option<bool>,
+    pub policy_dry_run: Option<bool>,
 }
 
 /// Flags of `imagestream serve` that override the file.
@@ -76,6 +82,19 @@ pub struct Config {
     pub stream_host: String,
     pub history_limit: usize,
     pub drain_timeout_secs: u64,
+    /// Group (name or gid) whose members may change streams; the admin socket becomes 0660.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_group: Option<String>,
+    /// Group (name or gid) whose members may read streams; the admin socket becomes 0660 and
+    /// belongs to this group (admin group members must be in it too to connect).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reader_group: Option<String>,
+    /// Registry hosts (globs) pulls may come from; empty: any.
+    pub allowed_registries: Vec<String>,
+    /// Plain references must carry a digest (stream references are pinned already).
+    pub require_pinned: bool,
+    /// Log and count what the pull policy would refuse, but refuse nothing.
+    pub policy_dry_run: bool,
 }
 
 impl Default for Config {
@@ -89,6 +108,11 @@ impl Default for Config {
             stream_host: DEFAULT_STREAM_HOST.into(),
             history_limit: DEFAULT_HISTORY_LIMIT,
             drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
+            admin_group: None,
+            reader_group: None,
+            allowed_registries: Vec::new(),
+            require_pinned: false,
+            policy_dry_run: false,
         }
     }
 }
@@ -122,6 +146,11 @@ impl Config {
             stream_host,
             history_limit,
             drain_timeout_secs,
+            admin_group,
+            reader_group,
+            allowed_registries,
+            require_pinned,
+            policy_dry_run,
         } = f;
         set(&mut self.state_dir, state_dir);
         set(&mut self.cri_socket, cri_socket);
@@ -131,6 +160,11 @@ impl Config {
         set(&mut self.stream_host, stream_host);
         set(&mut self.history_limit, history_limit);
         set(&mut self.drain_timeout_secs, drain_timeout_secs);
+        self.admin_group = admin_group.or(self.admin_group.take());
+        self.reader_group = reader_group.or(self.reader_group.take());
+        self.allowed_registries.extend(allowed_registries);
+        set(&mut self.require_pinned, require_pinned);
+        set(&mut self.policy_dry_run, policy_dry_run);
     }
 
     fn apply_overrides(&mut self, o: Overrides) {
@@ -161,6 +195,23 @@ impl Config {
                 key: "stream_host",
                 message: format!("{:?} is not a registry host name", self.stream_host),
             });
+        }
+        for p in &self.allowed_registries {
+            if p.is_empty() || p.contains('/') || glob::Pattern::new(p).is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "allowed_registries",
+                    message: format!("{p:?} is not a registry host or host glob"),
+                });
+            }
+        }
+        for (key, group) in [
+            ("admin_group", &self.admin_group),
+            ("reader_group", &self.reader_group),
+        ] {
+            if let Some(g) = group {
+                crate::admin::auth::resolve_group(g)
+                    .map_err(|message| ConfigError::Invalid { key, message })?;
+            }
         }
         for r in &self.insecure_registries {
             if r.is_empty() || r.contains('/') || r.contains("://") {

@@ -12,17 +12,22 @@
 //!   resolution ([`stream::resolve`]) and the service that changes streams.
 //! - [`store`]: persistence behind the narrow [`store::StreamStore`] trait (redb by default).
 //! - [`registry`]: pins a source reference to a verified manifest digest (oci-client).
-//! - [`cri`]: the CRI proxy: raw HTTP/2 forwarding to the runtime, and the four rewritten calls.
-//! - [`admin`]: the admin gRPC API (`proto/imagestream/v1/admin.proto`) and its client.
+//! - [`cri`]: the CRI proxy: raw HTTP/2 forwarding to the runtime, the four rewritten calls,
+//!   stream access and the node's pull policy.
+//! - [`admin`]: the admin gRPC API (`proto/imagestream/v1/admin.proto`), caller checks
+//!   (SO_PEERCRED) and its client.
 //! - [`socket`]: creating root-only unix sockets, replacing stale ones.
+//! - [`audit`]: capped error messages and audit records; [`metrics`]: denial counters.
 //! - [`server`]: [`server::run`] wires everything together until a shutdown future completes.
 //! - [`cli`]: the `imagestream` command line.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod cri;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod socket;

@@ -2,6 +2,7 @@
 //! serves both until `shutdown`, then drains in-flight calls (bounded by the drain timeout) and
 //! removes its sockets. Tells systemd `READY=1` once both sockets accept.
 
+use crate::admin::auth::AdminAccess;
 use crate::admin::{AdminApi, AdminServer};
 use crate::config::Config;
 use crate::cri::{CriProxy, Upstream};
@@ -76,7 +77,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Upstream::new(&config.runtime_endpoint).map_err(ServerError::Runtime)?;
 
     let cri_listener = socket::bind(&config.cri_socket, SOCKET_MODE)?;
-    let admin_listener = match socket::bind(&config.admin_socket, SOCKET_MODE) {
+    let group = |g: &Option<String>| {
+        g.as_deref()
+            .map(crate::admin::auth::resolve_group)
+            .transpose()
+            .map_err(ServerError::Runtime)
+    };
+    let access = AdminAccess {
+        admin_gid: group(&config.admin_group)?,
+        reader_gid: group(&config.reader_group)?,
+    };
+    let socket_gid = access.reader_gid.or(access.admin_gid);
+    let admin_mode = if socket_gid.is_some() {
+        socket::GROUP_SOCKET_MODE
+    } else {
+        SOCKET_MODE
+    };
+    let admin_listener = match socket::bind_with_group(&config.admin_socket, admin_mode, socket_gid)
+    {
         Ok(l) => l,
         Err(e) => {
             socket::remove(&config.cri_socket);
@@ -89,18 +107,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let _ = rx.wait_for(|s| *s).await;
     };
     let grace = config.drain_timeout();
+    let policy = crate::cri::policy::PullPolicy::new(
+        &config.allowed_registries,
+        config.require_pinned,
+        config.policy_dry_run,
+    );
     let cri_task = spawn_cri_thread(
         cri_listener,
         config.runtime_endpoint.clone(),
         streams.view(),
         config.stream_host.clone(),
+        policy,
         stopped(stop_rx.clone()),
         grace,
     )
     .map_err(|e| ServerError::Runtime(format!("cannot start the CRI proxy thread: {e}")))?;
     let admin_task = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(AdminServer::new(AdminApi::new(streams)))
+            .add_service(
+                AdminServer::new(AdminApi::new(streams, access))
+                    .max_decoding_message_size(crate::cri::proxy::MAX_CRI_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(admin_listener),
                 stopped(stop_rx),
@@ -148,6 +175,7 @@ fn spawn_cri_thread(
     runtime_endpoint: String,
     view: crate::stream::resolve::View,
     stream_host: String,
+    policy: crate::cri::policy::PullPolicy,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: std::time::Duration,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<Result<(), String>>> {
@@ -165,7 +193,7 @@ fn spawn_cri_thread(
                     let listener =
                         tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
                     let upstream = Upstream::new(&runtime_endpoint)?;
-                    let proxy = Arc::new(CriProxy::new(upstream, view, stream_host));
+                    let proxy = Arc::new(CriProxy::new(upstream, view, stream_host, policy));
                     crate::cri::serve(listener, proxy, shutdown, grace).await;
                     Ok(())
                 })

@@ -10,6 +10,8 @@ use tokio::net::UnixListener;
 
 /// Mode of the CRI and admin sockets.
 pub const SOCKET_MODE: u32 = 0o600;
+/// Mode of the admin socket when an admin or reader group is configured.
+pub const GROUP_SOCKET_MODE: u32 = 0o660;
 /// Mode of directories created for sockets and state.
 pub const DIR_MODE: u32 = 0o755;
 
@@ -34,8 +36,17 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SocketError + '_ {
     }
 }
 
-/// Binds a listener at `path` with `mode`.
+/// Binds a listener at `path` with `mode` (and group `gid`, if given).
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
+    bind_with_group(path, mode, None)
+}
+
+/// [`bind`], owned by group `gid` when given.
+pub fn bind_with_group(
+    path: &Path,
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<UnixListener, SocketError> {
     if let Some(dir) = path.parent() {
         if !dir.exists() {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -62,7 +73,8 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
     let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(io(&tmp))?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+    let placed = std::os::unix::fs::chown(&tmp, None, gid)
+        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
         .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = placed {
         let _ = std::fs::remove_file(&tmp);

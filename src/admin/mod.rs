@@ -1,6 +1,7 @@
 //! The admin API (`imagestream.v1.Admin`, defined in `proto/`): one thin tonic adapter over the
 //! [`StreamService`], where domain errors become gRPC statuses, plus the client the CLI uses.
 
+pub mod auth;
 pub mod client;
 
 use crate::registry::RegistryError;
@@ -25,30 +26,40 @@ impl From<StreamError> for Status {
         let message = e.to_string();
         match e {
             StreamError::Name(_) | StreamError::Reference(_) | StreamError::Source { .. } => {
-                Status::invalid_argument(message)
+                crate::audit::status(tonic::Code::InvalidArgument, message)
             }
             StreamError::StreamNotFound(_) | StreamError::TagNotFound { .. } => {
-                Status::not_found(message)
+                crate::audit::status(tonic::Code::NotFound, message)
             }
-            StreamError::AlreadyExists(_) => Status::already_exists(message),
+            StreamError::AlreadyExists(_) => {
+                crate::audit::status(tonic::Code::AlreadyExists, message)
+            }
             StreamError::Rollback { ref source, .. } => match source {
                 crate::stream::model::RollbackError::NoSuchGeneration { .. } => {
-                    Status::not_found(message)
+                    crate::audit::status(tonic::Code::NotFound, message)
                 }
-                _ => Status::failed_precondition(message),
+                _ => crate::audit::status(tonic::Code::FailedPrecondition, message),
             },
             StreamError::Registry(ref r) => match r {
-                RegistryError::InvalidReference { .. } => Status::invalid_argument(message),
-                RegistryError::NotFound { .. } => Status::not_found(message),
-                RegistryError::Unauthorized { .. } => Status::permission_denied(message),
-                RegistryError::Unreachable { .. } => Status::unavailable(message),
-                RegistryError::DigestMismatch { .. } | RegistryError::TooLarge { .. } => {
-                    Status::failed_precondition(message)
+                RegistryError::InvalidReference { .. } => {
+                    crate::audit::status(tonic::Code::InvalidArgument, message)
                 }
-                RegistryError::Other { .. } => Status::unknown(message),
+                RegistryError::NotFound { .. } => {
+                    crate::audit::status(tonic::Code::NotFound, message)
+                }
+                RegistryError::Unauthorized { .. } => {
+                    crate::audit::status(tonic::Code::PermissionDenied, message)
+                }
+                RegistryError::Unreachable { .. } => {
+                    crate::audit::status(tonic::Code::Unavailable, message)
+                }
+                RegistryError::DigestMismatch { .. } | RegistryError::TooLarge { .. } => {
+                    crate::audit::status(tonic::Code::FailedPrecondition, message)
+                }
+                RegistryError::Other { .. } => crate::audit::status(tonic::Code::Unknown, message),
             },
             StreamError::Resolve(r) => r.into(),
-            StreamError::Store(_) => Status::internal(message),
+            StreamError::Store(_) => crate::audit::status(tonic::Code::Internal, message),
         }
     }
 }
@@ -56,11 +67,32 @@ impl From<StreamError> for Status {
 /// The tonic service.
 pub struct AdminApi {
     streams: Arc<StreamService>,
+    access: auth::AdminAccess,
 }
 
 impl AdminApi {
-    pub fn new(streams: Arc<StreamService>) -> Self {
-        Self { streams }
+    pub fn new(streams: Arc<StreamService>, access: auth::AdminAccess) -> Self {
+        Self { streams, access }
+    }
+
+    fn read<T>(&self, req: &Request<T>, action: &str) -> Result<auth::Caller, Status> {
+        self.access.check(req, auth::Kind::Read, action)
+    }
+
+    fn write<T>(&self, req: &Request<T>, action: &str) -> Result<auth::Caller, Status> {
+        self.access.check(req, auth::Kind::Write, action)
+    }
+
+    /// The current generation of a tag, for audit records.
+    fn current(&self, t: &TagRef) -> String {
+        self.streams
+            .get_tag(t)
+            .ok()
+            .and_then(|tag| {
+                tag.current()
+                    .map(|g| format!("generation {} {}", g.generation, g.reference))
+            })
+            .unwrap_or_else(|| "none".into())
     }
 }
 
@@ -70,7 +102,7 @@ fn key(namespace: String, name: String) -> StreamKey {
 
 fn tag_ref(namespace: String, name: String, tag: String) -> Result<TagRef, Status> {
     crate::stream::names::validate_tag(&tag)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        .map_err(|e| crate::audit::status(tonic::Code::InvalidArgument, e.to_string()))?;
     Ok(TagRef {
         namespace,
         name,
@@ -84,11 +116,19 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::CreateStreamRequest>,
     ) -> Result<Response<pb::Stream>, Status> {
+        let caller = self.write(&req, "create stream")?;
         let r = req.into_inner();
         let s = self
             .streams
             .create(key(r.namespace, r.name), r.lookup_local)
             .await?;
+        auth::record(
+            &caller,
+            "create stream",
+            &s.key().to_string(),
+            "none",
+            &format!("lookup_local={}", s.lookup_local),
+        );
         Ok(Response::new(s.into()))
     }
 
@@ -96,11 +136,12 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::ListStreamsRequest>,
     ) -> Result<Response<pb::ListStreamsResponse>, Status> {
+        self.read(&req, "list streams")?;
         let r = req.into_inner();
         let ns = Some(r.namespace.as_str()).filter(|n| !n.is_empty());
         if let Some(ns) = ns {
             crate::stream::names::validate_namespace(ns)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                .map_err(|e| crate::audit::status(tonic::Code::InvalidArgument, e.to_string()))?;
         }
         let streams = self.streams.list(ns).into_iter().map(Into::into).collect();
         Ok(Response::new(pb::ListStreamsResponse { streams }))
@@ -110,6 +151,7 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::GetStreamRequest>,
     ) -> Result<Response<pb::Stream>, Status> {
+        self.read(&req, "get stream")?;
         let r = req.into_inner();
         Ok(Response::new(
             self.streams.get(&key(r.namespace, r.name))?.into(),
@@ -120,8 +162,16 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::DeleteStreamRequest>,
     ) -> Result<Response<pb::DeleteStreamResponse>, Status> {
+        let caller = self.write(&req, "remove stream")?;
         let r = req.into_inner();
-        self.streams.delete(&key(r.namespace, r.name)).await?;
+        let k = key(r.namespace, r.name);
+        let before = self
+            .streams
+            .get(&k)
+            .map(|s| format!("tags={:?}", s.tags.keys().collect::<Vec<_>>()))
+            .unwrap_or_default();
+        self.streams.delete(&k).await?;
+        auth::record(&caller, "remove stream", &k.to_string(), &before, "none");
         Ok(Response::new(pb::DeleteStreamResponse {}))
     }
 
@@ -129,7 +179,13 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::UpdateStreamAccessRequest>,
     ) -> Result<Response<pb::Stream>, Status> {
+        let caller = self.write(&req, "update stream access")?;
         let r = req.into_inner();
+        let before = self
+            .streams
+            .get(&key(r.namespace.clone(), r.name.clone()))
+            .map(|s| format!("{:?}", s.access))
+            .unwrap_or_default();
         let s = self
             .streams
             .update_access(
@@ -140,33 +196,60 @@ impl Admin for AdminApi {
                 r.reset,
             )
             .await?;
+        auth::record(
+            &caller,
+            "update stream access",
+            &s.key().to_string(),
+            &before,
+            &format!("{:?}", s.access),
+        );
         Ok(Response::new(s.into()))
     }
 
     async fn set_tag(&self, req: Request<pb::SetTagRequest>) -> Result<Response<pb::Tag>, Status> {
+        let caller = self.write(&req, "set tag")?;
         let r = req.into_inner();
         let t = tag_ref(r.namespace, r.name, r.tag)?;
         if r.source.is_empty() {
-            return Err(Status::invalid_argument(
+            return Err(crate::audit::status(
+                tonic::Code::InvalidArgument,
                 "source reference must not be empty",
             ));
         }
-        Ok(Response::new(
-            self.streams.set_tag(&t, &r.source).await?.into(),
-        ))
+        let before = self.current(&t);
+        let tag = self.streams.set_tag(&t, &r.source).await?;
+        auth::record(
+            &caller,
+            "set tag",
+            &t.to_string(),
+            &before,
+            &self.current(&t),
+        );
+        Ok(Response::new(tag.into()))
     }
 
     async fn rollback_tag(
         &self,
         req: Request<pb::RollbackTagRequest>,
     ) -> Result<Response<pb::Tag>, Status> {
+        let caller = self.write(&req, "roll back tag")?;
         let r = req.into_inner();
         let t = tag_ref(r.namespace, r.name, r.tag)?;
         let to = Some(r.to_generation).filter(|g| *g != 0);
-        Ok(Response::new(self.streams.rollback(&t, to).await?.into()))
+        let before = self.current(&t);
+        let tag = self.streams.rollback(&t, to).await?;
+        auth::record(
+            &caller,
+            "roll back tag",
+            &t.to_string(),
+            &before,
+            &self.current(&t),
+        );
+        Ok(Response::new(tag.into()))
     }
 
     async fn get_tag(&self, req: Request<pb::GetTagRequest>) -> Result<Response<pb::Tag>, Status> {
+        self.read(&req, "get tag")?;
         let r = req.into_inner();
         let t = tag_ref(r.namespace, r.name, r.tag)?;
         Ok(Response::new(self.streams.get_tag(&t)?.into()))
@@ -176,24 +259,51 @@ impl Admin for AdminApi {
         &self,
         req: Request<pb::DeleteTagRequest>,
     ) -> Result<Response<pb::DeleteTagResponse>, Status> {
+        let caller = self.write(&req, "remove tag")?;
         let r = req.into_inner();
         let t = tag_ref(r.namespace, r.name, r.tag)?;
+        let before = self.current(&t);
         self.streams.delete_tag(&t).await?;
+        auth::record(&caller, "remove tag", &t.to_string(), &before, "none");
         Ok(Response::new(pb::DeleteTagResponse {}))
+    }
+
+    async fn metrics(
+        &self,
+        req: Request<pb::MetricsRequest>,
+    ) -> Result<Response<pb::MetricsResponse>, Status> {
+        self.read(&req, "metrics")?;
+        Ok(Response::new(pb::MetricsResponse {
+            text: crate::metrics::metrics().encode(),
+        }))
     }
 
     async fn resolve(
         &self,
         req: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveResponse>, Status> {
+        self.read(&req, "resolve")?;
         let r = req.into_inner();
+        if r.reference.len() > crate::registry::MAX_REFERENCE_LEN {
+            return Err(crate::audit::status(
+                tonic::Code::InvalidArgument,
+                format!(
+                    "reference {:?} is longer than {} characters",
+                    r.reference,
+                    crate::registry::MAX_REFERENCE_LEN
+                ),
+            ));
+        }
         if r.reference.is_empty() {
-            return Err(Status::invalid_argument("reference must not be empty"));
+            return Err(crate::audit::status(
+                tonic::Code::InvalidArgument,
+                "reference must not be empty",
+            ));
         }
         let ns = Some(r.namespace.as_str()).filter(|n| !n.is_empty());
         if let Some(ns) = ns {
             crate::stream::names::validate_namespace(ns)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                .map_err(|e| crate::audit::status(tonic::Code::InvalidArgument, e.to_string()))?;
         }
         let resolution = self
             .streams
@@ -214,7 +324,7 @@ impl Admin for AdminApi {
                 digest: p.digest,
             },
             Resolution::NeedsNamespace { name, .. } => {
-                return Err(Status::invalid_argument(format!(
+                return Err(crate::audit::status(tonic::Code::InvalidArgument, format!(
                     "{:?} is a short name of image stream {name:?}; give --namespace to resolve it as a pod of that namespace would",
                     r.reference
                 )));

@@ -64,6 +64,8 @@ enum Command {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
+    /// Print the daemon's counters (Prometheus text format)
+    Metrics,
     /// Print the effective daemon configuration (defaults, config file, flags) as TOML
     Config(ServeArgs),
 }
@@ -390,6 +392,16 @@ async fn run(cli: Cli) -> Result<(), String> {
                     printer.done(&format!("tag {tag} removed"));
                 }
             }
+            Ok(())
+        }
+        Command::Metrics => {
+            let mut client = connect(&socket()).await?;
+            let r = client
+                .metrics(pb::MetricsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            print!("{}", r.text);
             Ok(())
         }
         Command::Resolve {

@@ -5,6 +5,7 @@
 //! [`serve`] runs the HTTP/2 server on a listener until `shutdown` completes, then drains
 //! in-flight calls for at most the grace period.
 
+pub mod policy;
 pub mod proxy;
 pub mod upstream;
 

@@ -4,7 +4,9 @@
 //! streaming or not, and including methods newer than our CRI bindings, is forwarded to the
 //! runtime as raw HTTP/2 (headers, message frames and trailers untouched).
 
+use super::policy::PullPolicy;
 use super::upstream::Upstream;
+use crate::registry::MAX_REFERENCE_LEN;
 use crate::stream::reference::TagRef;
 use crate::stream::resolve::{resolve, Resolution, ResolveError, View};
 use bytes::Bytes;
@@ -72,11 +74,15 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 impl From<ResolveError> for Status {
     fn from(e: ResolveError) -> Self {
         match e {
-            ResolveError::Reference(_) => Status::invalid_argument(e.to_string()),
-            ResolveError::UnknownStream { .. } | ResolveError::UnknownTag { .. } => {
-                Status::not_found(e.to_string())
+            ResolveError::Reference(_) => {
+                crate::audit::status(tonic::Code::InvalidArgument, e.to_string())
             }
-            ResolveError::Denied { .. } => Status::permission_denied(e.to_string()),
+            ResolveError::UnknownStream { .. } | ResolveError::UnknownTag { .. } => {
+                crate::audit::status(tonic::Code::NotFound, e.to_string())
+            }
+            ResolveError::Denied { .. } => {
+                crate::audit::status(tonic::Code::PermissionDenied, e.to_string())
+            }
         }
     }
 }
@@ -85,14 +91,16 @@ pub struct CriProxy {
     upstream: Upstream,
     view: View,
     stream_host: String,
+    policy: PullPolicy,
 }
 
 impl CriProxy {
-    pub fn new(upstream: Upstream, view: View, stream_host: String) -> Self {
+    pub fn new(upstream: Upstream, view: View, stream_host: String, policy: PullPolicy) -> Self {
         Self {
             upstream,
             view,
             stream_host,
+            policy,
         }
     }
 
@@ -127,10 +135,10 @@ impl CriProxy {
             {
                 Ok(collected) => Body::new(http_body_util::Full::new(collected.to_bytes())),
                 Err(e) => {
-                    return Status::resource_exhausted(format!(
-                        "request to {} not forwarded: {e}",
-                        parts.uri.path()
-                    ))
+                    return crate::audit::status(
+                        tonic::Code::ResourceExhausted,
+                        format!("request to {} not forwarded: {e}", parts.uri.path()),
+                    )
                     .into_http()
                 }
             }
@@ -181,6 +189,15 @@ impl CriProxy {
     /// Rewrites `spec` to the pinned reference of the stream tag it names, if it names one.
     /// Returns what happened, for the caller to decide on the short-name-without-namespace case.
     fn rewrite(&self, spec: &mut ImageSpec, namespace: Option<&str>) -> Result<Resolution, Status> {
+        if spec.image.len() > MAX_REFERENCE_LEN {
+            return Err(crate::audit::status(
+                tonic::Code::InvalidArgument,
+                format!(
+                    "image reference {:?} is longer than {MAX_REFERENCE_LEN} characters",
+                    spec.image
+                ),
+            ));
+        }
         let resolution = match resolve(&self.view.load(), &self.stream_host, &spec.image, namespace)
         {
             Ok(r) => r,
@@ -192,6 +209,7 @@ impl CriProxy {
                     reference,
                 } = &e
                 {
+                    crate::metrics::metrics().pull_denied("access", true);
                     tracing::warn!(
                         target: "imagestream::audit",
                         action = "deny",
@@ -231,10 +249,16 @@ impl CriProxy {
                 return self.images().pull_image(Request::from_parts(metadata, Default::default(), msg)).await;
             };
             let original = spec.image.clone();
-            match self.rewrite(spec, namespace.as_deref())? {
+            let resolution = self.rewrite(spec, namespace.as_deref())?;
+            self.policy.check(
+                &spec.image,
+                matches!(resolution, Resolution::Pinned(_)),
+                namespace.as_deref(),
+            )?;
+            match resolution {
                 Resolution::PassThrough => {}
                 Resolution::NeedsNamespace { name, tag } => {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(crate::audit::status(tonic::Code::InvalidArgument, format!(
                         "image {original:?} is a short name of image stream {name:?} and needs the pod's namespace (sandbox_config.metadata.namespace) to resolve; name the stream explicitly as {}/<namespace>/{name}:{tag}",
                         self.stream_host
                     )));
@@ -330,13 +354,23 @@ impl CriProxy {
                 // The kubelet passes the pulled image id and keeps what the pod named in
                 // `user_specified_image`: the access check applies to that too.
                 if !spec.user_specified_image.is_empty() && namespace.is_some() {
-                    self.resolve(&spec.user_specified_image, namespace.as_deref())?;
+                    let used = self.resolve(&spec.user_specified_image, namespace.as_deref())?;
+                    if let Resolution::PassThrough = used {
+                        self.policy
+                            .check(&spec.user_specified_image, false, namespace.as_deref())?;
+                    }
                 }
                 let original = spec.image.clone();
-                if let Resolution::NeedsNamespace { .. } =
-                    self.rewrite(spec, namespace.as_deref())?
-                {
-                    return Err(Status::invalid_argument(format!(
+                let resolution = self.rewrite(spec, namespace.as_deref())?;
+                if !is_image_id(&spec.image) {
+                    self.policy.check(
+                        &spec.image,
+                        matches!(resolution, Resolution::Pinned(_)),
+                        namespace.as_deref(),
+                    )?;
+                }
+                if let Resolution::NeedsNamespace { .. } = resolution {
+                    return Err(crate::audit::status(tonic::Code::InvalidArgument, format!(
                         "image {original:?} is a short name of an image stream and needs the pod's namespace (sandbox_config.metadata.namespace) to resolve"
                     )));
                 }
@@ -348,6 +382,12 @@ impl CriProxy {
         .instrument(span)
         .await
     }
+}
+
+/// An image id (`sha256:<hex>` or bare hex) rather than a reference: nothing to check.
+fn is_image_id(image: &str) -> bool {
+    let hex = image.strip_prefix("sha256:").unwrap_or(image);
+    hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn cri_span(method: &'static str) -> tracing::Span {

@@ -25,6 +25,9 @@ pub const ACCEPTED_MANIFEST_TYPES: [&str; 4] = [
     IMAGE_MANIFEST_LIST_MEDIA_TYPE,
 ];
 
+/// Longest image reference accepted.
+pub const MAX_REFERENCE_LEN: usize = 4096;
+
 /// Largest manifest accepted from a registry.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
@@ -84,12 +87,30 @@ impl RegistryClient {
     /// Parses `source` as an image reference (docker's normalisation: `nginx` is
     /// `docker.io/library/nginx:latest`).
     pub fn parse(source: &str) -> Result<Reference, RegistryError> {
-        source
+        let invalid = |message: String| RegistryError::InvalidReference {
+            reference: source.to_string(),
+            message,
+        };
+        if source.len() > MAX_REFERENCE_LEN {
+            return Err(invalid(format!(
+                "longer than {MAX_REFERENCE_LEN} characters"
+            )));
+        }
+        let reference = source
             .parse::<Reference>()
-            .map_err(|e| RegistryError::InvalidReference {
-                reference: source.to_string(),
-                message: e.to_string(),
-            })
+            .map_err(|e| invalid(e.to_string()))?;
+        // The distribution grammar allows only lowercase repository names.
+        if reference
+            .repository()
+            .chars()
+            .any(|c| c.is_ascii_uppercase())
+        {
+            return Err(invalid(format!(
+                "repository name {:?} must be lowercase",
+                reference.repository()
+            )));
+        }
+        Ok(reference)
     }
 
     /// Resolves `source` to the digest of its manifest now, verifying the bytes.
@@ -223,6 +244,8 @@ mod tests {
         assert_eq!(r.registry(), "docker.io");
         assert_eq!(r.repository(), "library/nginx");
         assert!(RegistryClient::parse("bad ref:x").is_err());
+        assert!(RegistryClient::parse("r.io/UPPER/case:x").is_err());
+        assert!(RegistryClient::parse(&"a".repeat(5000)).is_err());
         assert!(RegistryClient::parse("").is_err());
     }
 }
