@@ -17,6 +17,21 @@ pub fn cap(message: String) -> String {
     format!("{}… ({} bytes in all)", &message[..end], message.len())
 }
 
+/// The error and its sources, as one line (each source once).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = s.source();
+    }
+    message
+}
+
 /// A gRPC status with a capped message.
 pub fn status(code: tonic::Code, message: impl Into<String>) -> tonic::Status {
     tonic::Status::new(code, cap(message.into()))

@@ -22,7 +22,7 @@ pub async fn connect(socket: &Path) -> Result<AdminClient<Channel>, String> {
             format!(
                 "cannot reach the imagestream daemon at {}: {} (is `imagestream serve` running? --admin-socket chooses the socket)",
                 socket.display(),
-                crate::cri::upstream::error_chain(&e)
+                crate::audit::error_chain(&e)
             )
         })?;
     Ok(AdminClient::new(channel))

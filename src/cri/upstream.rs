@@ -55,21 +55,6 @@ impl Upstream {
     }
 }
 
-/// The error and its sources, as one line.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = s.source();
-    }
-    message
-}
-
 impl Service<http::Request<Body>> for Upstream {
     type Response = http::Response<Body>;
     type Error = Infallible;
@@ -83,7 +68,7 @@ impl Service<http::Request<Body>> for Upstream {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => {
-                self.not_ready = Some(error_chain(&e).into());
+                self.not_ready = Some(crate::audit::error_chain(&e).into());
                 Poll::Ready(Ok(()))
             }
         }
@@ -98,7 +83,7 @@ impl Service<http::Request<Body>> for Upstream {
         Box::pin(async move {
             match fut.await {
                 Ok(resp) => Ok(resp),
-                Err(e) => Ok(Self::unavailable(&endpoint, &error_chain(&e))),
+                Err(e) => Ok(Self::unavailable(&endpoint, &crate::audit::error_chain(&e))),
             }
         })
     }

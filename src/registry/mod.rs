@@ -180,23 +180,9 @@ pub fn check_sha256_digest(digest: &str) -> Result<(), String> {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = s.source();
-    }
-    message
-}
-
 fn classify(source: &str, e: OciDistributionError) -> RegistryError {
     let reference = source.to_string();
-    let message = error_chain(&e);
+    let message = crate::audit::error_chain(&e);
     match e {
         OciDistributionError::ImageManifestNotFoundError(_) => {
             RegistryError::NotFound { reference }
