@@ -7,10 +7,7 @@ mod common;
 
 use common::daemon::Daemon;
 use common::*;
-use k8s_cri::v1::{
-    CreateContainerRequest, ImageSpec, ImageStatusRequest, PullImageRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
-};
+use k8s_cri::v1::{CreateContainerRequest, ImageSpec, ImageStatusRequest, PullImageRequest};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -76,15 +73,7 @@ async fn another_namespace_is_denied_until_allowed_also_when_the_image_is_presen
 
     // ... and CreateContainer is denied too, both with the stream reference and with the image
     // id the kubelet would pass (user_specified_image keeps the stream reference).
-    let pod_id = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_b.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod_id = run_pod(&mut rt, &pod_b).await;
     for spec in [
         image_spec(stream_ref),
         ImageSpec {
@@ -161,14 +150,5 @@ async fn another_namespace_is_denied_until_allowed_also_when_the_image_is_presen
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("../x"));
 
-    rt.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: pod_id.clone(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    rt.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: pod_id,
-    })
-    .await
-    .expect("RemovePodSandbox");
+    remove_pod(&mut rt, &pod_id).await;
 }

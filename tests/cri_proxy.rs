@@ -12,8 +12,7 @@ use k8s_cri::v1::{
     ContainerState, ContainerStatsRequest, ContainerStatusRequest, CreateContainerRequest,
     ExecSyncRequest, GetEventsRequest, ImageStatusRequest, ListImagesRequest,
     ListPodSandboxRequest, PullImageRequest, RemoveContainerRequest, RemoveImageRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, VersionRequest,
+    StartContainerRequest, StopContainerRequest, VersionRequest,
 };
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -206,15 +205,7 @@ async fn client_sequence_through_the_proxy_matches_containerd() {
 
     // Pod and container lifecycle with host networking.
     let pod = pod_config("proxy-pod", "default", logs.path());
-    let pod_id = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod_id = run_pod(&mut rt, &pod).await;
     let cfg = container_config_with_command(
         "app",
         &image_ref,
@@ -322,16 +313,7 @@ async fn client_sequence_through_the_proxy_matches_containerd() {
     })
     .await
     .expect("RemoveContainer");
-    rt.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: pod_id.clone(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    rt.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: pod_id,
-    })
-    .await
-    .expect("RemovePodSandbox");
+    remove_pod(&mut rt, &pod_id).await;
     img.remove_image(RemoveImageRequest {
         image: Some(image_spec(&app)),
     })
@@ -473,15 +455,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
         .into_inner()
         .image_ref;
     let pod = pod_config("drain", "default", logs.path());
-    let pod_id = rt
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let pod_id = run_pod(&mut rt, &pod).await;
     let ctr = rt
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod_id,

@@ -7,10 +7,7 @@ mod common;
 
 use common::daemon::Daemon;
 use common::*;
-use k8s_cri::v1::{
-    CreateContainerRequest, ImageSpec, PullImageRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StopPodSandboxRequest,
-};
+use k8s_cri::v1::{CreateContainerRequest, ImageSpec, PullImageRequest};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use tonic::Code;
@@ -116,15 +113,7 @@ async fn allowed_registries_and_require_pinned_refuse_or_with_dry_run_log() {
         // already on the node.
         if !dry_run {
             let mut rt = runtime_client(&daemon.cri_socket).await;
-            let pod_id = rt
-                .run_pod_sandbox(RunPodSandboxRequest {
-                    config: Some(pod.clone()),
-                    runtime_handler: String::new(),
-                })
-                .await
-                .expect("RunPodSandbox")
-                .into_inner()
-                .pod_sandbox_id;
+            let pod_id = run_pod(&mut rt, &pod).await;
             let mut cfg =
                 container_config_with_command("app", &pinned, &["/bin/sleep", "infinity"]);
             cfg.image = Some(ImageSpec {
@@ -141,16 +130,7 @@ async fn allowed_registries_and_require_pinned_refuse_or_with_dry_run_log() {
                 .await
                 .expect_err("unpinned user_specified_image");
             assert_eq!(err.code(), Code::PermissionDenied);
-            rt.stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: pod_id.clone(),
-            })
-            .await
-            .expect("stop");
-            rt.remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: pod_id,
-            })
-            .await
-            .expect("remove");
+            remove_pod(&mut rt, &pod_id).await;
         }
     }
 }

@@ -11,8 +11,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     CreateContainerRequest, ExecSyncRequest, ImageStatusRequest, PodSandboxConfig,
-    PullImageRequest, RemoveImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest,
+    PullImageRequest, RemoveImageRequest, StartContainerRequest,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -51,16 +50,7 @@ impl Node {
             Some(i) => i.id,
             None => self.pull(image, &pod).await.expect("PullImage"),
         };
-        let pod_id = self
-            .rt
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod.clone()),
-                runtime_handler: String::new(),
-            })
-            .await
-            .expect("RunPodSandbox")
-            .into_inner()
-            .pod_sandbox_id;
+        let pod_id = run_pod(&mut self.rt, &pod).await;
         // The container names the stream reference itself: CreateContainer must rewrite it.
         let cfg = container_config_with_command("app", image, &["/bin/sleep", "infinity"]);
         let ctr = self
@@ -90,18 +80,7 @@ impl Node {
             .await
             .expect("ExecSync")
             .into_inner();
-        self.rt
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: pod_id.clone(),
-            })
-            .await
-            .expect("StopPodSandbox");
-        self.rt
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: pod_id,
-            })
-            .await
-            .expect("RemovePodSandbox");
+        remove_pod(&mut self.rt, &pod_id).await;
         (
             String::from_utf8_lossy(&out.stdout).trim().to_string(),
             image_ref,

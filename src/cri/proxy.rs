@@ -7,7 +7,7 @@
 use super::policy::PullPolicy;
 use super::upstream::Upstream;
 use crate::registry::MAX_REFERENCE_LEN;
-use crate::stream::reference::TagRef;
+use crate::stream::reference::{is_image_id, TagRef};
 use crate::stream::resolve::{resolve, Resolution, ResolveError, View};
 use bytes::Bytes;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
@@ -240,11 +240,7 @@ impl CriProxy {
         let span = cri_span("PullImage");
         async move {
             let (metadata, _, mut msg) = req.into_parts();
-            let namespace = msg
-                .sandbox_config
-                .as_ref()
-                .and_then(|c| c.metadata.as_ref())
-                .map(|m| m.namespace.clone());
+            let namespace = pod_namespace(&msg.sandbox_config);
             let Some(spec) = msg.image.as_mut() else {
                 return self.images().pull_image(Request::from_parts(metadata, Default::default(), msg)).await;
             };
@@ -345,11 +341,7 @@ impl CriProxy {
         let span = cri_span("CreateContainer");
         async move {
             let (metadata, _, mut msg) = req.into_parts();
-            let namespace = msg
-                .sandbox_config
-                .as_ref()
-                .and_then(|c| c.metadata.as_ref())
-                .map(|m| m.namespace.clone());
+            let namespace = pod_namespace(&msg.sandbox_config);
             if let Some(spec) = msg.config.as_mut().and_then(|c| c.image.as_mut()) {
                 // The kubelet passes the pulled image id and keeps what the pod named in
                 // `user_specified_image`: the access check applies to that too.
@@ -384,10 +376,12 @@ impl CriProxy {
     }
 }
 
-/// An image id (`sha256:<hex>` or bare hex) rather than a reference: nothing to check.
-fn is_image_id(image: &str) -> bool {
-    let hex = image.strip_prefix("sha256:").unwrap_or(image);
-    hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+/// The pod's namespace, from the request's sandbox config.
+fn pod_namespace(config: &Option<k8s_cri::v1::PodSandboxConfig>) -> Option<String> {
+    config
+        .as_ref()
+        .and_then(|c| c.metadata.as_ref())
+        .map(|m| m.namespace.clone())
 }
 
 fn cri_span(method: &'static str) -> tracing::Span {

@@ -74,7 +74,7 @@ pub fn classify(reference: &str, stream_host: &str) -> Result<Classified, Refere
     };
     let Some(rest) = rest else {
         // A single component: a short name, or an image id, or something for the runtime.
-        if reference.contains('@') || reference.starts_with("sha256:") || is_hex64(reference) {
+        if reference.contains('@') || is_image_id(reference) {
             return Ok(Classified::Other);
         }
         let (name, tag) = split_tag(reference);
@@ -115,8 +115,10 @@ pub fn classify(reference: &str, stream_host: &str) -> Result<Classified, Refere
     }))
 }
 
-fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+/// An image id (`sha256:<64 hex>` or bare 64 hex digits), not a reference.
+pub fn is_image_id(s: &str) -> bool {
+    let hex = s.strip_prefix("sha256:").unwrap_or(s);
+    hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Parses `NS/NAME:TAG` (the CLI's way to name a stream tag).

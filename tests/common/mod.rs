@@ -1112,3 +1112,29 @@ pub fn image_spec(image: &str) -> ImageSpec {
         ..Default::default()
     }
 }
+
+/// RunPodSandbox for `pod` (default runtime handler); returns the sandbox id.
+pub async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, pod: &PodSandboxConfig) -> String {
+    rt.run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
+        config: Some(pod.clone()),
+        runtime_handler: String::new(),
+    })
+    .await
+    .expect("RunPodSandbox")
+    .into_inner()
+    .pod_sandbox_id
+}
+
+/// StopPodSandbox then RemovePodSandbox.
+pub async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod_id: &str) {
+    rt.stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest {
+        pod_sandbox_id: pod_id.to_string(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    rt.remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest {
+        pod_sandbox_id: pod_id.to_string(),
+    })
+    .await
+    .expect("RemovePodSandbox");
+}
