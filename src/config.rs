@@ -23,6 +23,12 @@ pub const DEFAULT_STREAM_HOST: &str = crate::stream::reference::DEFAULT_STREAM_H
 pub const DEFAULT_HISTORY_LIMIT: usize = crate::stream::model::DEFAULT_HISTORY_LIMIT;
 /// How long SIGTERM waits for in-flight calls before exiting anyway.
 pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 15;
+/// Where the registry mirror (and `/metrics`) listens.
+pub const DEFAULT_MIRROR_LISTEN: &str = crate::mirror::DEFAULT_LISTEN;
+/// Size limit of the layer cache (20 GiB).
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = crate::cache::DEFAULT_MAX_BYTES;
+/// How often the daemon re-hashes the cache (a day); 0 turns the periodic scrub off.
+pub const DEFAULT_SCRUB_INTERVAL_SECS: u64 = 24 * 60 * 60;
 /// How long a CRI call may wait to connect to the runtime.
 pub const RUNTIME_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -59,6 +65,13 @@ pub struct FileConfig {
     pub allowed_registries: Vec<String>,
     pub require_pinned: Option<bool>,
     pub policy_dry_run: Option<bool>,
+    pub mirror_listen: Option<String>,
+    #[serde(default)]
+    pub mirror_upstreams: Vec<String>,
+    pub registry_auth_file: Option<PathBuf>,
+    pub cache_max_bytes: Option<u64>,
+    pub scrub_interval_secs: Option<u64>,
+    pub prefetch: Option<bool>,
 }
 
 /// Flags of `imagestream serve` that override the file.
@@ -69,6 +82,8 @@ pub struct Overrides {
     pub admin_socket: Option<PathBuf>,
     pub runtime_endpoint: Option<String>,
     pub insecure_registries: Vec<String>,
+    pub mirror_listen: Option<String>,
+    pub mirror_upstreams: Vec<String>,
 }
 
 /// The effective configuration.
@@ -95,6 +110,20 @@ pub struct Config {
     pub require_pinned: bool,
     /// Log and count what the pull policy would refuse, but refuse nothing.
     pub policy_dry_run: bool,
+    /// `HOST:PORT` of the registry mirror and `/metrics`.
+    pub mirror_listen: String,
+    /// Registries the mirror may pull through from (`http://HOST:PORT`, `https://HOST`); the
+    /// insecure registries are allowed too.
+    pub mirror_upstreams: Vec<String>,
+    /// A docker `config.json` with registry credentials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_auth_file: Option<PathBuf>,
+    /// Size limit of the layer cache in bytes.
+    pub cache_max_bytes: u64,
+    /// Seconds between cache scrubs (0: never).
+    pub scrub_interval_secs: u64,
+    /// Prefetch a stream tag's image into the cache when the tag changes.
+    pub prefetch: bool,
 }
 
 impl Default for Config {
@@ -113,6 +142,12 @@ impl Default for Config {
             allowed_registries: Vec::new(),
             require_pinned: false,
             policy_dry_run: false,
+            mirror_listen: DEFAULT_MIRROR_LISTEN.into(),
+            mirror_upstreams: Vec::new(),
+            registry_auth_file: None,
+            cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            scrub_interval_secs: DEFAULT_SCRUB_INTERVAL_SECS,
+            prefetch: true,
         }
     }
 }
@@ -151,6 +186,12 @@ impl Config {
             allowed_registries,
             require_pinned,
             policy_dry_run,
+            mirror_listen,
+            mirror_upstreams,
+            registry_auth_file,
+            cache_max_bytes,
+            scrub_interval_secs,
+            prefetch,
         } = f;
         set(&mut self.state_dir, state_dir);
         set(&mut self.cri_socket, cri_socket);
@@ -165,6 +206,12 @@ impl Config {
         self.allowed_registries.extend(allowed_registries);
         set(&mut self.require_pinned, require_pinned);
         set(&mut self.policy_dry_run, policy_dry_run);
+        set(&mut self.mirror_listen, mirror_listen);
+        self.mirror_upstreams.extend(mirror_upstreams);
+        self.registry_auth_file = registry_auth_file.or(self.registry_auth_file.take());
+        set(&mut self.cache_max_bytes, cache_max_bytes);
+        set(&mut self.scrub_interval_secs, scrub_interval_secs);
+        set(&mut self.prefetch, prefetch);
     }
 
     fn apply_overrides(&mut self, o: Overrides) {
@@ -175,6 +222,12 @@ impl Config {
         for r in o.insecure_registries {
             if !self.insecure_registries.contains(&r) {
                 self.insecure_registries.push(r);
+            }
+        }
+        set(&mut self.mirror_listen, o.mirror_listen);
+        for u in o.mirror_upstreams {
+            if !self.mirror_upstreams.contains(&u) {
+                self.mirror_upstreams.push(u);
             }
         }
     }
@@ -221,7 +274,35 @@ impl Config {
                 });
             }
         }
+        self.mirror_addr()?;
+        crate::mirror::Upstreams::new(&self.mirror_upstreams, &self.insecure_registries).map_err(
+            |message| ConfigError::Invalid {
+                key: "mirror_upstreams",
+                message,
+            },
+        )?;
+        if self.cache_max_bytes == 0 {
+            return Err(ConfigError::Invalid {
+                key: "cache_max_bytes",
+                message: "must be more than 0".into(),
+            });
+        }
         Ok(())
+    }
+
+    /// The mirror's listen address.
+    pub fn mirror_addr(&self) -> Result<std::net::SocketAddr, ConfigError> {
+        self.mirror_listen
+            .parse()
+            .map_err(|_| ConfigError::Invalid {
+                key: "mirror_listen",
+                message: format!("{:?} is not IP:PORT", self.mirror_listen),
+            })
+    }
+
+    /// The mirror's base URL as containerd reaches it.
+    pub fn mirror_url(&self) -> String {
+        format!("http://{}", self.mirror_listen)
     }
 
     pub fn drain_timeout(&self) -> Duration {

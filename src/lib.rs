@@ -24,10 +24,12 @@
 
 pub mod admin;
 pub mod audit;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod cri;
 pub mod metrics;
+pub mod mirror;
 pub mod registry;
 pub mod server;
 pub mod socket;

@@ -4,7 +4,10 @@
 
 use crate::admin::auth::AdminAccess;
 use crate::admin::{AdminApi, AdminServer};
+use crate::cache::{Cache, CacheError, CacheSettings};
 use crate::config::Config;
+use crate::mirror::{Mirror, Upstreams};
+use crate::registry::auth::Credentials;
 use crate::cri::{CriProxy, Upstream};
 use crate::registry::RegistryClient;
 use crate::socket::{self, SocketError, SOCKET_MODE};
@@ -38,6 +41,14 @@ pub enum ServerError {
     Runtime(String),
     #[error("admin server failed: {0}")]
     Admin(String),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("cannot listen on {addr} for the registry mirror: {source}")]
+    MirrorBind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs the daemon with `config` until `shutdown` completes.
@@ -62,10 +73,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 })??,
         )
     };
+    let upstreams = Upstreams::new(&config.mirror_upstreams, &config.insecure_registries)
+        .map_err(ServerError::Runtime)?;
+    let credentials = match &config.registry_auth_file {
+        Some(path) => Credentials::load(path).map_err(|e| ServerError::Runtime(e.to_string()))?,
+        None => Credentials::none(),
+    };
+    if !credentials.hosts().is_empty() {
+        tracing::info!(hosts = ?credentials.hosts(), "registry credentials loaded");
+    }
+    let mut plain_http = config.insecure_registries.clone();
+    for h in upstreams.plain_http_hosts() {
+        if !plain_http.contains(&h) {
+            plain_http.push(h);
+        }
+    }
+    let registry = RegistryClient::with_credentials(&plain_http, credentials);
     let streams = Arc::new(
         StreamService::new(
             store,
-            RegistryClient::new(&config.insecure_registries),
+            registry.clone(),
             StreamSettings {
                 stream_host: config.stream_host.clone(),
                 history_limit: config.history_limit,
@@ -75,6 +102,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     // Fail early on a bad endpoint; the proxy thread builds its own handle.
     Upstream::new(&config.runtime_endpoint).map_err(ServerError::Runtime)?;
+
+    let cache = {
+        let dir = state_dir.clone();
+        let settings = CacheSettings {
+            max_bytes: config.cache_max_bytes,
+            prefetch: config.prefetch,
+            tags_file: state_dir.join("mirror-tags.json"),
+        };
+        let view = streams.view();
+        tokio::task::spawn_blocking(move || Cache::open(&dir, registry, settings, view))
+            .await
+            .map_err(|e| ServerError::Runtime(e.to_string()))?
+            .map_err(ServerError::Cache)?
+    };
+    let mirror_addr = config
+        .mirror_addr()
+        .map_err(|e| ServerError::Runtime(e.to_string()))?;
+    let mirror_listener = tokio::net::TcpListener::bind(mirror_addr)
+        .await
+        .map_err(|source| ServerError::MirrorBind {
+            addr: mirror_addr.to_string(),
+            source,
+        })?;
 
     let cri_listener = socket::bind(&config.cri_socket, SOCKET_MODE)?;
     let group = |g: &Option<String>| {
@@ -125,17 +175,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let admin_task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(
-                AdminServer::new(AdminApi::new(streams, access))
+                AdminServer::new(AdminApi::new(streams, cache.clone(), access))
                     .max_decoding_message_size(crate::cri::proxy::MAX_CRI_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(admin_listener),
-                stopped(stop_rx),
+                stopped(stop_rx.clone()),
             ),
     );
+    let mirror_task = tokio::spawn(crate::mirror::serve(
+        mirror_listener,
+        Arc::new(Mirror::new(cache.clone(), upstreams)),
+        stopped(stop_rx.clone()),
+        grace,
+    ));
+    if config.prefetch {
+        tokio::spawn(cache.clone().prefetch_loop(stop_rx.clone()));
+    }
+    if config.scrub_interval_secs > 0 {
+        tokio::spawn(scrub_loop(
+            cache.clone(),
+            std::time::Duration::from_secs(config.scrub_interval_secs),
+            stop_rx.clone(),
+        ));
+    }
     tracing::info!(
         cri_socket = %config.cri_socket.display(),
         admin_socket = %config.admin_socket.display(),
+        mirror = %mirror_addr,
+        cache_bytes = cache.store().total(),
         runtime = %config.runtime_endpoint,
         state_dir = %config.state_dir.display(),
         "imagestream ready"
@@ -150,6 +218,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         if let Ok(Err(e)) = cri_task.await {
             tracing::error!(error = %e, "CRI proxy failed");
         }
+        let _ = mirror_task.await;
         admin_task.await
     })
     .await;
@@ -162,6 +231,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Err(_) => {
             tracing::warn!("drain timed out; exiting");
             Ok(())
+        }
+    }
+}
+
+/// Re-hashes the cache every `every` until shutdown (the first pass after one interval).
+async fn scrub_loop(
+    cache: Arc<Cache>,
+    every: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match cache.verify().await {
+            Ok(r) => tracing::info!(checked = r.checked, evicted = r.evicted.len(), "cache scrub done"),
+            Err(e) => tracing::warn!(error = %e, "cache scrub failed"),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod client;
 
+use crate::cache::{Cache, CacheError};
 use crate::registry::RegistryError;
 use crate::stream::model::{Generation, Stream, StreamKey, Tag};
 use crate::stream::reference::TagRef;
@@ -64,15 +65,34 @@ impl From<StreamError> for Status {
     }
 }
 
+impl From<CacheError> for Status {
+    fn from(e: CacheError) -> Self {
+        let code = match e {
+            CacheError::Io { .. } => tonic::Code::Internal,
+            CacheError::NotCached { .. } => tonic::Code::NotFound,
+            CacheError::DigestMismatch { .. } | CacheError::SizeMismatch { .. } => {
+                tonic::Code::DataLoss
+            }
+            _ => tonic::Code::Unavailable,
+        };
+        crate::audit::status(code, e.to_string())
+    }
+}
+
 /// The tonic service.
 pub struct AdminApi {
     streams: Arc<StreamService>,
+    cache: Arc<Cache>,
     access: auth::AdminAccess,
 }
 
 impl AdminApi {
-    pub fn new(streams: Arc<StreamService>, access: auth::AdminAccess) -> Self {
-        Self { streams, access }
+    pub fn new(streams: Arc<StreamService>, cache: Arc<Cache>, access: auth::AdminAccess) -> Self {
+        Self {
+            streams,
+            cache,
+            access,
+        }
     }
 
     fn read<T>(&self, req: &Request<T>, action: &str) -> Result<auth::Caller, Status> {
@@ -275,6 +295,71 @@ impl Admin for AdminApi {
         self.read(&req, "metrics")?;
         Ok(Response::new(pb::MetricsResponse {
             text: crate::metrics::metrics().encode(),
+        }))
+    }
+
+    async fn list_cache(
+        &self,
+        req: Request<pb::ListCacheRequest>,
+    ) -> Result<Response<pb::ListCacheResponse>, Status> {
+        self.read(&req, "list cache")?;
+        let blobs = self
+            .cache
+            .list()
+            .await?
+            .into_iter()
+            .map(|l| pb::CachedBlob {
+                digest: l.digest.to_string(),
+                size: l.entry.size,
+                last_used: crate::cache::rfc3339(l.entry.last_used),
+                pinned_by: l.pinned_by,
+            })
+            .collect();
+        Ok(Response::new(pb::ListCacheResponse {
+            blobs,
+            size_bytes: self.cache.store().total(),
+            limit_bytes: self.cache.settings().max_bytes,
+        }))
+    }
+
+    async fn verify_cache(
+        &self,
+        req: Request<pb::VerifyCacheRequest>,
+    ) -> Result<Response<pb::VerifyCacheResponse>, Status> {
+        let caller = self.write(&req, "verify cache")?;
+        let r = self.cache.verify().await?;
+        auth::record(
+            &caller,
+            "verify cache",
+            "cache",
+            "",
+            &format!("checked={} evicted={}", r.checked, r.evicted.len()),
+        );
+        Ok(Response::new(pb::VerifyCacheResponse {
+            checked: r.checked,
+            ok: r.ok,
+            evicted: r.evicted.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn gc_cache(
+        &self,
+        req: Request<pb::GcCacheRequest>,
+    ) -> Result<Response<pb::GcCacheResponse>, Status> {
+        let caller = self.write(&req, "gc cache")?;
+        let r = self.cache.gc().await?;
+        auth::record(
+            &caller,
+            "gc cache",
+            "cache",
+            "",
+            &format!("evicted={} freed_bytes={}", r.evicted.len(), r.freed_bytes),
+        );
+        Ok(Response::new(pb::GcCacheResponse {
+            evicted: r.evicted.iter().map(ToString::to_string).collect(),
+            freed_bytes: r.freed_bytes,
+            size_bytes: r.size_bytes,
+            limit_bytes: r.limit_bytes,
         }))
     }
 

@@ -64,8 +64,14 @@ enum Command {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
-    /// Print the daemon's counters (Prometheus text format)
+    /// Print the daemon's counters (Prometheus text format; also at GET /metrics on the mirror)
     Metrics,
+    /// Inspect and maintain the node's layer cache
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// Configure containerd to pull through the node's registry mirror
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
     /// Print the effective daemon configuration (defaults, config file, flags) as TOML
     Config(ServeArgs),
 }
@@ -84,9 +90,15 @@ struct ServeArgs {
     /// The real runtime's CRI endpoint [default: unix:///run/containerd/containerd.sock]
     #[arg(long, value_name = "ENDPOINT")]
     runtime_endpoint: Option<String>,
-    /// A registry reached over plain HTTP, HOST:PORT (repeatable)
+    /// A registry reached over plain HTTP, HOST:PORT (repeatable; the mirror may pull from it)
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// Address of the registry mirror and /metrics [default: 127.0.0.1:5050]
+    #[arg(long, value_name = "ADDR")]
+    mirror_listen: Option<String>,
+    /// A registry the mirror may pull through from, http://HOST:PORT or https://HOST (repeatable)
+    #[arg(long = "mirror-upstream", value_name = "URL")]
+    mirror_upstreams: Vec<String>,
     /// Log format on stderr
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -149,6 +161,50 @@ enum StreamCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// List cached blobs: digest, size, last use, and the stream tags that pin them
+    #[command(alias = "list")]
+    Ls,
+    /// Re-hash every cached blob and evict those whose bytes no longer match
+    Verify,
+    /// Evict least-recently-used unpinned blobs until the cache is within its size limit
+    Gc,
+}
+
+#[derive(Debug, Subcommand)]
+enum MirrorCommand {
+    /// Write containerd's hosts.toml so that REGISTRY's pulls go through the mirror first, with
+    /// fallback to REGISTRY itself
+    #[command(
+        after_help = "containerd must read registry hosts from DIR: in /etc/containerd/config.toml,
+  [plugins.\"io.containerd.grpc.v1.cri\".registry]
+    config_path = \"/etc/containerd/certs.d\"
+containerd re-reads hosts.toml on every pull; no restart is needed once config_path is set.
+
+Example:
+  imagestream mirror hosts-toml --registry registry.example.com"
+    )]
+    HostsToml {
+        /// The registry whose pulls go through the mirror: HOST or HOST:PORT (docker.io for Docker Hub)
+        #[arg(long, value_name = "HOST")]
+        registry: String,
+        /// containerd's registry config_path
+        #[arg(long, value_name = "DIR", default_value = crate::mirror::hosts_toml::DEFAULT_CERTS_DIR)]
+        dir: PathBuf,
+        /// The mirror's URL [default: http:// + mirror_listen of the daemon's config]
+        #[arg(long, value_name = "URL")]
+        mirror: Option<String>,
+        /// Daemon config file to read mirror_listen and insecure_registries from
+        /// [default: /etc/imagestream/config.toml if present]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the file instead of writing it
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TagCommand {
     /// Point NAMESPACE/NAME:TAG at SOURCE (resolved and verified in its registry now)
     Set {
@@ -199,6 +255,8 @@ fn serve_config(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Confi
             admin_socket,
             runtime_endpoint: args.runtime_endpoint.clone(),
             insecure_registries: args.insecure_registries.clone(),
+            mirror_listen: args.mirror_listen.clone(),
+            mirror_upstreams: args.mirror_upstreams.clone(),
         },
     )
     .map_err(|e| e.to_string())
@@ -402,6 +460,63 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(status)?
                 .into_inner();
             print!("{}", r.text);
+            Ok(())
+        }
+        Command::Cache(cmd) => {
+            let mut client = connect(&socket()).await?;
+            match cmd {
+                CacheCommand::Ls => {
+                    let r = client
+                        .list_cache(pb::ListCacheRequest {})
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.cache(&r);
+                }
+                CacheCommand::Verify => {
+                    let r = client
+                        .verify_cache(pb::VerifyCacheRequest {})
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.cache_verified(&r);
+                }
+                CacheCommand::Gc => {
+                    let r = client
+                        .gc_cache(pb::GcCacheRequest {})
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.cache_gc(&r);
+                }
+            }
+            Ok(())
+        }
+        Command::Mirror(MirrorCommand::HostsToml {
+            registry,
+            dir,
+            mirror,
+            config,
+            dry_run,
+        }) => {
+            use crate::mirror::hosts_toml;
+            hosts_toml::check_registry(&registry)?;
+            let config =
+                Config::load(config.as_deref(), Overrides::default()).map_err(|e| e.to_string())?;
+            let mirror = mirror.unwrap_or_else(|| config.mirror_url());
+            crate::mirror::parse_upstream(&mirror)
+                .map_err(|e| format!("invalid --mirror: {e}"))?;
+            let server = hosts_toml::server_url(&registry, &config.insecure_registries);
+            let text = hosts_toml::render(&registry, &server, &mirror);
+            if dry_run {
+                print!("{text}");
+            } else {
+                let path = hosts_toml::write(&dir, &registry, &text)?;
+                printer.done(&format!(
+                    "wrote {}: pulls of {registry} go through {mirror}, then {server}",
+                    path.display()
+                ));
+            }
             Ok(())
         }
         Command::Resolve {

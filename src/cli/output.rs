@@ -244,4 +244,101 @@ impl Printer {
             }
         }
     }
+
+    pub fn cache(&self, r: &pb::ListCacheResponse) {
+        match self.format {
+            Format::Json => self.json(
+                &r.blobs
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "digest": b.digest,
+                            "size": b.size,
+                            "last_used": b.last_used,
+                            "pinned_by": b.pinned_by,
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Format::Table => {
+                let rows: Vec<Vec<String>> = r
+                    .blobs
+                    .iter()
+                    .map(|b| {
+                        vec![
+                            short_digest(&b.digest),
+                            human_bytes(b.size),
+                            b.last_used.clone(),
+                            if b.pinned_by.is_empty() {
+                                "-".into()
+                            } else {
+                                b.pinned_by.join(",")
+                            },
+                        ]
+                    })
+                    .collect();
+                table(&["DIGEST", "SIZE", "LAST USED", "PINNED BY"], &rows);
+                println!(
+                    "{} blobs, {} of {}",
+                    r.blobs.len(),
+                    human_bytes(r.size_bytes),
+                    human_bytes(r.limit_bytes)
+                );
+            }
+        }
+    }
+
+    pub fn cache_verified(&self, r: &pb::VerifyCacheResponse) {
+        match self.format {
+            Format::Json => self.json(&json!({
+                "checked": r.checked,
+                "ok": r.ok,
+                "evicted": r.evicted,
+            })),
+            Format::Table => {
+                println!("checked {} blobs: {} ok, {} evicted", r.checked, r.ok, r.evicted.len());
+                for d in &r.evicted {
+                    println!("evicted {d} (bytes did not match the digest)");
+                }
+            }
+        }
+    }
+
+    pub fn cache_gc(&self, r: &pb::GcCacheResponse) {
+        match self.format {
+            Format::Json => self.json(&json!({
+                "evicted": r.evicted,
+                "freed_bytes": r.freed_bytes,
+                "size_bytes": r.size_bytes,
+                "limit_bytes": r.limit_bytes,
+            })),
+            Format::Table => {
+                for d in &r.evicted {
+                    println!("evicted {d}");
+                }
+                println!(
+                    "freed {}; the cache holds {} of {}",
+                    human_bytes(r.freed_bytes),
+                    human_bytes(r.size_bytes),
+                    human_bytes(r.limit_bytes)
+                );
+            }
+        }
+    }
+}
+
+/// `1536` → `1.5 KiB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }

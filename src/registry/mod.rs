@@ -2,7 +2,17 @@
 //! its manifest (or index) through oci-client, and verifies that the manifest bytes hash to the
 //! digest the registry claims before anything is pinned.
 //!
+//! It also fetches manifests and blob streams for the layer cache ([`crate::cache`]): the
+//! caller verifies blob bytes as they stream; manifests are verified here.
+//!
 //! Registries are reached over HTTPS, except the hosts configured as insecure (plain HTTP).
+//! Credentials come from a docker `config.json` ([`auth`]) and are sent only to their own
+//! registry (the HTTP client drops `Authorization` on a redirect to another host).
+
+pub mod auth;
+pub mod digest;
+
+pub use digest::Digest;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
@@ -13,6 +23,9 @@ use oci_client::manifest::{
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest as _, Sha256};
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -63,15 +76,38 @@ pub struct PinnedManifest {
     pub reference: String,
 }
 
+/// A manifest fetched and verified.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub bytes: Bytes,
+    pub digest: Digest,
+    pub media_type: String,
+}
+
+/// A blob body as it arrives; the caller hashes it.
+pub struct BlobStream {
+    pub content_length: Option<u64>,
+    pub stream: BoxStream<'static, std::io::Result<Bytes>>,
+}
+
 #[derive(Clone)]
 pub struct RegistryClient {
     client: Client,
+    credentials: Arc<auth::Credentials>,
 }
 
 impl RegistryClient {
     /// A client that speaks plain HTTP to `insecure_registries` (`HOST:PORT`) and HTTPS to
-    /// every other registry.
+    /// every other registry, anonymously.
     pub fn new(insecure_registries: &[String]) -> Self {
+        Self::with_credentials(insecure_registries, auth::Credentials::none())
+    }
+
+    /// Like [`RegistryClient::new`], presenting `credentials` to the registries they are for.
+    pub fn with_credentials(
+        insecure_registries: &[String],
+        credentials: auth::Credentials,
+    ) -> Self {
         let config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
             connect_timeout: Some(CONNECT_TIMEOUT),
@@ -81,7 +117,80 @@ impl RegistryClient {
         };
         Self {
             client: Client::new(config),
+            credentials: Arc::new(credentials),
         }
+    }
+
+    fn auth_for(&self, reference: &Reference) -> RegistryAuth {
+        self.credentials.for_host(reference.registry())
+    }
+
+    /// Fetches the manifest `host/repository:reference` (a tag or a digest), verifying that its
+    /// bytes hash to the digest asked for, or to the digest the registry claims for a tag.
+    #[tracing::instrument(skip(self), fields(digest))]
+    pub async fn fetch_manifest(
+        &self,
+        host: &str,
+        repository: &str,
+        reference: &str,
+    ) -> Result<FetchedManifest, RegistryError> {
+        let source = if reference.starts_with("sha256:") {
+            format!("{host}/{repository}@{reference}")
+        } else {
+            format!("{host}/{repository}:{reference}")
+        };
+        let image = Self::parse(&source)?;
+        let auth = self.auth_for(&image);
+        let (bytes, claimed) = self
+            .client
+            .pull_manifest_raw(&image, &auth, &ACCEPTED_MANIFEST_TYPES)
+            .await
+            .map_err(|e| classify(&source, e))?;
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(RegistryError::TooLarge {
+                reference: source,
+                size: bytes.len(),
+            });
+        }
+        let computed = Digest::of(&bytes);
+        let wanted = image.digest().unwrap_or(&claimed);
+        if wanted != computed.as_str() {
+            return Err(RegistryError::DigestMismatch {
+                reference: source,
+                message: format!("expected {wanted}, the bytes hash to {computed}"),
+            });
+        }
+        tracing::Span::current().record("digest", computed.as_str());
+        Ok(FetchedManifest {
+            media_type: manifest_media_type(&bytes),
+            bytes,
+            digest: computed,
+        })
+    }
+
+    /// Opens the blob `host/repository@digest` as a stream. The bytes are not verified here.
+    #[tracing::instrument(skip(self))]
+    pub async fn fetch_blob(
+        &self,
+        host: &str,
+        repository: &str,
+        digest: &Digest,
+    ) -> Result<BlobStream, RegistryError> {
+        let source = format!("{host}/{repository}@{digest}");
+        let image = Self::parse(&source)?;
+        let auth = self.auth_for(&image);
+        self.client
+            .store_auth_if_needed(image.resolve_registry(), &auth)
+            .await;
+        let sized = self
+            .client
+            .pull_blob_stream(&image, digest.as_str())
+            .await
+            .map_err(|e| classify(&source, e))?;
+        Ok(BlobStream {
+            content_length: sized.content_length,
+            stream: sized.stream,
+        })
     }
 
     /// Parses `source` as an image reference (docker's normalisation: `nginx` is
@@ -127,7 +236,7 @@ impl RegistryClient {
             .client
             .pull_manifest_raw(
                 &reference,
-                &RegistryAuth::Anonymous,
+                &self.auth_for(&reference),
                 &ACCEPTED_MANIFEST_TYPES,
             )
             .await
@@ -163,6 +272,26 @@ impl RegistryClient {
             ),
             digest: computed,
         })
+    }
+}
+
+/// The media type of manifest `bytes`: its `mediaType` field, else OCI index when it lists
+/// `manifests`, else OCI image manifest.
+pub fn manifest_media_type(bytes: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        manifests: Option<serde::de::IgnoredAny>,
+    }
+    match serde_json::from_slice::<Probe>(bytes) {
+        Ok(Probe {
+            media_type: Some(t), ..
+        }) if !t.is_empty() => t,
+        Ok(Probe {
+            manifests: Some(_), ..
+        }) => OCI_IMAGE_INDEX_MEDIA_TYPE.to_string(),
+        _ => OCI_IMAGE_MEDIA_TYPE.to_string(),
     }
 }
 

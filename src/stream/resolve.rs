@@ -42,17 +42,31 @@ impl Snapshot {
     }
 }
 
-/// The current snapshot, swapped whole on every change.
-#[derive(Debug, Default, Clone)]
+/// The current snapshot, swapped whole on every change; [`View::subscribe`] tells watchers
+/// (the cache's prefetch) that it changed.
+#[derive(Debug, Clone)]
 pub struct View {
     inner: Arc<RwLock<Arc<Snapshot>>>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for View {
+    fn default() -> Self {
+        Self::new(Snapshot::default())
+    }
 }
 
 impl View {
     pub fn new(snapshot: Snapshot) -> Self {
         Self {
             inner: Arc::new(RwLock::new(Arc::new(snapshot))),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
         }
+    }
+
+    /// A receiver that is marked changed after every [`View::store`].
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn load(&self) -> Arc<Snapshot> {
@@ -68,6 +82,7 @@ impl View {
             Ok(mut guard) => *guard = snapshot,
             Err(poisoned) => *poisoned.into_inner() = snapshot,
         }
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// Applies one changed (or, with `None`, deleted) stream to a copy of the snapshot.

@@ -1,0 +1,815 @@
+//! The node's layer cache: a verified, content-addressed store of the blobs and manifests the
+//! node pulls ([`store`]), filled from upstream registries on a miss with one download per
+//! blob however many clients ask at once, and kept within a size limit by least-recently-used
+//! eviction that never removes what a stream tag's current image needs ([`pins`]).
+//!
+//! Data flows one way: the mirror ([`crate::mirror`]) and the admin API ask the cache; the
+//! cache asks the registry client ([`crate::registry`]) and reads the stream view (for pins and
+//! prefetch); nothing here calls back into the mirror.
+//!
+//! A fill runs in its own task, not in the request that started it: every client, the first
+//! included, streams along from the temporary file as it grows, and the last byte is released
+//! only once size and digest have been checked, so a client never receives a complete body
+//! whose digest is wrong (its response is cut short instead).
+
+pub mod pins;
+pub mod store;
+
+use crate::registry::{Digest, RegistryClient, RegistryError};
+use crate::stream::resolve::View;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use store::{ContentStore, Entry};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+
+/// Default size limit of the cache.
+pub const DEFAULT_MAX_BYTES: u64 = 20 << 30;
+/// Bytes read from or written to disk per step while streaming.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// Chunks buffered per client response.
+pub const RESPONSE_QUEUE: usize = 4;
+/// Largest manifest kept or served.
+pub const MAX_MANIFEST_BYTES: u64 = crate::registry::MAX_MANIFEST_BYTES as u64;
+/// Tag → digest answers remembered for when the upstream is unreachable.
+pub const MAX_REMEMBERED_TAGS: usize = 10_000;
+
+#[derive(Debug, Error)]
+pub enum CacheError {
+    #[error("cache I/O error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("blob {digest} does not match its digest: the bytes hash to {computed}; nothing was cached")]
+    DigestMismatch { digest: Digest, computed: Digest },
+    #[error("blob {digest} is {got} bytes, expected {expected}; nothing was cached")]
+    SizeMismatch {
+        digest: Digest,
+        expected: u64,
+        got: u64,
+    },
+    #[error("{digest} is not cached and no upstream was named")]
+    NotCached { digest: Digest },
+    #[error("fetching {digest} failed: {message}")]
+    FillFailed { digest: Digest, message: String },
+    #[error(transparent)]
+    Upstream(#[from] RegistryError),
+    #[error("manifest {reference} is not valid: {message}")]
+    BadManifest { reference: String, message: String },
+}
+
+impl CacheError {
+    /// Whether the bytes did not match the digest (counted and reported as such).
+    pub fn is_mismatch(&self) -> bool {
+        matches!(
+            self,
+            CacheError::DigestMismatch { .. }
+                | CacheError::SizeMismatch { .. }
+                | CacheError::Upstream(RegistryError::DigestMismatch { .. })
+        ) || matches!(self, CacheError::FillFailed { message, .. } if message.contains("does not match"))
+    }
+}
+
+/// Where a blob or manifest comes from on a miss: `host/repository` of a registry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub host: String,
+    pub repository: String,
+}
+
+/// Settings of the cache.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub max_bytes: u64,
+    /// Prefetch each stream tag's current image when it changes.
+    pub prefetch: bool,
+    /// Where tag answers are remembered (`mirror-tags.json`).
+    pub tags_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+enum FillState {
+    Connecting,
+    Running { written: u64, size: Option<u64> },
+    Done { size: u64 },
+    Failed(String),
+}
+
+struct Fill {
+    file: Arc<File>,
+    state: watch::Sender<FillState>,
+}
+
+/// A blob ready to be read: stored, or being filled.
+pub struct Blob {
+    pub digest: Digest,
+    /// Known for stored blobs, and for fills whose upstream sent a length.
+    pub size: Option<u64>,
+    pub from_cache: bool,
+    file: Arc<File>,
+    fill: Option<watch::Receiver<FillState>>,
+}
+
+/// A manifest with its digest and media type.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub bytes: Bytes,
+    pub digest: Digest,
+    pub media_type: String,
+    pub from_cache: bool,
+}
+
+/// One line of `imagestream cache ls`.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub digest: Digest,
+    pub entry: Entry,
+    pub pinned_by: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct GcReport {
+    pub evicted: Vec<Digest>,
+    pub freed_bytes: u64,
+    pub size_bytes: u64,
+    pub limit_bytes: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct VerifyReport {
+    pub checked: u64,
+    pub ok: u64,
+    pub evicted: Vec<Digest>,
+}
+
+pub struct Cache {
+    store: Arc<ContentStore>,
+    registry: RegistryClient,
+    settings: CacheSettings,
+    view: View,
+    fills: Mutex<HashMap<Digest, Arc<Fill>>>,
+    tags: Mutex<HashMap<String, Digest>>,
+    gc_lock: tokio::sync::Mutex<()>,
+}
+
+fn metrics() -> &'static crate::metrics::Metrics {
+    crate::metrics::metrics()
+}
+
+impl Cache {
+    /// Opens the store under `state_dir` (removing stale temporaries).
+    pub fn open(
+        state_dir: &std::path::Path,
+        registry: RegistryClient,
+        settings: CacheSettings,
+        view: View,
+    ) -> Result<Arc<Self>, CacheError> {
+        let store = Arc::new(ContentStore::open(state_dir)?);
+        let tags = std::fs::read(&settings.tags_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<HashMap<String, String>>(&b).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| Digest::parse(&v).ok().map(|d| (k, d)))
+            .collect();
+        let cache = Arc::new(Self {
+            store,
+            registry,
+            settings,
+            view,
+            fills: Mutex::new(HashMap::new()),
+            tags: Mutex::new(tags),
+            gc_lock: tokio::sync::Mutex::new(()),
+        });
+        cache.update_size_gauge();
+        Ok(cache)
+    }
+
+    pub fn settings(&self) -> &CacheSettings {
+        &self.settings
+    }
+
+    pub fn store(&self) -> &ContentStore {
+        &self.store
+    }
+
+    /// Runs blocking store work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ContentStore) -> Result<T, CacheError> + Send + 'static,
+    ) -> Result<T, CacheError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| CacheError::Io {
+                path: "(blocking task)".into(),
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    fn update_size_gauge(&self) {
+        metrics()
+            .cache_size_bytes
+            .set(i64::try_from(self.store.total()).unwrap_or(i64::MAX));
+    }
+
+    /// A blob from the cache, or (with an `origin`) pulled through from upstream. Waits only
+    /// until the upstream has answered, not for the download.
+    #[tracing::instrument(skip(self, origin), fields(%digest))]
+    pub async fn blob(
+        self: &Arc<Self>,
+        digest: &Digest,
+        origin: Option<&Origin>,
+    ) -> Result<Blob, CacheError> {
+        if let Some((file, size)) = self.store.open_read(digest)? {
+            metrics().cache_hits.inc();
+            return Ok(Blob {
+                digest: digest.clone(),
+                size: Some(size),
+                from_cache: true,
+                file: Arc::new(file),
+                fill: None,
+            });
+        }
+        let Some(origin) = origin else {
+            return Err(CacheError::NotCached {
+                digest: digest.clone(),
+            });
+        };
+        metrics().cache_misses.inc();
+        let fill = self.start_fill(digest, origin)?;
+        let mut rx = fill.state.subscribe();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            match state {
+                FillState::Connecting => {}
+                FillState::Running { size, .. } => {
+                    return Ok(Blob {
+                        digest: digest.clone(),
+                        size,
+                        from_cache: false,
+                        file: fill.file.clone(),
+                        fill: Some(rx),
+                    })
+                }
+                FillState::Done { size } => {
+                    return Ok(Blob {
+                        digest: digest.clone(),
+                        size: Some(size),
+                        from_cache: false,
+                        file: fill.file.clone(),
+                        fill: None,
+                    })
+                }
+                FillState::Failed(message) => {
+                    return Err(CacheError::FillFailed {
+                        digest: digest.clone(),
+                        message,
+                    })
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(CacheError::FillFailed {
+                    digest: digest.clone(),
+                    message: "the download was abandoned".into(),
+                });
+            }
+        }
+    }
+
+    /// Makes sure `digest` is stored, downloading it from `origin` if needed; returns its size.
+    pub async fn ensure(self: &Arc<Self>, digest: &Digest, origin: &Origin) -> Result<u64, CacheError> {
+        if let Some(e) = self.store.get(digest) {
+            return Ok(e.size);
+        }
+        let fill = self.start_fill(digest, origin)?;
+        let mut rx = fill.state.subscribe();
+        loop {
+            match rx.borrow_and_update().clone() {
+                FillState::Done { size } => return Ok(size),
+                FillState::Failed(message) => {
+                    return Err(CacheError::FillFailed {
+                        digest: digest.clone(),
+                        message,
+                    })
+                }
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(CacheError::FillFailed {
+                    digest: digest.clone(),
+                    message: "the download was abandoned".into(),
+                });
+            }
+        }
+    }
+
+    /// The fill for `digest`, joining one in progress or starting one.
+    fn start_fill(self: &Arc<Self>, digest: &Digest, origin: &Origin) -> Result<Arc<Fill>, CacheError> {
+        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = fills.get(digest) {
+            return Ok(f.clone());
+        }
+        let ingest = self.store.begin(digest)?;
+        let (state, _) = watch::channel(FillState::Connecting);
+        let fill = Arc::new(Fill {
+            file: ingest.file(),
+            state,
+        });
+        fills.insert(digest.clone(), fill.clone());
+        drop(fills);
+        let cache = self.clone();
+        let digest = digest.clone();
+        let origin = origin.clone();
+        let task_fill = fill.clone();
+        tokio::spawn(async move {
+            let result = cache.run_fill(&digest, &origin, ingest, &task_fill).await;
+            cache
+                .fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&digest);
+            match result {
+                Ok(size) => {
+                    tracing::debug!(%digest, size, host = %origin.host, "cached");
+                    task_fill.state.send_replace(FillState::Done { size });
+                    cache.update_size_gauge();
+                    if cache.store.total() > cache.settings.max_bytes {
+                        let c = cache.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = c.gc().await {
+                                tracing::warn!(error = %e, "cache eviction failed");
+                            }
+                        });
+                    }
+                }
+                Err(e) => {
+                    if e.is_mismatch() {
+                        metrics().digest_mismatches.inc();
+                    }
+                    tracing::warn!(%digest, host = %origin.host, repository = %origin.repository, error = %e, "blob download failed; nothing cached");
+                    task_fill.state.send_replace(FillState::Failed(e.to_string()));
+                }
+            }
+        });
+        Ok(fill)
+    }
+
+    async fn run_fill(
+        &self,
+        digest: &Digest,
+        origin: &Origin,
+        mut ingest: store::Ingest,
+        fill: &Fill,
+    ) -> Result<u64, CacheError> {
+        metrics().upstream_fetches.inc();
+        let mut upstream = self
+            .registry
+            .fetch_blob(&origin.host, &origin.repository, digest)
+            .await?;
+        let size = upstream.content_length;
+        fill.state.send_replace(FillState::Running { written: 0, size });
+        let mut buf = BytesMut::with_capacity(CHUNK_BYTES);
+        let flush = |mut ingest: store::Ingest, data: Bytes| async move {
+            tokio::task::spawn_blocking(move || ingest.write(&data).map(|()| ingest))
+                .await
+                .map_err(|e| CacheError::FillFailed {
+                    digest: digest.clone(),
+                    message: e.to_string(),
+                })?
+        };
+        loop {
+            match upstream.stream.next().await {
+                Some(Ok(chunk)) => {
+                    buf.extend_from_slice(&chunk);
+                    if let Some(expected) = size {
+                        let got = ingest.written() + buf.len() as u64;
+                        if got > expected {
+                            return Err(CacheError::SizeMismatch {
+                                digest: digest.clone(),
+                                expected,
+                                got,
+                            });
+                        }
+                    }
+                    if buf.len() >= CHUNK_BYTES {
+                        ingest = flush(ingest, buf.split().freeze()).await?;
+                        let written = ingest.written();
+                        fill.state.send_modify(|s| {
+                            if let FillState::Running { written: w, .. } = s {
+                                *w = written;
+                            }
+                        });
+                    }
+                }
+                Some(Err(e)) => {
+                    // A verifying stream reports a bad digest only at the end: say so plainly.
+                    ingest = flush(ingest, buf.split().freeze()).await?;
+                    if size == Some(ingest.written()) {
+                        let computed = ingest.digest_so_far();
+                        if computed != *digest {
+                            return Err(CacheError::DigestMismatch {
+                                digest: digest.clone(),
+                                computed,
+                            });
+                        }
+                    }
+                    return Err(CacheError::FillFailed {
+                        digest: digest.clone(),
+                        message: format!("reading from {}: {e}", origin.host),
+                    });
+                }
+                None => break,
+            }
+        }
+        ingest = flush(ingest, buf.split().freeze()).await?;
+        let written = ingest.written();
+        fill.state.send_modify(|s| {
+            if let FillState::Running { written: w, .. } = s {
+                *w = written;
+            }
+        });
+        self.blocking(move |store| store.commit(ingest, size)).await
+    }
+
+    /// A manifest by digest (from the cache, else from `origin`) or by tag (always from
+    /// `origin`; the last answer is served if the upstream cannot be reached).
+    #[tracing::instrument(skip(self, origin), fields(reference))]
+    pub async fn manifest(
+        &self,
+        origin: Option<&Origin>,
+        reference: &str,
+    ) -> Result<Manifest, CacheError> {
+        if let Ok(digest) = Digest::parse(reference) {
+            if let Some(bytes) = self.read_manifest(&digest).await? {
+                metrics().cache_hits.inc();
+                return Ok(Manifest {
+                    media_type: crate::registry::manifest_media_type(&bytes),
+                    bytes: bytes.into(),
+                    digest,
+                    from_cache: true,
+                });
+            }
+            let Some(origin) = origin else {
+                return Err(CacheError::NotCached { digest });
+            };
+            metrics().cache_misses.inc();
+            return self.fetch_manifest(origin, reference).await;
+        }
+        let Some(origin) = origin else {
+            return Err(CacheError::Upstream(RegistryError::NotFound {
+                reference: reference.to_string(),
+            }));
+        };
+        let key = format!("{}/{}:{reference}", origin.host, origin.repository);
+        match self.fetch_manifest(origin, reference).await {
+            Ok(m) => {
+                self.remember_tag(key, &m.digest);
+                Ok(m)
+            }
+            Err(CacheError::Upstream(RegistryError::Unreachable { reference: r, message })) => {
+                let known = self
+                    .tags
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&key)
+                    .cloned();
+                if let Some(digest) = known {
+                    if let Some(bytes) = self.read_manifest(&digest).await? {
+                        tracing::warn!(tag = %key, %digest, "upstream unreachable; serving the last known digest of the tag");
+                        return Ok(Manifest {
+                            media_type: crate::registry::manifest_media_type(&bytes),
+                            bytes: bytes.into(),
+                            digest,
+                            from_cache: true,
+                        });
+                    }
+                }
+                Err(CacheError::Upstream(RegistryError::Unreachable {
+                    reference: r,
+                    message,
+                }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn fetch_manifest(&self, origin: &Origin, reference: &str) -> Result<Manifest, CacheError> {
+        metrics().upstream_fetches.inc();
+        let fetched = self
+            .registry
+            .fetch_manifest(&origin.host, &origin.repository, reference)
+            .await
+            .inspect_err(|e| {
+                if matches!(e, RegistryError::DigestMismatch { .. }) {
+                    metrics().digest_mismatches.inc();
+                }
+            })?;
+        let (digest, bytes) = (fetched.digest.clone(), fetched.bytes.clone());
+        self.blocking(move |store| store.put(&digest, &bytes)).await?;
+        self.update_size_gauge();
+        Ok(Manifest {
+            bytes: fetched.bytes,
+            digest: fetched.digest,
+            media_type: fetched.media_type,
+            from_cache: false,
+        })
+    }
+
+    async fn read_manifest(&self, digest: &Digest) -> Result<Option<Vec<u8>>, CacheError> {
+        let d = digest.clone();
+        self.blocking(move |store| {
+            let bytes = store.read_small(&d, MAX_MANIFEST_BYTES)?;
+            if bytes.is_some() {
+                store.open_read(&d)?; // records the use
+            }
+            Ok(bytes)
+        })
+        .await
+    }
+
+    fn remember_tag(&self, key: String, digest: &Digest) {
+        let snapshot = {
+            let mut tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+            if tags.get(&key) == Some(digest) {
+                return;
+            }
+            if tags.len() >= MAX_REMEMBERED_TAGS && !tags.contains_key(&key) {
+                return;
+            }
+            tags.insert(key, digest.clone());
+            tags.iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let path = self.settings.tags_file.clone();
+        let bytes = serde_json::to_vec_pretty(&snapshot).unwrap_or_default();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = write_atomically(&path, &bytes) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot save remembered tags");
+            }
+        });
+    }
+
+    /// Every cached blob with the stream tags that pin it.
+    pub async fn list(&self) -> Result<Vec<Listed>, CacheError> {
+        let pins = self.pins().await?;
+        let mut out: Vec<Listed> = self
+            .store
+            .entries()
+            .into_iter()
+            .map(|(digest, entry)| Listed {
+                pinned_by: pins.get(&digest).cloned().unwrap_or_default(),
+                digest,
+                entry,
+            })
+            .collect();
+        out.sort_by(|a, b| b.entry.last_used.cmp(&a.entry.last_used));
+        Ok(out)
+    }
+
+    /// Blobs reachable from a stream tag's current image, with the tags that reach them.
+    pub async fn pins(&self) -> Result<HashMap<Digest, Vec<String>>, CacheError> {
+        let snapshot = self.view.load();
+        self.blocking(move |store| Ok(pins::pinned(&snapshot, store)))
+            .await
+    }
+
+    /// Evicts least-recently-used blobs that nothing pins until the cache is within its limit.
+    pub async fn gc(&self) -> Result<GcReport, CacheError> {
+        let _guard = self.gc_lock.lock().await;
+        let limit = self.settings.max_bytes;
+        let mut report = GcReport {
+            limit_bytes: limit,
+            ..GcReport::default()
+        };
+        if self.store.total() > limit {
+            let pinned = self.pins().await?;
+            let busy: HashSet<Digest> = self
+                .fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            let mut candidates: Vec<(Digest, Entry)> = self
+                .store
+                .entries()
+                .into_iter()
+                .filter(|(d, _)| !pinned.contains_key(d) && !busy.contains(d))
+                .collect();
+            candidates.sort_by(|a, b| a.1.last_used.cmp(&b.1.last_used));
+            for (digest, _) in candidates {
+                if self.store.total() <= limit {
+                    break;
+                }
+                let d = digest.clone();
+                if let Some(size) = self.blocking(move |store| store.remove(&d)).await? {
+                    metrics().cache_evictions.inc();
+                    tracing::info!(%digest, size, "evicted from the cache");
+                    report.freed_bytes += size;
+                    report.evicted.push(digest);
+                }
+            }
+            if self.store.total() > limit {
+                tracing::warn!(
+                    size = self.store.total(),
+                    limit,
+                    "the cache is over its limit with only pinned or in-use blobs left"
+                );
+            }
+        }
+        report.size_bytes = self.store.total();
+        self.update_size_gauge();
+        Ok(report)
+    }
+
+    /// Re-hashes every cached blob and evicts those whose bytes no longer match.
+    pub async fn verify(&self) -> Result<VerifyReport, CacheError> {
+        let mut report = VerifyReport::default();
+        for (digest, _) in self.store.entries() {
+            report.checked += 1;
+            let d = digest.clone();
+            let good = self.blocking(move |store| store.verify(&d)).await?;
+            if good {
+                report.ok += 1;
+            } else {
+                tracing::error!(%digest, "cached blob no longer matches its digest; evicting it");
+                metrics().digest_mismatches.inc();
+                let d = digest.clone();
+                if self.blocking(move |store| store.remove(&d)).await?.is_some() {
+                    metrics().cache_evictions.inc();
+                }
+                report.evicted.push(digest);
+            }
+        }
+        self.update_size_gauge();
+        Ok(report)
+    }
+
+    /// Fetches an image (manifest or index, its platform's manifests, config and layers) into
+    /// the cache.
+    #[tracing::instrument(skip(self), fields(reference = %reference))]
+    pub async fn prefetch(self: &Arc<Self>, reference: &str, digest: &Digest) -> Result<u64, CacheError> {
+        let parsed = RegistryClient::parse(reference)?;
+        let origin = Origin {
+            host: parsed.registry().to_string(),
+            repository: parsed.repository().to_string(),
+        };
+        let mut bytes = 0u64;
+        let mut queue = vec![digest.clone()];
+        while let Some(d) = queue.pop() {
+            let m = self.manifest(Some(&origin), d.as_str()).await?;
+            bytes += m.bytes.len() as u64;
+            let children = pins::children(&m.bytes, true).map_err(|message| CacheError::BadManifest {
+                reference: format!("{}/{}@{}", origin.host, origin.repository, d),
+                message,
+            })?;
+            for child in children.manifests {
+                queue.push(child);
+            }
+            for blob in children.blobs {
+                bytes += self.ensure(&blob, &origin).await?;
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Prefetches each stream tag's current image when it changes, until `shutdown`.
+    pub async fn prefetch_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut changes = self.view.subscribe();
+        let mut done: HashSet<Digest> = HashSet::new();
+        loop {
+            let roots = pins::roots(&self.view.load());
+            for root in roots {
+                if done.contains(&root.digest) || *shutdown.borrow() {
+                    continue;
+                }
+                let span = tracing::info_span!("prefetch", stream = %root.pinned_by.join(","), digest = %root.digest);
+                let _enter = span.enter();
+                match self.prefetch(&root.reference, &root.digest).await {
+                    Ok(bytes) => {
+                        tracing::info!(bytes, "prefetched into the cache");
+                        done.insert(root.digest);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "prefetch failed; the pull will fetch it"),
+                }
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+impl Blob {
+    /// The bytes `[start, end)` (`end` defaults to the end of the blob) as a stream of chunks.
+    /// While a fill is running, the stream follows it and ends with an error if the fill fails.
+    pub fn into_stream(self, start: u64, end: Option<u64>) -> mpsc::Receiver<std::io::Result<Bytes>> {
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let source = if self.from_cache { "cache" } else { "upstream" };
+        tokio::spawn(async move {
+            if let Err(e) = self.pump(start, end, &tx, source).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
+    }
+
+    async fn pump(
+        self,
+        mut pos: u64,
+        end: Option<u64>,
+        tx: &mpsc::Sender<std::io::Result<Bytes>>,
+        source: &'static str,
+    ) -> std::io::Result<()> {
+        let served = metrics()
+            .cache_bytes_served
+            .get_or_create(&crate::metrics::SourceLabels {
+                source: source.to_string(),
+            })
+            .clone();
+        let mut fill = self.fill;
+        loop {
+            let (available, complete) = match fill.as_ref().map(|rx| rx.borrow().clone()) {
+                None => (self.size.unwrap_or(0), true),
+                Some(FillState::Connecting) => (0, false),
+                // The last byte waits for the size and digest check.
+                Some(FillState::Running { written, .. }) => (written.saturating_sub(1), false),
+                Some(FillState::Done { size }) => (size, true),
+                Some(FillState::Failed(m)) => {
+                    return Err(std::io::Error::other(format!("{}: {m}", self.digest)))
+                }
+            };
+            let limit = end.map_or(available, |e| e.min(available));
+            while pos < limit {
+                let n = (limit - pos).min(CHUNK_BYTES as u64) as usize;
+                let file = self.file.clone();
+                let chunk = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; n];
+                    file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                pos += n as u64;
+                served.inc_by(n as u64);
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return Ok(()); // the client went away
+                }
+            }
+            if complete || end.is_some_and(|e| pos >= e) {
+                return Ok(());
+            }
+            let Some(rx) = fill.as_mut() else {
+                return Ok(());
+            };
+            if rx.changed().await.is_err()
+                && !matches!(
+                    &*rx.borrow(),
+                    FillState::Done { .. } | FillState::Failed(_)
+                )
+            {
+                return Err(std::io::Error::other(format!(
+                    "{}: the download was abandoned",
+                    self.digest
+                )));
+            }
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `t` as RFC 3339 in UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "unknown".to_string())
+}

@@ -1,0 +1,167 @@
+//! What the cache must keep: the roots are the current image of every stream tag; from each
+//! root, an index leads to its manifests, a manifest to its config and layers. Everything so
+//! reachable (and present) is pinned and never evicted.
+
+use super::store::ContentStore;
+use crate::registry::Digest;
+use crate::stream::resolve::Snapshot;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// A stream tag's current image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Root {
+    pub digest: Digest,
+    /// `registry/repository@sha256:…`, where the image comes from.
+    pub reference: String,
+    /// `namespace/stream:tag` of every tag whose current image this is.
+    pub pinned_by: Vec<String>,
+}
+
+/// The current images of all stream tags, one entry per digest.
+pub fn roots(snapshot: &Snapshot) -> Vec<Root> {
+    let mut by_digest: BTreeMap<Digest, Root> = BTreeMap::new();
+    for stream in snapshot.streams() {
+        for tag in stream.tags.values() {
+            let Some(current) = tag.current() else {
+                continue;
+            };
+            let Ok(digest) = Digest::parse(&current.digest) else {
+                continue;
+            };
+            let name = format!("{}/{}:{}", stream.namespace, stream.name, tag.name);
+            by_digest
+                .entry(digest.clone())
+                .or_insert_with(|| Root {
+                    digest,
+                    reference: current.reference.clone(),
+                    pinned_by: Vec::new(),
+                })
+                .pinned_by
+                .push(name);
+        }
+    }
+    by_digest.into_values().collect()
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+}
+
+#[derive(Deserialize)]
+struct AnyManifest {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+/// What a manifest points at.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Children {
+    pub manifests: Vec<Digest>,
+    pub blobs: Vec<Digest>,
+}
+
+/// The node's platform as OCI names it.
+pub fn node_platform() -> (&'static str, &'static str) {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    ("linux", arch)
+}
+
+/// The children of manifest `bytes`. With `this_platform`, an index yields only the manifests
+/// for the node's platform (all of them when none names a platform).
+pub fn children(bytes: &[u8], this_platform: bool) -> Result<Children, String> {
+    let m: AnyManifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let digest = |d: &Descriptor| Digest::parse(&d.digest);
+    let mut out = Children::default();
+    let (os, arch) = node_platform();
+    let wanted: Vec<&Descriptor> = if this_platform
+        && m.manifests
+            .iter()
+            .any(|d| d.platform.as_ref().is_some_and(|p| p.os == os && p.architecture == arch))
+    {
+        m.manifests
+            .iter()
+            .filter(|d| d.platform.as_ref().is_some_and(|p| p.os == os && p.architecture == arch))
+            .collect()
+    } else {
+        m.manifests.iter().collect()
+    };
+    for d in wanted {
+        out.manifests.push(digest(d)?);
+    }
+    for d in m.config.iter().chain(m.layers.iter()) {
+        out.blobs.push(digest(d)?);
+    }
+    Ok(out)
+}
+
+/// Every stored blob reachable from the roots, with the tags that reach it.
+pub fn pinned(snapshot: &Snapshot, store: &ContentStore) -> HashMap<Digest, Vec<String>> {
+    let mut out: HashMap<Digest, Vec<String>> = HashMap::new();
+    for root in roots(snapshot) {
+        let mut reached: HashSet<Digest> = HashSet::new();
+        let mut queue = vec![root.digest.clone()];
+        while let Some(d) = queue.pop() {
+            if !reached.insert(d.clone()) {
+                continue;
+            }
+            if let Ok(Some(bytes)) = store.read_small(&d, super::MAX_MANIFEST_BYTES) {
+                if let Ok(c) = children(&bytes, false) {
+                    queue.extend(c.manifests);
+                    reached.extend(c.blobs);
+                }
+            }
+        }
+        for d in reached.into_iter().filter(|d| store.contains(d)) {
+            let names = out.entry(d).or_default();
+            for n in &root.pinned_by {
+                if !names.contains(n) {
+                    names.push(n.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_of_index_and_manifest() {
+        let (os, arch) = node_platform();
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let index = format!(
+            r#"{{"manifests":[{{"digest":"{a}","platform":{{"os":"{os}","architecture":"{arch}"}}}},{{"digest":"{b}","platform":{{"os":"windows","architecture":"x"}}}}]}}"#
+        );
+        let c = children(index.as_bytes(), true).expect("index");
+        assert_eq!(c.manifests, vec![Digest::parse(&a).expect("d")]);
+        assert_eq!(children(index.as_bytes(), false).expect("index").manifests.len(), 2);
+        let manifest = format!(r#"{{"config":{{"digest":"{a}"}},"layers":[{{"digest":"{b}"}}]}}"#);
+        let c = children(manifest.as_bytes(), true).expect("manifest");
+        assert_eq!(c.blobs.len(), 2);
+        assert!(children(br#"{"layers":[{"digest":"sha256:../x"}]}"#, true).is_err());
+    }
+}

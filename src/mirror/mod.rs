@@ -1,0 +1,558 @@
+//! The registry mirror: an HTTP server speaking the pull side of the OCI distribution API,
+//! backed by the layer cache ([`crate::cache`]), plus `/metrics` (Prometheus text). containerd
+//! is pointed at it through a `hosts.toml` ([`hosts_toml`]) and names the upstream registry in
+//! the `ns` query parameter; [`Upstreams`] says which registries may be reached.
+//!
+//! - `GET /v2/`: API version check.
+//! - `HEAD`/`GET /v2/<name>/manifests/<tag-or-digest>`: by digest from the cache (pulled through
+//!   on a miss); by tag always from the upstream, verified against the digest it claims.
+//! - `HEAD`/`GET /v2/<name>/blobs/<digest>`: from the cache or pulled through while streaming,
+//!   with single `Range` requests (206) on cached blobs.
+//! - Anything that writes is refused (`405 UNSUPPORTED`).
+
+pub mod hosts_toml;
+
+use crate::cache::{Blob, Cache, CacheError, Origin};
+use crate::registry::{Digest, RegistryError};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt as _, Empty, Full, StreamBody};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+/// Where the mirror listens by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5050";
+/// Longest repository name accepted (distribution's limit).
+pub const MAX_NAME_LEN: usize = 255;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Errors at the mirror's edge, each mapped to an HTTP status and a distribution error code.
+#[derive(Debug, Error)]
+pub enum MirrorError {
+    #[error("invalid repository name {0:?}")]
+    NameInvalid(String),
+    #[error("invalid digest {0:?}")]
+    DigestInvalid(String),
+    #[error("invalid tag {0:?}")]
+    TagInvalid(String),
+    #[error("upstream registry {0:?} is not allowed by this mirror (configure mirror_upstreams)")]
+    UpstreamDenied(String),
+    #[error("this mirror is read-only: {0} is not supported")]
+    Unsupported(String),
+    #[error("invalid range {0:?}")]
+    Range(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+impl MirrorError {
+    fn status_and_code(&self, blob: bool) -> (StatusCode, &'static str) {
+        let unknown = if blob {
+            "BLOB_UNKNOWN"
+        } else {
+            "MANIFEST_UNKNOWN"
+        };
+        match self {
+            MirrorError::NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+            MirrorError::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            MirrorError::TagInvalid(_) => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
+            MirrorError::UpstreamDenied(_) => (StatusCode::FORBIDDEN, "DENIED"),
+            MirrorError::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+            MirrorError::Range(_) => (StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UNKNOWN"),
+            MirrorError::NotFound(_) => (StatusCode::NOT_FOUND, unknown),
+            MirrorError::Cache(e) => match e {
+                CacheError::NotCached { .. } => (StatusCode::NOT_FOUND, unknown),
+                CacheError::Upstream(RegistryError::NotFound { .. }) => {
+                    (StatusCode::NOT_FOUND, unknown)
+                }
+                CacheError::Upstream(RegistryError::InvalidReference { .. }) => {
+                    (StatusCode::BAD_REQUEST, "NAME_INVALID")
+                }
+                CacheError::Upstream(RegistryError::Unauthorized { .. }) => {
+                    (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+                }
+                CacheError::FillFailed { message, .. } if message.contains("not found") => {
+                    (StatusCode::NOT_FOUND, unknown)
+                }
+                CacheError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+                // The upstream failed or sent bad bytes: a gateway error, so that containerd
+                // falls back to its next host.
+                _ => (StatusCode::BAD_GATEWAY, "UNKNOWN"),
+            },
+        }
+    }
+}
+
+/// The registries the mirror may pull through from, by host (`HOST[:PORT]`, as containerd
+/// sends it in `ns`).
+#[derive(Debug, Clone, Default)]
+pub struct Upstreams {
+    hosts: BTreeMap<String, bool>,
+}
+
+impl Upstreams {
+    /// From `mirror_upstreams` URLs (`http://HOST:PORT`, `https://HOST`) and the insecure
+    /// registries (`HOST:PORT`, plain HTTP).
+    pub fn new(urls: &[String], insecure: &[String]) -> Result<Self, String> {
+        let mut hosts = BTreeMap::new();
+        for url in urls {
+            let (secure, host) = parse_upstream(url)?;
+            hosts.insert(host, secure);
+        }
+        for h in insecure {
+            hosts.entry(h.clone()).or_insert(false);
+        }
+        Ok(Self { hosts })
+    }
+
+    pub fn allows(&self, host: &str) -> bool {
+        self.hosts.contains_key(host)
+    }
+
+    /// Hosts reached over plain HTTP.
+    pub fn plain_http_hosts(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .filter(|(_, secure)| !**secure)
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+
+    /// The only upstream, when exactly one is configured (used when `ns` is absent).
+    fn single(&self) -> Option<&str> {
+        (self.hosts.len() == 1)
+            .then(|| self.hosts.keys().next().map(String::as_str))
+            .flatten()
+    }
+}
+
+/// `http://HOST[:PORT]` → (false, HOST[:PORT]); `https://…` or a bare host → (true, …).
+pub fn parse_upstream(url: &str) -> Result<(bool, String), String> {
+    let (secure, rest) = if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if url.contains("://") {
+        return Err(format!("{url:?}: only http:// and https:// upstreams are supported"));
+    } else {
+        (true, url)
+    };
+    let host = rest.trim_end_matches('/');
+    if host.is_empty()
+        || host.contains('/')
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+    {
+        return Err(format!("{url:?} is not SCHEME://HOST[:PORT]"));
+    }
+    Ok((secure, host.to_ascii_lowercase()))
+}
+
+/// Checks a repository name against the distribution grammar.
+pub fn check_name(name: &str) -> Result<(), MirrorError> {
+    let component_ok = |c: &str| {
+        let b = c.as_bytes();
+        !b.is_empty()
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || matches!(x, b'.' | b'_' | b'-'))
+            && !c.contains("..")
+    };
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.split('/').all(component_ok) {
+        return Err(MirrorError::NameInvalid(name.chars().take(300).collect()));
+    }
+    Ok(())
+}
+
+fn check_tag(tag: &str) -> Result<(), MirrorError> {
+    let b = tag.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(MirrorError::TagInvalid(tag.chars().take(200).collect()))
+    }
+}
+
+/// The mirror's request handler.
+pub struct Mirror {
+    cache: Arc<Cache>,
+    upstreams: Upstreams,
+}
+
+enum Route<'a> {
+    Base,
+    Metrics,
+    Manifest { name: &'a str, reference: &'a str },
+    Blob { name: &'a str, digest: &'a str },
+    Write,
+    Unknown,
+}
+
+fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
+    if path == "/metrics" {
+        return Route::Metrics;
+    }
+    if path == "/v2/" || path == "/v2" {
+        return Route::Base;
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return Route::Unknown;
+    };
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return Route::Write;
+    }
+    if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+        return Route::Manifest { name, reference };
+    }
+    if rest.contains("/blobs/uploads") {
+        return Route::Write;
+    }
+    if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+        return Route::Blob { name, digest };
+    }
+    Route::Unknown
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+fn error_response(e: &MirrorError, blob: bool, head: bool) -> Response<Body> {
+    let (status, code) = e.status_and_code(blob);
+    let message = crate::audit::cap(e.to_string());
+    let body = serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string();
+    let mut r = Response::new(if head { empty() } else { full(body) });
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// `bytes=A-B`, `bytes=A-`, `bytes=-N` against a blob of `size` bytes → `[start, end)`.
+pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), MirrorError> {
+    let bad = || MirrorError::Range(value.chars().take(100).collect());
+    let spec = value.trim().strip_prefix("bytes=").ok_or_else(bad)?;
+    if spec.contains(',') {
+        return Err(bad());
+    }
+    let (a, b) = spec.split_once('-').ok_or_else(bad)?;
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| bad())?;
+        if n == 0 {
+            return Err(bad());
+        }
+        (size.saturating_sub(n), size)
+    } else {
+        let start: u64 = a.parse().map_err(|_| bad())?;
+        let end = if b.is_empty() {
+            size
+        } else {
+            b.parse::<u64>().map_err(|_| bad())?.saturating_add(1).min(size)
+        };
+        (start, end)
+    };
+    if start >= end || start >= size {
+        return Err(bad());
+    }
+    Ok((start, end))
+}
+
+impl Mirror {
+    pub fn new(cache: Arc<Cache>, upstreams: Upstreams) -> Self {
+        Self { cache, upstreams }
+    }
+
+    /// Handles one request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body> {
+        let method = req.method().clone();
+        let head = method == Method::HEAD;
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let (kind, response) = match route(&method, &path) {
+            Route::Base => {
+                let mut r = Response::new(if head { empty() } else { full("{}") });
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                ("other", r)
+            }
+            Route::Metrics => {
+                let mut r = Response::new(full(crate::metrics::metrics().encode()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                ("other", r)
+            }
+            Route::Manifest { name, reference } => (
+                "manifest",
+                self.manifest(name, reference, &query, head)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(name, reference, error = %e, "manifest request failed");
+                        error_response(&e, false, head)
+                    }),
+            ),
+            Route::Blob { name, digest } => {
+                let range = req
+                    .headers()
+                    .get(header::RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                (
+                    "blob",
+                    self.blob(name, digest, &query, head, range.as_deref())
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(name, digest, error = %e, "blob request failed");
+                            error_response(&e, true, head)
+                        }),
+                )
+            }
+            Route::Write => (
+                "other",
+                error_response(
+                    &MirrorError::Unsupported(format!("{method} {path}")),
+                    false,
+                    head,
+                ),
+            ),
+            Route::Unknown => (
+                "other",
+                error_response(&MirrorError::NotFound(path.clone()), false, head),
+            ),
+        };
+        let mut response = response;
+        response.headers_mut().insert(
+            "docker-distribution-api-version",
+            HeaderValue::from_static("registry/2.0"),
+        );
+        crate::metrics::metrics()
+            .mirror_requests
+            .get_or_create(&crate::metrics::MirrorLabels {
+                kind: kind.to_string(),
+                code: response.status().as_u16().to_string(),
+            })
+            .inc();
+        response
+    }
+
+    /// The upstream named by `ns` (or the only one configured), checked against the allowed set.
+    fn origin(&self, name: &str, query: &str) -> Result<Option<Origin>, MirrorError> {
+        let ns = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "ns")
+            .map(|(_, v)| v.to_ascii_lowercase());
+        let host = match ns {
+            Some(h) => h,
+            None => match self.upstreams.single() {
+                Some(h) => h.to_string(),
+                None => return Ok(None),
+            },
+        };
+        if !self.upstreams.allows(&host) {
+            return Err(MirrorError::UpstreamDenied(host.chars().take(300).collect()));
+        }
+        Ok(Some(Origin {
+            host,
+            repository: name.to_string(),
+        }))
+    }
+
+    #[tracing::instrument(skip(self, query, head))]
+    async fn manifest(
+        &self,
+        name: &str,
+        reference: &str,
+        query: &str,
+        head: bool,
+    ) -> Result<Response<Body>, MirrorError> {
+        check_name(name)?;
+        if reference.contains(':') {
+            Digest::parse(reference).map_err(|_| {
+                MirrorError::DigestInvalid(reference.chars().take(200).collect())
+            })?;
+        } else {
+            check_tag(reference)?;
+        }
+        let origin = self.origin(name, query)?;
+        let m = self.cache.manifest(origin.as_ref(), reference).await?;
+        let len = m.bytes.len();
+        let mut r = Response::new(if head { empty() } else { full(m.bytes) });
+        let h = r.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&m.media_type) {
+            h.insert(header::CONTENT_TYPE, v);
+        }
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        if let Ok(v) = HeaderValue::from_str(m.digest.as_str()) {
+            h.insert("docker-content-digest", v.clone());
+            h.insert(header::ETAG, v);
+        }
+        Ok(r)
+    }
+
+    #[tracing::instrument(skip(self, query, head, range))]
+    async fn blob(
+        &self,
+        name: &str,
+        digest: &str,
+        query: &str,
+        head: bool,
+        range: Option<&str>,
+    ) -> Result<Response<Body>, MirrorError> {
+        check_name(name)?;
+        let digest = Digest::parse(digest)
+            .map_err(|_| MirrorError::DigestInvalid(digest.chars().take(200).collect()))?;
+        let origin = self.origin(name, query)?;
+        let mut blob = self.cache.blob(&digest, origin.as_ref()).await?;
+        if range.is_some() && !blob.from_cache {
+            // Ranges are served from complete blobs: finish the download first.
+            if let Some(o) = origin.as_ref() {
+                self.cache.ensure(&digest, o).await?;
+            }
+            blob = self.cache.blob(&digest, origin.as_ref()).await?;
+        }
+        let size = blob.size;
+        let (status, start, end) = match (range, size) {
+            (Some(r), Some(size)) => {
+                let (s, e) = parse_range(r, size)?;
+                (StatusCode::PARTIAL_CONTENT, s, Some(e))
+            }
+            _ => (StatusCode::OK, 0, size),
+        };
+        let mut r = Response::new(if head {
+            empty()
+        } else {
+            body_of(blob, start, end)
+        });
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        if let Some(end) = end {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+        }
+        if status == StatusCode::PARTIAL_CONTENT {
+            if let (Some(size), Some(end)) = (size, end) {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
+                    h.insert(header::CONTENT_RANGE, v);
+                }
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
+            h.insert("docker-content-digest", v.clone());
+            h.insert(header::ETAG, v);
+        }
+        Ok(r)
+    }
+}
+
+fn body_of(blob: Blob, start: u64, end: Option<u64>) -> Body {
+    let rx = blob.into_stream(start, end);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(|r| r.map(hyper::body::Frame::data));
+    http_body_util::BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// Serves `mirror` on `listener` (HTTP/1.1 and h2c) until `shutdown`, then drains for at most
+/// `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    mirror: Arc<Mirror>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mirror accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let mirror = mirror.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let mirror = mirror.clone();
+                    async move { Ok::<_, Infallible>(mirror.handle(req).await) }
+                });
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "mirror connection ended");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("mirror requests drained"),
+        _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "mirror drain timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_ranges_and_upstreams() {
+        assert!(check_name("library/busybox").is_ok());
+        assert!(check_name("a/b-c/d_e.f").is_ok());
+        for bad in ["", "UP", "a//b", "../x", "a/../b", "-a", "a/", &"a".repeat(300)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_range("bytes=0-9", 100).expect("r"), (0, 10));
+        assert_eq!(parse_range("bytes=90-", 100).expect("r"), (90, 100));
+        assert_eq!(parse_range("bytes=-10", 100).expect("r"), (90, 100));
+        assert_eq!(parse_range("bytes=50-500", 100).expect("r"), (50, 100));
+        assert!(parse_range("bytes=100-", 100).is_err());
+        assert!(parse_range("bytes=0-1,5-6", 100).is_err());
+        assert!(parse_range("items=0-1", 100).is_err());
+        let u = Upstreams::new(&["http://127.0.0.1:5000".into(), "https://r.example".into()], &[])
+            .expect("ok");
+        assert!(u.allows("127.0.0.1:5000") && u.allows("r.example"));
+        assert!(!u.allows("evil.example"));
+        assert_eq!(u.plain_http_hosts(), vec!["127.0.0.1:5000".to_string()]);
+        assert!(Upstreams::new(&["ftp://x".into()], &[]).is_err());
+        assert!(Upstreams::new(&["http://x/path".into()], &[]).is_err());
+    }
+}
