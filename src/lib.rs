@@ -5,19 +5,25 @@
 //!
 //! Data flows one way: the CLI talks to the admin API, which calls the stream service, which
 //! pins through the registry client and writes the store, then swaps the in-memory view; the
-//! CRI proxy reads only that view.
+//! CRI proxy reads only that view. containerd pulls through the mirror, which asks the cache,
+//! which asks the registry client on a miss; the cache reads the view for pins and prefetch.
 //!
 //! - [`config`]: embedded defaults (documented constants), the TOML file, flag overrides.
 //! - [`stream`]: the model (streams, tags, generations), name and reference grammar,
 //!   resolution ([`stream::resolve`]) and the service that changes streams.
 //! - [`store`]: persistence behind the narrow [`store::StreamStore`] trait (redb by default).
-//! - [`registry`]: pins a source reference to a verified manifest digest (oci-client).
+//! - [`registry`]: pins a source reference to a verified manifest digest and fetches manifests
+//!   and blob streams (oci-client); digests and registry credentials.
+//! - [`cache`]: the node's layer cache: the verified content store, pull-through fills shared
+//!   by concurrent clients, pins, LRU eviction, scrub and prefetch.
+//! - [`mirror`]: the registry mirror (OCI distribution pull API over HTTP, `/metrics`) and
+//!   containerd's `hosts.toml`.
 //! - [`cri`]: the CRI proxy: raw HTTP/2 forwarding to the runtime, the four rewritten calls,
 //!   stream access and the node's pull policy.
 //! - [`admin`]: the admin gRPC API (`proto/imagestream/v1/admin.proto`), caller checks
 //!   (SO_PEERCRED) and its client.
 //! - [`socket`]: creating root-only unix sockets, replacing stale ones.
-//! - [`audit`]: capped error messages and audit records; [`metrics`]: denial counters.
+//! - [`audit`]: capped error messages and audit records; [`metrics`]: Prometheus metrics.
 //! - [`server`]: [`server::run`] wires everything together until a shutdown future completes.
 //! - [`cli`]: the `imagestream` command line.
 #![forbid(unsafe_code)]

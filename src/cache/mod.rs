@@ -28,6 +28,7 @@ use std::time::SystemTime;
 use store::{ContentStore, Entry};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 
 /// Default size limit of the cache.
 pub const DEFAULT_MAX_BYTES: u64 = 20 << 30;
@@ -693,14 +694,19 @@ impl Cache {
                 if done.contains(&root.digest) || *shutdown.borrow() {
                     continue;
                 }
-                let span = tracing::info_span!("prefetch", stream = %root.pinned_by.join(","), digest = %root.digest);
-                let _enter = span.enter();
-                match self.prefetch(&root.reference, &root.digest).await {
+                let span = tracing::info_span!("prefetch", tags = %root.pinned_by.join(","), digest = %root.digest);
+                match self
+                    .prefetch(&root.reference, &root.digest)
+                    .instrument(span.clone())
+                    .await
+                {
                     Ok(bytes) => {
-                        tracing::info!(bytes, "prefetched into the cache");
+                        span.in_scope(|| tracing::info!(bytes, "prefetched into the cache"));
                         done.insert(root.digest);
                     }
-                    Err(e) => tracing::warn!(error = %e, "prefetch failed; the pull will fetch it"),
+                    Err(e) => span.in_scope(|| {
+                        tracing::warn!(error = %e, "prefetch failed; the pull will fetch it")
+                    }),
                 }
             }
             tokio::select! {
