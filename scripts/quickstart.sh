@@ -10,7 +10,9 @@
 # (${IMAGESTREAM_QUICKSTART_DIR:-/tmp/imagestream-quickstart}):
 #   - a docker-registry on a free loopback port with demo images pushed by skopeo,
 #   - containerd (CRI plugin, native snapshotter) with its socket, state and root in the dir,
-#   - `imagestream serve` in front of it, with embedded defaults except the scratch paths,
+#   - `imagestream serve` in front of it, with embedded defaults except the scratch paths and a
+#     free mirror port, and containerd pulling from the registry through imagestream's layer
+#     cache (a hosts.toml written by `imagestream mirror hosts-toml`),
 # then walks an image stream through set -> move -> rollback, running the image each time
 # through imagestream's CRI socket, and leaves the node running.
 #
@@ -369,7 +371,14 @@ start_imagestream() {
   # An empty config file: embedded defaults (a host /etc/imagestream/config.toml is not read);
   # the flags put every path in the scratch dir.
   printf '# quickstart: embedded defaults; paths are given as flags\n' >"$QS/config.toml"
+  local mport=5050
+  while ! port_free "$mport"; do
+    mport=$((mport + 1))
+    ((mport < 5150)) || die "no free port in 127.0.0.1:5050-5149 for the mirror"
+  done
+  MIRROR="127.0.0.1:$mport"
   IMAGESTREAM_CMD=("$BIN" serve --config "$QS/config.toml"
+    --mirror-listen "$MIRROR"
     --state-dir "$STATE_DIR"
     --cri-socket "$CRI_SOCK"
     --admin-socket "$ADMIN_SOCK"
@@ -382,7 +391,9 @@ start_imagestream() {
   for _ in $(seq 300); do
     if "$BIN" stream ls >/dev/null 2>&1 &&
       cri_quiet RuntimeService/Version VersionRequest VersionResponse ''; then
-      say "imagestream: CRI socket $CRI_SOCK, admin socket $ADMIN_SOCK"
+      say "imagestream: CRI socket $CRI_SOCK, admin socket $ADMIN_SOCK, mirror http://$MIRROR"
+      say "containerd pulls $REG through the mirror:"
+      show "$BIN" mirror hosts-toml --registry "$REG" --dir "$CTD_DIR/certs.d" --mirror "http://$MIRROR"
       return 0
     fi
     kill -0 "$(cat "$QS/imagestream.pid")" 2>/dev/null || break
@@ -558,6 +569,12 @@ walk() {
 
   heading "9. What containerd holds (namespace k8s.io)"
   ctr -a "$CTD_SOCK" -n k8s.io images ls -q | grep -v '^sha256:' | sed 's/^/    /'
+
+  heading "10. The node's layer cache (containerd pulled through the mirror; tags pin their images)"
+  show "$is" cache ls
+  show "$is" cache verify
+  say "mirror metrics (http://$MIRROR/metrics):"
+  curl -fsS "http://$MIRROR/metrics" | grep -E '^imagestream_(cache|upstream)' | sed 's/^/    /' || true
 }
 
 summary() {
@@ -566,7 +583,7 @@ summary() {
 Scratch dir:     $QS   (logs: $QS/{imagestream,containerd,registry}.log)
 Registry:        http://$REG   (demo/app:v1, demo/app:v2, $PAUSE_IMAGE_NAME)
 containerd:      unix://$CTD_SOCK
-imagestream:     CRI unix://$CRI_SOCK, admin $ADMIN_SOCK
+imagestream:     CRI unix://$CRI_SOCK, admin $ADMIN_SOCK, mirror http://$MIRROR (/metrics)
                  ${IMAGESTREAM_CMD[*]}
 
 Use it:
@@ -574,6 +591,7 @@ Use it:
   $BIN stream ls
   $BIN tag set demo/app:prod $REG/demo/app:v2
   $BIN tag history demo/app:prod
+  $BIN cache ls
   # Run a container of the tag in the demo pod (namespace demo) through imagestream's CRI socket:
   bash $REPO/scripts/quickstart.sh run                       # imagestream.local/demo/app:prod
   bash $REPO/scripts/quickstart.sh run app:prod              # the short name

@@ -159,6 +159,19 @@ pub fn parse_upstream(url: &str) -> Result<(bool, String), String> {
     Ok((secure, host.to_ascii_lowercase()))
 }
 
+/// The percent-decoded value of `key` in a URL query (containerd sends `ns=127.0.0.1%3A5000`).
+pub fn query_param(query: &str, key: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| {
+            percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+}
+
 /// Checks a repository name against the distribution grammar.
 pub fn check_name(name: &str) -> Result<(), MirrorError> {
     let component_ok = |c: &str| {
@@ -349,6 +362,7 @@ impl Mirror {
             ),
         };
         let mut response = response;
+        tracing::debug!(%method, path, query, status = response.status().as_u16(), "mirror request");
         response.headers_mut().insert(
             "docker-distribution-api-version",
             HeaderValue::from_static("registry/2.0"),
@@ -365,11 +379,7 @@ impl Mirror {
 
     /// The upstream named by `ns` (or the only one configured), checked against the allowed set.
     fn origin(&self, name: &str, query: &str) -> Result<Option<Origin>, MirrorError> {
-        let ns = query
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == "ns")
-            .map(|(_, v)| v.to_ascii_lowercase());
+        let ns = query_param(query, "ns").map(|v| v.to_ascii_lowercase());
         let host = match ns {
             Some(h) => h,
             None => match self.upstreams.single() {
@@ -540,6 +550,11 @@ mod tests {
         for bad in ["", "UP", "a//b", "../x", "a/../b", "-a", "a/", &"a".repeat(300)] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            query_param("ns=127.0.0.1%3A5000&x=1", "ns").as_deref(),
+            Some("127.0.0.1:5000")
+        );
+        assert_eq!(query_param("a=b", "ns"), None);
         assert_eq!(parse_range("bytes=0-9", 100).expect("r"), (0, 10));
         assert_eq!(parse_range("bytes=90-", 100).expect("r"), (90, 100));
         assert_eq!(parse_range("bytes=-10", 100).expect("r"), (90, 100));
