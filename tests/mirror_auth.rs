@@ -1,0 +1,183 @@
+//! The mirror pulls through from a registry that requires credentials (real docker-registry
+//! with htpasswd basic auth), with the credentials from a docker `config.json`; without them it
+//! answers UNAUTHORIZED; the password never reaches the daemon's log.
+
+mod common;
+
+use common::daemon::Daemon;
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const USER: &str = "puller";
+const PASSWORD: &str = "s3cret-Pa55word";
+
+/// A second docker-registry process on the same storage as `origin`, requiring basic auth.
+struct AuthRegistry {
+    addr: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl AuthRegistry {
+    fn start(origin: &Registry) -> AuthRegistry {
+        require_binary("htpasswd", "apache2-utils");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", USER, PASSWORD])
+            .output()
+            .expect("htpasswd");
+        assert!(out.status.success(), "htpasswd failed");
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, &out.stdout).expect("write htpasswd");
+        for _ in 0..5 {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                     storage:\n  filesystem:\n    rootdirectory: {data}\n\
+                     auth:\n  htpasswd:\n    realm: imagestream-test\n    path: {htpasswd}\n\
+                     http:\n  addr: {addr}\n  secret: imagestream-test-secret\n",
+                    data = origin.dir.join("data").display(),
+                    htpasswd = htpasswd.display()
+                ),
+            )
+            .expect("write config");
+            let mut child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn docker-registry");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if http_get_status(&addr, "/v2/") == Some(401) {
+                    return AuthRegistry {
+                        addr,
+                        child,
+                        _dir: dir,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("authenticated docker-registry did not come up");
+    }
+}
+
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config_json(host: &str) -> String {
+    use std::fmt::Write as _;
+    // base64 of "puller:s3cret-Pa55word", computed here to keep the test dependency-free.
+    let raw = format!("{USER}:{PASSWORD}");
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in raw.as_bytes().chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = String::new();
+    let _ = write!(out, r#"{{"auths":{{"{host}":{{"auth":"{b64}"}}}}}}"#);
+    out
+}
+
+#[test]
+fn the_mirror_uses_configured_credentials_and_never_logs_them() {
+    require_root("the mirror auth test");
+    let origin = Registry::start();
+    let digest = push_image_to(&origin.addr, "private/app", "v1", "v1", &["/bin/sh"]);
+    let auth = AuthRegistry::start(&origin);
+    assert_eq!(
+        http_get_status(&auth.addr, &format!("/v2/private/app/manifests/{digest}")),
+        Some(401),
+        "the authenticated registry must refuse anonymous pulls"
+    );
+
+    // Without credentials: the mirror says UNAUTHORIZED and caches nothing.
+    let anonymous = Daemon::start("unix:///nonexistent.sock", &[&auth.addr], &[]);
+    let (status, body) = http_request(
+        &anonymous.mirror_addr,
+        "GET",
+        &format!("/v2/private/app/manifests/v1?ns={}", auth.addr),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+    )
+    .expect("mirror answers");
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("UNAUTHORIZED"), "{body}");
+    drop(anonymous);
+
+    // With a docker config.json naming the registry.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth_file = dir.path().join("auth.json");
+    std::fs::write(&auth_file, config_json(&auth.addr)).expect("write auth.json");
+    let d = Daemon::start_with_config(
+        "unix:///nonexistent.sock",
+        &[&auth.addr],
+        &[],
+        &format!("registry_auth_file = {:?}\n", auth_file.display().to_string()),
+    );
+    let (status, body) = http_request(
+        &d.mirror_addr,
+        "GET",
+        &format!("/v2/private/app/manifests/v1?ns={}", auth.addr),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+    )
+    .expect("mirror answers");
+    assert_eq!(status, 200, "{}\n{}", String::from_utf8_lossy(&body), d.log_text());
+    let manifest: serde_json::Value = serde_json::from_slice(&body).expect("manifest JSON");
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("a layer")
+        .to_string();
+    let (status, blob) = http_request(
+        &d.mirror_addr,
+        "GET",
+        &format!("/v2/private/app/blobs/{layer}?ns={}", auth.addr),
+        &[],
+    )
+    .expect("mirror answers");
+    assert_eq!(status, 200, "{}", d.log_text());
+    assert!(!blob.is_empty());
+    assert!(d.state_dir.join("blobs/sha256").join(&layer["sha256:".len()..]).exists());
+
+    // Pinning a tag uses the same credentials.
+    d.cli_ok(&["stream", "create", "team-a/private"]);
+    let out = d.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/private:prod",
+        &format!("{}/private/app:v1", auth.addr),
+    ]);
+    assert!(out.contains(&digest[..19]), "{out}");
+
+    let log = d.log_text();
+    assert!(!log.contains(PASSWORD), "the password reached the log:\n{log}");
+    let b64 = config_json("x");
+    let b64 = b64.split("\"auth\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap_or("");
+    assert!(!log.contains(b64), "the encoded credentials reached the log");
+}
