@@ -29,6 +29,8 @@ pub const DEFAULT_MIRROR_LISTEN: &str = crate::mirror::DEFAULT_LISTEN;
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = crate::cache::DEFAULT_MAX_BYTES;
 /// How often the daemon re-hashes the cache (a day); 0 turns the periodic scrub off.
 pub const DEFAULT_SCRUB_INTERVAL_SECS: u64 = 24 * 60 * 60;
+/// Earlier distinct digests of each stream tag kept pinned in the cache.
+pub const DEFAULT_PIN_HISTORY: usize = crate::cache::DEFAULT_PIN_HISTORY;
 /// How long a CRI call may wait to connect to the runtime.
 pub const RUNTIME_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -72,6 +74,7 @@ pub struct FileConfig {
     pub cache_max_bytes: Option<u64>,
     pub scrub_interval_secs: Option<u64>,
     pub prefetch: Option<bool>,
+    pub pin_history: Option<usize>,
 }
 
 /// Flags of `imagestream serve` that override the file.
@@ -124,6 +127,8 @@ pub struct Config {
     pub scrub_interval_secs: u64,
     /// Prefetch a stream tag's image into the cache when the tag changes.
     pub prefetch: bool,
+    /// Earlier distinct digests of each stream tag kept pinned in the cache (for rollback).
+    pub pin_history: usize,
 }
 
 impl Default for Config {
@@ -148,6 +153,7 @@ impl Default for Config {
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             scrub_interval_secs: DEFAULT_SCRUB_INTERVAL_SECS,
             prefetch: true,
+            pin_history: DEFAULT_PIN_HISTORY,
         }
     }
 }
@@ -192,6 +198,7 @@ impl Config {
             cache_max_bytes,
             scrub_interval_secs,
             prefetch,
+            pin_history,
         } = f;
         set(&mut self.state_dir, state_dir);
         set(&mut self.cri_socket, cri_socket);
@@ -212,6 +219,7 @@ impl Config {
         set(&mut self.cache_max_bytes, cache_max_bytes);
         set(&mut self.scrub_interval_secs, scrub_interval_secs);
         set(&mut self.prefetch, prefetch);
+        set(&mut self.pin_history, pin_history);
     }
 
     fn apply_overrides(&mut self, o: Overrides) {

@@ -109,6 +109,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             max_bytes: config.cache_max_bytes,
             prefetch: config.prefetch,
             tags_file: state_dir.join("mirror-tags.json"),
+            pin_history: config.pin_history,
         };
         let view = streams.view();
         tokio::task::spawn_blocking(move || Cache::open(&dir, registry, settings, view))

@@ -70,6 +70,7 @@ impl From<CacheError> for Status {
         let code = match e {
             CacheError::Io { .. } => tonic::Code::Internal,
             CacheError::NotCached { .. } => tonic::Code::NotFound,
+            CacheError::Pinned { .. } => tonic::Code::FailedPrecondition,
             CacheError::DigestMismatch { .. } | CacheError::SizeMismatch { .. } => {
                 tonic::Code::DataLoss
             }
@@ -101,6 +102,13 @@ impl AdminApi {
 
     fn write<T>(&self, req: &Request<T>, action: &str) -> Result<auth::Caller, Status> {
         self.access.check(req, auth::Kind::Write, action)
+    }
+
+    /// Marks each generation the node's cache holds completely.
+    async fn mark_held(&self, tag: &mut pb::Tag) {
+        for g in &mut tag.generations {
+            g.held = self.cache.holds(&g.digest).await;
+        }
     }
 
     /// The current generation of a tag, for audit records.
@@ -173,9 +181,11 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::Stream>, Status> {
         self.read(&req, "get stream")?;
         let r = req.into_inner();
-        Ok(Response::new(
-            self.streams.get(&key(r.namespace, r.name))?.into(),
-        ))
+        let mut s: pb::Stream = self.streams.get(&key(r.namespace, r.name))?.into();
+        for t in &mut s.tags {
+            self.mark_held(t).await;
+        }
+        Ok(Response::new(s))
     }
 
     async fn delete_stream(
@@ -265,14 +275,45 @@ impl Admin for AdminApi {
             &before,
             &self.current(&t),
         );
-        Ok(Response::new(tag.into()))
+        let mut tag: pb::Tag = tag.into();
+        self.mark_held(&mut tag).await;
+        if let Some(g) = tag.generations.first() {
+            if !g.held {
+                tag.warning = format!(
+                    "this node does not hold generation {} ({}) completely: its pods cannot start it while the registry is unreachable",
+                    g.generation, g.digest
+                );
+                tracing::warn!(tag = %t, digest = %g.digest, "rolled back to an image this node does not hold");
+            }
+        }
+        Ok(Response::new(tag))
     }
 
     async fn get_tag(&self, req: Request<pb::GetTagRequest>) -> Result<Response<pb::Tag>, Status> {
         self.read(&req, "get tag")?;
         let r = req.into_inner();
         let t = tag_ref(r.namespace, r.name, r.tag)?;
-        Ok(Response::new(self.streams.get_tag(&t)?.into()))
+        let mut tag: pb::Tag = self.streams.get_tag(&t)?.into();
+        self.mark_held(&mut tag).await;
+        Ok(Response::new(tag))
+    }
+
+    async fn import_tag(
+        &self,
+        req: Request<pb::ImportTagRequest>,
+    ) -> Result<Response<pb::ImportTagResponse>, Status> {
+        let caller = self.write(&req, "import tag")?;
+        let r = req.into_inner();
+        let t = tag_ref(r.namespace, r.name, r.tag)?;
+        let before = self.current(&t);
+        let (tag, moved) = self.streams.import(&t).await?;
+        if moved {
+            auth::record(&caller, "import tag", &t.to_string(), &before, &self.current(&t));
+        }
+        Ok(Response::new(pb::ImportTagResponse {
+            tag: Some(tag.into()),
+            moved,
+        }))
     }
 
     async fn delete_tag(
@@ -340,6 +381,19 @@ impl Admin for AdminApi {
             ok: r.ok,
             evicted: r.evicted.iter().map(ToString::to_string).collect(),
         }))
+    }
+
+    async fn remove_cache_blob(
+        &self,
+        req: Request<pb::RemoveCacheBlobRequest>,
+    ) -> Result<Response<pb::RemoveCacheBlobResponse>, Status> {
+        let caller = self.write(&req, "remove cached blob")?;
+        let r = req.into_inner();
+        let digest = crate::registry::Digest::parse(&r.digest)
+            .map_err(|e| crate::audit::status(tonic::Code::InvalidArgument, e))?;
+        let freed = self.cache.remove(&digest).await?;
+        auth::record(&caller, "remove cached blob", digest.as_str(), "cached", "removed");
+        Ok(Response::new(pb::RemoveCacheBlobResponse { freed_bytes: freed }))
     }
 
     async fn gc_cache(
@@ -440,6 +494,7 @@ impl From<Tag> for pb::Tag {
             name: t.name,
             source: t.source,
             generations: t.generations.into_iter().map(Into::into).collect(),
+            warning: String::new(),
         }
     }
 }
@@ -453,6 +508,7 @@ impl From<Generation> for pb::Generation {
             created: g.created,
             cause: g.cause,
             source: g.source,
+            held: false,
         }
     }
 }

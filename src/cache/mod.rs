@@ -30,6 +30,8 @@ use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
+/// Earlier distinct digests of each stream tag kept pinned by default.
+pub const DEFAULT_PIN_HISTORY: usize = 3;
 /// Default size limit of the cache.
 pub const DEFAULT_MAX_BYTES: u64 = 20 << 30;
 /// Bytes read from or written to disk per step while streaming.
@@ -65,6 +67,8 @@ pub enum CacheError {
     Upstream(#[from] RegistryError),
     #[error("manifest {reference} is not valid: {message}")]
     BadManifest { reference: String, message: String },
+    #[error("{digest} is pinned by {by}; move or remove the tag first")]
+    Pinned { digest: Digest, by: String },
 }
 
 impl CacheError {
@@ -94,6 +98,8 @@ pub struct CacheSettings {
     pub prefetch: bool,
     /// Where tag answers are remembered (`mirror-tags.json`).
     pub tags_file: PathBuf,
+    /// Earlier distinct digests of each stream tag kept pinned (for rollback).
+    pub pin_history: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -580,8 +586,36 @@ impl Cache {
     /// Blobs reachable from a stream tag's current image, with the tags that reach them.
     pub async fn pins(&self) -> Result<HashMap<Digest, Vec<String>>, CacheError> {
         let snapshot = self.view.load();
-        self.blocking(move |store| Ok(pins::pinned(&snapshot, store)))
+        let history = self.settings.pin_history;
+        self.blocking(move |store| Ok(pins::pinned(&snapshot, history, store)))
             .await
+    }
+
+    /// Whether the node holds everything needed to run `digest` (see [`pins::holds`]).
+    pub async fn holds(&self, digest: &str) -> bool {
+        let Ok(d) = Digest::parse(digest) else {
+            return false;
+        };
+        self.blocking(move |store| Ok(pins::holds(store, &d)))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Drops one cached blob; refused for a pinned one, naming what pins it.
+    pub async fn remove(&self, digest: &Digest) -> Result<u64, CacheError> {
+        let pins = self.pins().await?;
+        if let Some(by) = pins.get(digest) {
+            return Err(CacheError::Pinned {
+                digest: digest.clone(),
+                by: by.join(", "),
+            });
+        }
+        let d = digest.clone();
+        let removed = self.blocking(move |store| store.remove(&d)).await?;
+        self.update_size_gauge();
+        removed.ok_or_else(|| CacheError::NotCached {
+            digest: digest.clone(),
+        })
     }
 
     /// Evicts least-recently-used blobs that nothing pins until the cache is within its limit.
@@ -689,7 +723,7 @@ impl Cache {
         let mut changes = self.view.subscribe();
         let mut done: HashSet<Digest> = HashSet::new();
         loop {
-            let roots = pins::roots(&self.view.load());
+            let roots = pins::roots(&self.view.load(), self.settings.pin_history);
             for root in roots {
                 if done.contains(&root.digest) || *shutdown.borrow() {
                     continue;

@@ -1,5 +1,5 @@
-//! What the cache must keep: the roots are the current image of every stream tag; from each
-//! root, an index leads to its manifests, a manifest to its config and layers. Everything so
+//! What the cache must keep: the roots are the current image of every stream tag and its last
+//! few earlier digests (`pin_history`); from each root, an index leads to its manifests, a manifest to its config and layers. Everything so
 //! reachable (and present) is pinned and never evicted.
 
 use super::store::ContentStore;
@@ -18,30 +18,66 @@ pub struct Root {
     pub pinned_by: Vec<String>,
 }
 
-/// The current images of all stream tags, one entry per digest.
-pub fn roots(snapshot: &Snapshot) -> Vec<Root> {
+/// The images the cache keeps, one entry per digest: every stream tag's current image
+/// (pinned by `ns/stream:tag`) and its last `history` distinct earlier digests (pinned by
+/// `ns/stream:tag@generation N`), so that a rollback finds them on the node.
+pub fn roots(snapshot: &Snapshot, history: usize) -> Vec<Root> {
     let mut by_digest: BTreeMap<Digest, Root> = BTreeMap::new();
     for stream in snapshot.streams() {
         for tag in stream.tags.values() {
             let Some(current) = tag.current() else {
                 continue;
             };
-            let Ok(digest) = Digest::parse(&current.digest) else {
-                continue;
-            };
             let name = format!("{}/{}:{}", stream.namespace, stream.name, tag.name);
-            by_digest
-                .entry(digest.clone())
-                .or_insert_with(|| Root {
-                    digest,
-                    reference: current.reference.clone(),
-                    pinned_by: Vec::new(),
-                })
-                .pinned_by
-                .push(name);
+            let mut seen: Vec<&str> = Vec::new();
+            for g in &tag.generations {
+                if seen.contains(&g.digest.as_str()) {
+                    continue;
+                }
+                if seen.len() > history {
+                    break;
+                }
+                seen.push(&g.digest);
+                let Ok(digest) = Digest::parse(&g.digest) else {
+                    continue;
+                };
+                let label = if g.digest == current.digest {
+                    name.clone()
+                } else {
+                    format!("{name}@generation {}", g.generation)
+                };
+                by_digest
+                    .entry(digest.clone())
+                    .or_insert_with(|| Root {
+                        digest,
+                        reference: g.reference.clone(),
+                        pinned_by: Vec::new(),
+                    })
+                    .pinned_by
+                    .push(label);
+            }
         }
     }
     by_digest.into_values().collect()
+}
+
+/// Whether the store holds everything needed to run `digest` on this node: the manifest (or
+/// index and this platform's manifest), the config and every layer.
+pub fn holds(store: &ContentStore, digest: &Digest) -> bool {
+    let mut queue = vec![digest.clone()];
+    while let Some(d) = queue.pop() {
+        let Ok(Some(bytes)) = store.read_small(&d, super::MAX_MANIFEST_BYTES) else {
+            return false;
+        };
+        let Ok(c) = children(&bytes, true) else {
+            return false;
+        };
+        if c.blobs.iter().any(|b| !store.contains(b)) {
+            return false;
+        }
+        queue.extend(c.manifests);
+    }
+    true
 }
 
 #[derive(Deserialize)]
@@ -116,9 +152,13 @@ pub fn children(bytes: &[u8], this_platform: bool) -> Result<Children, String> {
 }
 
 /// Every stored blob reachable from the roots, with the tags that reach it.
-pub fn pinned(snapshot: &Snapshot, store: &ContentStore) -> HashMap<Digest, Vec<String>> {
+pub fn pinned(
+    snapshot: &Snapshot,
+    history: usize,
+    store: &ContentStore,
+) -> HashMap<Digest, Vec<String>> {
     let mut out: HashMap<Digest, Vec<String>> = HashMap::new();
-    for root in roots(snapshot) {
+    for root in roots(snapshot, history) {
         let mut reached: HashSet<Digest> = HashSet::new();
         let mut queue = vec![root.digest.clone()];
         while let Some(d) = queue.pop() {

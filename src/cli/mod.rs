@@ -169,6 +169,11 @@ enum CacheCommand {
     Verify,
     /// Evict least-recently-used unpinned blobs until the cache is within its size limit
     Gc,
+    /// Drop one cached blob (refused for a blob a stream tag pins)
+    Rm {
+        /// sha256:<hex>
+        digest: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,7 +226,13 @@ enum TagCommand {
         #[arg(long, value_name = "N")]
         to_generation: Option<u64>,
     },
-    /// Show a tag's generations, newest first
+    /// Re-resolve a tag's source now (e.g. after a force-push); a new digest becomes a new
+    /// generation with cause "import"
+    Import {
+        /// NAMESPACE/NAME:TAG
+        tag: String,
+    },
+    /// Show a tag's generations, newest first, and whether this node holds each
     History {
         /// NAMESPACE/NAME:TAG
         tag: String,
@@ -424,6 +435,30 @@ async fn run(cli: Cli) -> Result<(), String> {
                         .into_inner();
                     printer.tag_moved(&tag, &r);
                 }
+                TagCommand::Import { tag } => {
+                    let t = parse_tag_ref(&tag).map_err(|e| e.to_string())?;
+                    let r = client
+                        .import_tag(pb::ImportTagRequest {
+                            namespace: t.namespace,
+                            name: t.name,
+                            tag: t.tag,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    let t = r.tag.unwrap_or_default();
+                    if r.moved || cli.output == Format::Json {
+                        printer.tag_moved(&tag, &t);
+                    } else {
+                        let g = t.generations.first();
+                        println!(
+                            "{tag} unchanged: its source {} still points at {} (generation {})",
+                            t.source,
+                            g.map(|g| g.digest.as_str()).unwrap_or("-"),
+                            g.map(|g| g.generation).unwrap_or(0)
+                        );
+                    }
+                }
                 TagCommand::History { tag } => {
                     let t = parse_tag_ref(&tag).map_err(|e| e.to_string())?;
                     let r = client
@@ -480,6 +515,17 @@ async fn run(cli: Cli) -> Result<(), String> {
                         .map_err(status)?
                         .into_inner();
                     printer.cache_verified(&r);
+                }
+                CacheCommand::Rm { digest } => {
+                    crate::registry::Digest::parse(&digest)?;
+                    let r = client
+                        .remove_cache_blob(pb::RemoveCacheBlobRequest {
+                            digest: digest.clone(),
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.done(&format!("removed {digest} ({} bytes)", r.freed_bytes));
                 }
                 CacheCommand::Gc => {
                     let r = client

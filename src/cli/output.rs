@@ -17,15 +17,24 @@ fn generation_json(g: &pb::Generation) -> Value {
         "created": g.created,
         "cause": g.cause,
         "source": g.source,
+        "held": g.held,
     })
 }
 
 fn tag_json(t: &pb::Tag) -> Value {
-    json!({
+    let mut v = json!({
         "name": t.name,
         "source": t.source,
         "generations": t.generations.iter().map(generation_json).collect::<Vec<_>>(),
-    })
+    });
+    if !t.warning.is_empty() {
+        v["warning"] = Value::String(t.warning.clone());
+    }
+    v
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
 }
 
 fn access_json(s: &pb::Stream) -> Value {
@@ -172,6 +181,25 @@ impl Printer {
                         })
                         .collect::<Vec<_>>(),
                 );
+                println!();
+                println!("History (ON NODE: this node's cache holds the image completely):");
+                table(
+                    &["TAG", "GENERATION", "DIGEST", "CAUSE", "ON NODE"],
+                    &s.tags
+                        .iter()
+                        .flat_map(|t| {
+                            t.generations.iter().map(|g| {
+                                vec![
+                                    t.name.clone(),
+                                    g.generation.to_string(),
+                                    short_digest(&g.digest),
+                                    g.cause.clone(),
+                                    yes_no(g.held),
+                                ]
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                );
             }
         }
     }
@@ -189,6 +217,9 @@ impl Printer {
     }
 
     pub fn tag_moved(&self, name: &str, t: &pb::Tag) {
+        if !t.warning.is_empty() {
+            eprintln!("warning: {}", t.warning);
+        }
         match self.format {
             Format::Json => self.json(&tag_json(t)),
             Format::Table => match t.generations.first() {
@@ -205,7 +236,7 @@ impl Printer {
         match self.format {
             Format::Json => self.json(&tag_json(t)),
             Format::Table => table(
-                &["GENERATION", "CREATED", "CAUSE", "SOURCE", "REFERENCE"],
+                &["GENERATION", "CREATED", "CAUSE", "ON NODE", "SOURCE", "REFERENCE"],
                 &t.generations
                     .iter()
                     .map(|g| {
@@ -213,6 +244,7 @@ impl Printer {
                             g.generation.to_string(),
                             g.created.clone(),
                             g.cause.clone(),
+                            yes_no(g.held),
                             g.source.clone(),
                             g.reference.clone(),
                         ]

@@ -18,7 +18,10 @@ use k8s_cri::v1::{
     RemoveImageResponse,
 };
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
 use tonic::body::Body;
 use tonic::{Request, Response, Status};
 use tower::ServiceExt;
@@ -29,41 +32,80 @@ pub const IMAGE_STATUS: &str = "/runtime.v1.ImageService/ImageStatus";
 pub const REMOVE_IMAGE: &str = "/runtime.v1.ImageService/RemoveImage";
 pub const CREATE_CONTAINER: &str = "/runtime.v1.RuntimeService/CreateContainer";
 
-/// The unary methods of CRI v1 (every method but the server-streaming `GetContainerEvents`).
-/// Their request is one small message: the proxy collects it before forwarding, so that the
-/// runtime receives headers and message in one write and wakes once. Anything else (streams,
-/// methods newer than this list) is forwarded frame by frame as it arrives.
-const UNARY_METHODS: &[&str] = &[
-    "/runtime.v1.RuntimeService/Version",
-    "/runtime.v1.RuntimeService/RunPodSandbox",
-    "/runtime.v1.RuntimeService/StopPodSandbox",
-    "/runtime.v1.RuntimeService/RemovePodSandbox",
-    "/runtime.v1.RuntimeService/PodSandboxStatus",
-    "/runtime.v1.RuntimeService/ListPodSandbox",
-    "/runtime.v1.RuntimeService/StartContainer",
-    "/runtime.v1.RuntimeService/StopContainer",
-    "/runtime.v1.RuntimeService/RemoveContainer",
-    "/runtime.v1.RuntimeService/ListContainers",
-    "/runtime.v1.RuntimeService/ContainerStatus",
-    "/runtime.v1.RuntimeService/UpdateContainerResources",
-    "/runtime.v1.RuntimeService/ReopenContainerLog",
-    "/runtime.v1.RuntimeService/ExecSync",
-    "/runtime.v1.RuntimeService/Exec",
-    "/runtime.v1.RuntimeService/Attach",
-    "/runtime.v1.RuntimeService/PortForward",
-    "/runtime.v1.RuntimeService/ContainerStats",
-    "/runtime.v1.RuntimeService/ListContainerStats",
-    "/runtime.v1.RuntimeService/PodSandboxStats",
-    "/runtime.v1.RuntimeService/ListPodSandboxStats",
-    "/runtime.v1.RuntimeService/UpdateRuntimeConfig",
-    "/runtime.v1.RuntimeService/Status",
-    "/runtime.v1.RuntimeService/CheckpointContainer",
-    "/runtime.v1.RuntimeService/ListMetricDescriptors",
-    "/runtime.v1.RuntimeService/ListPodSandboxMetrics",
-    "/runtime.v1.RuntimeService/RuntimeConfig",
-    "/runtime.v1.ImageService/ListImages",
-    "/runtime.v1.ImageService/ImageFsInfo",
+/// A CRI v1 method known by name.
+pub struct CriMethod {
+    /// The gRPC path: `/runtime.v1.ImageService/ImageStatus`.
+    pub path: &'static str,
+    /// The method name (`ImageStatus`), its `method` label in the CRI call metrics. No two CRI
+    /// services share a method name, so the service is left out.
+    pub name: &'static str,
+    /// Whether the request is one small message (every method but the server-streaming
+    /// `GetContainerEvents`). A forwarded unary request is collected before forwarding, so
+    /// that the runtime receives headers and message in one write and wakes once. Anything
+    /// else (streams, methods newer than this list) is forwarded frame by frame as it arrives.
+    pub unary: bool,
+}
+
+macro_rules! cri_methods {
+    ($($service:literal $name:literal $unary:literal,)*) => {
+        &[$(CriMethod {
+            path: concat!("/runtime.v1.", $service, "/", $name),
+            name: $name,
+            unary: $unary,
+        },)*]
+    };
+}
+
+/// The methods of CRI v1. Calls are counted by the last segment of their path (so that
+/// `/runtime.v1alpha2.ImageService/ImageStatus` counts as `ImageStatus`); any path whose last
+/// segment is none of these method names counts as method `other`.
+pub const CRI_METHODS: &[CriMethod] = cri_methods![
+    "RuntimeService" "Version" true,
+    "RuntimeService" "RunPodSandbox" true,
+    "RuntimeService" "StopPodSandbox" true,
+    "RuntimeService" "RemovePodSandbox" true,
+    "RuntimeService" "PodSandboxStatus" true,
+    "RuntimeService" "ListPodSandbox" true,
+    "RuntimeService" "CreateContainer" true,
+    "RuntimeService" "StartContainer" true,
+    "RuntimeService" "StopContainer" true,
+    "RuntimeService" "RemoveContainer" true,
+    "RuntimeService" "ListContainers" true,
+    "RuntimeService" "ContainerStatus" true,
+    "RuntimeService" "UpdateContainerResources" true,
+    "RuntimeService" "ReopenContainerLog" true,
+    "RuntimeService" "ExecSync" true,
+    "RuntimeService" "Exec" true,
+    "RuntimeService" "Attach" true,
+    "RuntimeService" "PortForward" true,
+    "RuntimeService" "ContainerStats" true,
+    "RuntimeService" "ListContainerStats" true,
+    "RuntimeService" "PodSandboxStats" true,
+    "RuntimeService" "ListPodSandboxStats" true,
+    "RuntimeService" "UpdateRuntimeConfig" true,
+    "RuntimeService" "Status" true,
+    "RuntimeService" "CheckpointContainer" true,
+    "RuntimeService" "GetContainerEvents" false,
+    "RuntimeService" "ListMetricDescriptors" true,
+    "RuntimeService" "ListPodSandboxMetrics" true,
+    "RuntimeService" "RuntimeConfig" true,
+    "RuntimeService" "UpdatePodSandboxResources" true,
+    "ImageService" "ListImages" true,
+    "ImageService" "ImageStatus" true,
+    "ImageService" "PullImage" true,
+    "ImageService" "RemoveImage" true,
+    "ImageService" "ImageFsInfo" true,
 ];
+
+/// The index in [`CRI_METHODS`] of the method named by the last segment of `path`, or
+/// `CRI_METHODS.len()` (method `other`).
+pub fn method_index(path: &str) -> usize {
+    let name = path.rsplit_once('/').map_or(path, |(_, name)| name);
+    CRI_METHODS
+        .iter()
+        .position(|m| m.name == name)
+        .unwrap_or(CRI_METHODS.len())
+}
 
 /// Largest CRI message accepted or sent on the rewritten calls (the kubelet's own limit).
 pub const MAX_CRI_MESSAGE_BYTES: usize = 16 << 20;
@@ -104,28 +146,37 @@ impl CriProxy {
         }
     }
 
-    /// Handles one HTTP/2 request from a CRI client.
-    pub async fn handle<B>(self: Arc<Self>, req: http::Request<B>) -> http::Response<Body>
+    /// Handles one HTTP/2 request from a CRI client. The answer's body records the call in
+    /// the CRI call metrics when its gRPC status passes (see [`CallBody`]).
+    pub async fn handle<B>(self: Arc<Self>, req: http::Request<B>) -> http::Response<CallBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError> + Send,
     {
-        match req.uri().path() {
+        let call = Call::start(req.uri().path());
+        let resp = match req.uri().path() {
             PULL_IMAGE => unary(req, move |r| self.clone().pull_image(r)).await,
             IMAGE_STATUS => unary(req, move |r| self.clone().image_status(r)).await,
             REMOVE_IMAGE => unary(req, move |r| self.clone().remove_image(r)).await,
             CREATE_CONTAINER => unary(req, move |r| self.clone().create_container(r)).await,
-            _ => self.forward(req).await,
-        }
+            _ => {
+                let path = req.uri().path();
+                let unary = CRI_METHODS
+                    .get(call.method)
+                    .is_some_and(|m| m.unary && m.path == path);
+                self.forward(req, unary).await
+            }
+        };
+        CallBody::new(resp, call)
     }
 
-    async fn forward<B>(&self, req: http::Request<B>) -> http::Response<Body>
+    async fn forward<B>(&self, req: http::Request<B>, unary: bool) -> http::Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError> + Send,
     {
         let (parts, body) = req.into_parts();
-        let body = if UNARY_METHODS.contains(&parts.uri.path()) {
+        let body = if unary {
             // gRPC framing adds 5 bytes to the message.
             match http_body_util::BodyExt::collect(http_body_util::Limited::new(
                 body,
@@ -432,4 +483,319 @@ where
         .max_decoding_message_size(MAX_CRI_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_CRI_MESSAGE_BYTES);
     grpc.unary(UnaryFn(f), req).await
+}
+
+/// One CRI call being answered, for the call metrics: recorded once, with the first status
+/// seen, or as `Cancelled` if the call is dropped (client gone) before its status.
+struct Call {
+    /// Index in [`CRI_METHODS`]; `CRI_METHODS.len()` for any other path.
+    method: usize,
+    start: Instant,
+    done: bool,
+}
+
+impl Call {
+    fn start(path: &str) -> Self {
+        Self {
+            method: method_index(path),
+            start: Instant::now(),
+            done: false,
+        }
+    }
+
+    fn finish(&mut self, code: tonic::Code) {
+        if !self.done {
+            self.done = true;
+            crate::metrics::metrics().cri_call(self.method, code, self.start.elapsed());
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.finish(tonic::Code::Cancelled);
+    }
+}
+
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+/// The gRPC status in `headers` (response headers of a trailers-only answer, or trailers).
+fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get(GRPC_STATUS)
+        .map(|v| tonic::Code::from_bytes(v.as_bytes()))
+}
+
+/// The gRPC status of an HTTP answer that carries none (not from a gRPC server), as gRPC
+/// clients map it.
+fn http_status_code(status: http::StatusCode) -> tonic::Code {
+    match status.as_u16() {
+        400 => tonic::Code::Internal,
+        401 => tonic::Code::Unauthenticated,
+        403 => tonic::Code::PermissionDenied,
+        404 => tonic::Code::Unimplemented,
+        429 | 502..=504 => tonic::Code::Unavailable,
+        _ => tonic::Code::Unknown,
+    }
+}
+
+/// A CRI answer's body, passed through unchanged, that records the call's gRPC status and
+/// duration when the status passes: in the response headers (trailers-only answers, such as
+/// errors), else in the trailers at the end of the body (so a stream is recorded when it
+/// ends). A body that fails records the error's code; one that ends without a status,
+/// `Unknown`; one dropped before its end, `Cancelled`.
+pub struct CallBody {
+    inner: Body,
+    call: Call,
+}
+
+impl CallBody {
+    fn new(resp: http::Response<Body>, mut call: Call) -> http::Response<Self> {
+        if let Some(code) = grpc_status(resp.headers()) {
+            call.finish(code);
+        } else if resp.status() != http::StatusCode::OK {
+            call.finish(http_status_code(resp.status()));
+        }
+        resp.map(|inner| Self { inner, call })
+    }
+}
+
+impl http_body::Body for CallBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.call
+                        .finish(grpc_status(trailers).unwrap_or(tonic::Code::Unknown));
+                }
+            }
+            Some(Err(status)) => this.call.finish(status.code()),
+            None => this.call.finish(tonic::Code::Unknown),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for CallBody {
+    fn drop(&mut self) {
+        // Dropped at its end without a status: not a cancellation. (Else `Call` records one.)
+        if http_body::Body::is_end_stream(&self.inner) {
+            self.call.finish(tonic::Code::Unknown);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{metrics, CriCallLabels};
+    use http_body::Frame;
+    use http_body_util::BodyExt;
+
+    /// The current value of `imagestream_cri_calls_total{method,code}`.
+    fn calls(method: &'static str, code: &'static str) -> u64 {
+        metrics()
+            .cri_calls
+            .get(&CriCallLabels { method, code })
+            .map_or(0, |c| c.get())
+    }
+
+    fn trailers(code: &str) -> http::HeaderMap {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", code.parse().unwrap());
+        t
+    }
+
+    fn body(frames: Vec<Result<Frame<Bytes>, Status>>) -> Body {
+        Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+    }
+
+    #[test]
+    fn method_labels() {
+        let name = |path| {
+            CRI_METHODS
+                .get(method_index(path))
+                .map_or("other", |m| m.name)
+        };
+        assert_eq!(name(IMAGE_STATUS), "ImageStatus");
+        assert_eq!(name(CREATE_CONTAINER), "CreateContainer");
+        assert_eq!(
+            name("/runtime.v1.RuntimeService/GetContainerEvents"),
+            "GetContainerEvents"
+        );
+        assert_eq!(
+            name("/runtime.v1alpha2.ImageService/ImageStatus"),
+            "ImageStatus"
+        );
+        assert_eq!(name("/runtime.v1.RuntimeService/SomeFutureMethod"), "other");
+        assert_eq!(name("/runtime.v1.ImageService/NoSuchMethod"), "other");
+        assert_eq!(name("/grpc.health.v1.Health/Check"), "other");
+        assert_eq!(name(""), "other");
+        // Method names are unique, so unqualified labels are unambiguous.
+        let mut names: Vec<_> = CRI_METHODS.iter().map(|m| m.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), CRI_METHODS.len());
+        assert!(CRI_METHODS
+            .iter()
+            .all(|m| m.unary != (m.name == "GetContainerEvents")));
+    }
+
+    #[test]
+    fn status_codes() {
+        assert_eq!(grpc_status(&trailers("0")), Some(tonic::Code::Ok));
+        assert_eq!(grpc_status(&trailers("5")), Some(tonic::Code::NotFound));
+        assert_eq!(grpc_status(&trailers("14")), Some(tonic::Code::Unavailable));
+        assert_eq!(grpc_status(&trailers("99")), Some(tonic::Code::Unknown));
+        assert_eq!(grpc_status(&http::HeaderMap::new()), None);
+        assert_eq!(
+            http_status_code(http::StatusCode::NOT_FOUND),
+            tonic::Code::Unimplemented
+        );
+        assert_eq!(
+            http_status_code(http::StatusCode::SERVICE_UNAVAILABLE),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(
+            http_status_code(http::StatusCode::IM_A_TEAPOT),
+            tonic::Code::Unknown
+        );
+    }
+
+    #[tokio::test]
+    async fn records_status_from_trailers_once() {
+        let before = calls("ReopenContainerLog", "NotFound");
+        let resp = http::Response::new(body(vec![
+            Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+            Ok(Frame::trailers(trailers("5"))),
+        ]));
+        let resp = CallBody::new(
+            resp,
+            Call::start("/runtime.v1.RuntimeService/ReopenContainerLog"),
+        );
+        assert_eq!(calls("ReopenContainerLog", "NotFound"), before);
+        let collected = resp.into_body().collect().await.unwrap();
+        assert_eq!(
+            collected.trailers().and_then(grpc_status),
+            Some(tonic::Code::NotFound)
+        );
+        assert_eq!(calls("ReopenContainerLog", "NotFound"), before + 1);
+    }
+
+    #[tokio::test]
+    async fn records_trailers_only_errors_and_drops() {
+        // Trailers-only answer: recorded from the headers, before the body is read.
+        let before = calls("other", "Unavailable");
+        let resp = tonic::Status::unavailable("down").into_http::<Body>();
+        let resp = CallBody::new(resp, Call::start("/some.Unknown/Method"));
+        assert_eq!(calls("other", "Unavailable"), before + 1);
+        drop(resp);
+        assert_eq!(calls("other", "Unavailable"), before + 1);
+
+        // A body that fails: the error's code.
+        let before = calls("PortForward", "DataLoss");
+        let resp = http::Response::new(body(vec![Err(Status::data_loss("reset"))]));
+        let resp = CallBody::new(resp, Call::start("/runtime.v1.RuntimeService/PortForward"));
+        assert!(resp.into_body().collect().await.is_err());
+        assert_eq!(calls("PortForward", "DataLoss"), before + 1);
+
+        // A body that ends without a status.
+        let before = calls("Attach", "Unknown");
+        let resp = http::Response::new(body(vec![Ok(Frame::data(Bytes::from_static(b"x")))]));
+        let resp = CallBody::new(resp, Call::start("/runtime.v1.RuntimeService/Attach"));
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(calls("Attach", "Unknown"), before + 1);
+
+        // Dropped before its end (client gone): Cancelled.
+        let before = calls("GetContainerEvents", "Cancelled");
+        let resp = http::Response::new(body(vec![Ok(Frame::data(Bytes::from_static(b"x")))]));
+        let resp = CallBody::new(
+            resp,
+            Call::start("/runtime.v1.RuntimeService/GetContainerEvents"),
+        );
+        drop(resp);
+        assert_eq!(calls("GetContainerEvents", "Cancelled"), before + 1);
+    }
+
+    fn grpc_request<M: prost::Message>(
+        path: &str,
+        msg: &M,
+    ) -> http::Request<http_body_util::Full<Bytes>> {
+        let mut buf = vec![0u8];
+        buf.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
+        msg.encode(&mut buf).unwrap();
+        http::Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(Bytes::from(buf)))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn records_calls_the_proxy_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = format!("unix://{}/absent.sock", dir.path().display());
+        let proxy = Arc::new(CriProxy::new(
+            Upstream::new(&endpoint).unwrap(),
+            View::default(),
+            "imagestream.local".into(),
+            PullPolicy::new(&[], false, false),
+        ));
+        let image = |r: &str| ImageSpec {
+            image: r.into(),
+            ..Default::default()
+        };
+
+        // Rewritten and answered here: a stream reference that names no stream is absent.
+        let before = calls("ImageStatus", "OK");
+        let req = ImageStatusRequest {
+            image: Some(image("imagestream.local/ns/app:prod")),
+            verbose: false,
+        };
+        let resp = proxy.clone().handle(grpc_request(IMAGE_STATUS, &req)).await;
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(calls("ImageStatus", "OK"), before + 1);
+
+        // Refused here: trailers-only error.
+        let before = calls("PullImage", "NotFound");
+        let req = PullImageRequest {
+            image: Some(image("imagestream.local/ns/app:prod")),
+            ..Default::default()
+        };
+        let resp = proxy.clone().handle(grpc_request(PULL_IMAGE, &req)).await;
+        drop(resp);
+        assert_eq!(calls("PullImage", "NotFound"), before + 1);
+
+        // Forwarded to a runtime that is not there.
+        let before = calls("ListImages", "Unavailable");
+        let req = k8s_cri::v1::ListImagesRequest::default();
+        let resp = proxy
+            .clone()
+            .handle(grpc_request("/runtime.v1.ImageService/ListImages", &req))
+            .await;
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(calls("ListImages", "Unavailable"), before + 1);
+        let text = metrics().encode();
+        assert!(
+            text.contains(r#"imagestream_cri_call_duration_seconds_count{method="ListImages"}"#)
+        );
+    }
 }

@@ -241,6 +241,33 @@ impl StreamService {
     #[tracing::instrument(skip(self, t), fields(stream = %tag_key(t), tag = %t.tag, digest))]
     pub async fn set_tag(&self, t: &TagRef, source: &str) -> Result<Tag, StreamError> {
         self.get(&tag_key(t))?;
+        let pinned = self.pin_source(source).await?;
+        tracing::Span::current().record("digest", pinned.digest.as_str());
+        let tag = self.push_generation(t, source, &pinned, "set").await?;
+        tracing::info!(reference = %pinned.reference, "tag set");
+        Ok(tag)
+    }
+
+    /// Re-resolves `t`'s source now. A new digest appends a generation with cause `import`;
+    /// the same digest changes nothing. Returns the tag and whether it moved.
+    #[tracing::instrument(skip(self, t), fields(stream = %tag_key(t), tag = %t.tag, digest))]
+    pub async fn import(&self, t: &TagRef) -> Result<(Tag, bool), StreamError> {
+        let tag = self.get_tag(t)?;
+        let pinned = self.pin_source(&tag.source).await?;
+        tracing::Span::current().record("digest", pinned.digest.as_str());
+        if tag.current().is_some_and(|g| g.digest == pinned.digest) {
+            tracing::info!("import: the source still points at the current digest");
+            return Ok((tag, false));
+        }
+        let tag = self
+            .push_generation(t, &tag.source, &pinned, "import")
+            .await?;
+        tracing::info!(reference = %pinned.reference, "tag imported");
+        Ok((tag, true))
+    }
+
+    /// Resolves `source` (an image reference, or another stream's tag) to a pinned manifest.
+    async fn pin_source(&self, source: &str) -> Result<PinnedManifest, StreamError> {
         let source_err = |why: &str| StreamError::Source {
             source_ref: source.to_string(),
             why: why.to_string(),
@@ -258,7 +285,17 @@ impl StreamService {
             },
             Ok(_) => self.registry.pin(source).await?,
         };
-        tracing::Span::current().record("digest", pinned.digest.as_str());
+        Ok(pinned)
+    }
+
+    /// Appends a generation for `pinned` to `t` (created if missing) with `cause`.
+    async fn push_generation(
+        &self,
+        t: &TagRef,
+        source: &str,
+        pinned: &PinnedManifest,
+        cause: &str,
+    ) -> Result<Tag, StreamError> {
         let limit = self.settings.history_limit;
         let stream = self
             .update(&tag_key(t), |stream| {
@@ -273,7 +310,7 @@ impl StreamService {
                         digest: pinned.digest.clone(),
                         reference: pinned.reference.clone(),
                         created: now_rfc3339(),
-                        cause: "set".into(),
+                        cause: cause.into(),
                         source: source.to_string(),
                     },
                     limit,
@@ -281,7 +318,6 @@ impl StreamService {
                 Ok(())
             })
             .await?;
-        tracing::info!(reference = %pinned.reference, "tag set");
         take_tag(stream, t)
     }
 
