@@ -6,9 +6,9 @@ use crate::admin::auth::AdminAccess;
 use crate::admin::{AdminApi, AdminServer};
 use crate::cache::{Cache, CacheError, CacheSettings};
 use crate::config::Config;
+use crate::cri::{CriProxy, Upstream};
 use crate::mirror::{Mirror, Upstreams};
 use crate::registry::auth::Credentials;
-use crate::cri::{CriProxy, Upstream};
 use crate::registry::RegistryClient;
 use crate::socket::{self, SocketError, SOCKET_MODE};
 use crate::store::embedded::EmbeddedStore;
@@ -248,7 +248,11 @@ async fn scrub_loop(
             _ = stop.wait_for(|s| *s) => return,
         }
         match cache.verify().await {
-            Ok(r) => tracing::info!(checked = r.checked, evicted = r.evicted.len(), "cache scrub done"),
+            Ok(r) => tracing::info!(
+                checked = r.checked,
+                evicted = r.evicted.len(),
+                "cache scrub done"
+            ),
             Err(e) => tracing::warn!(error = %e, "cache scrub failed"),
         }
     }

@@ -308,7 +308,13 @@ impl Admin for AdminApi {
         let before = self.current(&t);
         let (tag, moved) = self.streams.import(&t).await?;
         if moved {
-            auth::record(&caller, "import tag", &t.to_string(), &before, &self.current(&t));
+            auth::record(
+                &caller,
+                "import tag",
+                &t.to_string(),
+                &before,
+                &self.current(&t),
+            );
         }
         Ok(Response::new(pb::ImportTagResponse {
             tag: Some(tag.into()),
@@ -392,8 +398,16 @@ impl Admin for AdminApi {
         let digest = crate::registry::Digest::parse(&r.digest)
             .map_err(|e| crate::audit::status(tonic::Code::InvalidArgument, e))?;
         let freed = self.cache.remove(&digest).await?;
-        auth::record(&caller, "remove cached blob", digest.as_str(), "cached", "removed");
-        Ok(Response::new(pb::RemoveCacheBlobResponse { freed_bytes: freed }))
+        auth::record(
+            &caller,
+            "remove cached blob",
+            digest.as_str(),
+            "cached",
+            "removed",
+        );
+        Ok(Response::new(pb::RemoveCacheBlobResponse {
+            freed_bytes: freed,
+        }))
     }
 
     async fn gc_cache(

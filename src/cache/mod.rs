@@ -51,7 +51,9 @@ pub enum CacheError {
         #[source]
         source: std::io::Error,
     },
-    #[error("blob {digest} does not match its digest: the bytes hash to {computed}; nothing was cached")]
+    #[error(
+        "blob {digest} does not match its digest: the bytes hash to {computed}; nothing was cached"
+    )]
     DigestMismatch { digest: Digest, computed: Digest },
     #[error("blob {digest} is {got} bytes, expected {expected}; nothing was cached")]
     SizeMismatch {
@@ -293,7 +295,11 @@ impl Cache {
     }
 
     /// Makes sure `digest` is stored, downloading it from `origin` if needed; returns its size.
-    pub async fn ensure(self: &Arc<Self>, digest: &Digest, origin: &Origin) -> Result<u64, CacheError> {
+    pub async fn ensure(
+        self: &Arc<Self>,
+        digest: &Digest,
+        origin: &Origin,
+    ) -> Result<u64, CacheError> {
         if let Some(e) = self.store.get(digest) {
             return Ok(e.size);
         }
@@ -320,7 +326,11 @@ impl Cache {
     }
 
     /// The fill for `digest`, joining one in progress or starting one.
-    fn start_fill(self: &Arc<Self>, digest: &Digest, origin: &Origin) -> Result<Arc<Fill>, CacheError> {
+    fn start_fill(
+        self: &Arc<Self>,
+        digest: &Digest,
+        origin: &Origin,
+    ) -> Result<Arc<Fill>, CacheError> {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = fills.get(digest) {
             return Ok(f.clone());
@@ -363,7 +373,9 @@ impl Cache {
                         metrics().digest_mismatches.inc();
                     }
                     tracing::warn!(%digest, host = %origin.host, repository = %origin.repository, error = %e, "blob download failed; nothing cached");
-                    task_fill.state.send_replace(FillState::Failed(e.to_string()));
+                    task_fill
+                        .state
+                        .send_replace(FillState::Failed(e.to_string()));
                 }
             }
         });
@@ -383,7 +395,8 @@ impl Cache {
             .fetch_blob(&origin.host, &origin.repository, digest)
             .await?;
         let size = upstream.content_length;
-        fill.state.send_replace(FillState::Running { written: 0, size });
+        fill.state
+            .send_replace(FillState::Running { written: 0, size });
         let mut buf = BytesMut::with_capacity(CHUNK_BYTES);
         let flush = |mut ingest: store::Ingest, data: Bytes| async move {
             tokio::task::spawn_blocking(move || ingest.write(&data).map(|()| ingest))
@@ -482,7 +495,10 @@ impl Cache {
                 self.remember_tag(key, &m.digest);
                 Ok(m)
             }
-            Err(CacheError::Upstream(RegistryError::Unreachable { reference: r, message })) => {
+            Err(CacheError::Upstream(RegistryError::Unreachable {
+                reference: r,
+                message,
+            })) => {
                 let known = self
                     .tags
                     .lock()
@@ -509,7 +525,11 @@ impl Cache {
         }
     }
 
-    async fn fetch_manifest(&self, origin: &Origin, reference: &str) -> Result<Manifest, CacheError> {
+    async fn fetch_manifest(
+        &self,
+        origin: &Origin,
+        reference: &str,
+    ) -> Result<Manifest, CacheError> {
         metrics().upstream_fetches.inc();
         let fetched = self
             .registry
@@ -521,7 +541,8 @@ impl Cache {
                 }
             })?;
         let (digest, bytes) = (fetched.digest.clone(), fetched.bytes.clone());
-        self.blocking(move |store| store.put(&digest, &bytes)).await?;
+        self.blocking(move |store| store.put(&digest, &bytes))
+            .await?;
         self.update_size_gauge();
         Ok(Manifest {
             bytes: fetched.bytes,
@@ -680,7 +701,11 @@ impl Cache {
                 tracing::error!(%digest, "cached blob no longer matches its digest; evicting it");
                 metrics().digest_mismatches.inc();
                 let d = digest.clone();
-                if self.blocking(move |store| store.remove(&d)).await?.is_some() {
+                if self
+                    .blocking(move |store| store.remove(&d))
+                    .await?
+                    .is_some()
+                {
                     metrics().cache_evictions.inc();
                 }
                 report.evicted.push(digest);
@@ -693,7 +718,11 @@ impl Cache {
     /// Fetches an image (manifest or index, its platform's manifests, config and layers) into
     /// the cache.
     #[tracing::instrument(skip(self), fields(reference = %reference))]
-    pub async fn prefetch(self: &Arc<Self>, reference: &str, digest: &Digest) -> Result<u64, CacheError> {
+    pub async fn prefetch(
+        self: &Arc<Self>,
+        reference: &str,
+        digest: &Digest,
+    ) -> Result<u64, CacheError> {
         let parsed = RegistryClient::parse(reference)?;
         let origin = Origin {
             host: parsed.registry().to_string(),
@@ -704,10 +733,11 @@ impl Cache {
         while let Some(d) = queue.pop() {
             let m = self.manifest(Some(&origin), d.as_str()).await?;
             bytes += m.bytes.len() as u64;
-            let children = pins::children(&m.bytes, true).map_err(|message| CacheError::BadManifest {
-                reference: format!("{}/{}@{}", origin.host, origin.repository, d),
-                message,
-            })?;
+            let children =
+                pins::children(&m.bytes, true).map_err(|message| CacheError::BadManifest {
+                    reference: format!("{}/{}@{}", origin.host, origin.repository, d),
+                    message,
+                })?;
             for child in children.manifests {
                 queue.push(child);
             }
@@ -738,9 +768,9 @@ impl Cache {
                         span.in_scope(|| tracing::info!(bytes, "prefetched into the cache"));
                         done.insert(root.digest);
                     }
-                    Err(e) => span.in_scope(|| {
-                        tracing::warn!(error = %e, "prefetch failed; the pull will fetch it")
-                    }),
+                    Err(e) => span.in_scope(
+                        || tracing::warn!(error = %e, "prefetch failed; the pull will fetch it"),
+                    ),
                 }
             }
             tokio::select! {
@@ -754,7 +784,11 @@ impl Cache {
 impl Blob {
     /// The bytes `[start, end)` (`end` defaults to the end of the blob) as a stream of chunks.
     /// While a fill is running, the stream follows it and ends with an error if the fill fails.
-    pub fn into_stream(self, start: u64, end: Option<u64>) -> mpsc::Receiver<std::io::Result<Bytes>> {
+    pub fn into_stream(
+        self,
+        start: u64,
+        end: Option<u64>,
+    ) -> mpsc::Receiver<std::io::Result<Bytes>> {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let source = if self.from_cache { "cache" } else { "upstream" };
         tokio::spawn(async move {
@@ -813,10 +847,7 @@ impl Blob {
                 return Ok(());
             };
             if rx.changed().await.is_err()
-                && !matches!(
-                    &*rx.borrow(),
-                    FillState::Done { .. } | FillState::Failed(_)
-                )
+                && !matches!(&*rx.borrow(), FillState::Done { .. } | FillState::Failed(_))
             {
                 return Err(std::io::Error::other(format!(
                     "{}: the download was abandoned",

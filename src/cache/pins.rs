@@ -131,13 +131,18 @@ pub fn children(bytes: &[u8], this_platform: bool) -> Result<Children, String> {
     let mut out = Children::default();
     let (os, arch) = node_platform();
     let wanted: Vec<&Descriptor> = if this_platform
-        && m.manifests
-            .iter()
-            .any(|d| d.platform.as_ref().is_some_and(|p| p.os == os && p.architecture == arch))
-    {
+        && m.manifests.iter().any(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == os && p.architecture == arch)
+        }) {
         m.manifests
             .iter()
-            .filter(|d| d.platform.as_ref().is_some_and(|p| p.os == os && p.architecture == arch))
+            .filter(|d| {
+                d.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == os && p.architecture == arch)
+            })
             .collect()
     } else {
         m.manifests.iter().collect()
@@ -198,7 +203,13 @@ mod tests {
         );
         let c = children(index.as_bytes(), true).expect("index");
         assert_eq!(c.manifests, vec![Digest::parse(&a).expect("d")]);
-        assert_eq!(children(index.as_bytes(), false).expect("index").manifests.len(), 2);
+        assert_eq!(
+            children(index.as_bytes(), false)
+                .expect("index")
+                .manifests
+                .len(),
+            2
+        );
         let manifest = format!(r#"{{"config":{{"digest":"{a}"}},"layers":[{{"digest":"{b}"}}]}}"#);
         let c = children(manifest.as_bytes(), true).expect("manifest");
         assert_eq!(c.blobs.len(), 2);

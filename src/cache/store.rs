@@ -230,7 +230,11 @@ impl ContentStore {
 
     /// Finishes an ingest: fsync, check size and digest, rename into place, fsync the
     /// directory, index it. On any error the temporary is removed and nothing is stored.
-    pub fn commit(&self, mut ingest: Ingest, expected_size: Option<u64>) -> Result<u64, CacheError> {
+    pub fn commit(
+        &self,
+        mut ingest: Ingest,
+        expected_size: Option<u64>,
+    ) -> Result<u64, CacheError> {
         ingest.file.sync_all().map_err(io_err(&ingest.path))?;
         if let Some(expected) = expected_size {
             if expected != ingest.written {
@@ -372,7 +376,12 @@ mod tests {
         let e = store.commit(i, None).expect_err("mismatch");
         assert!(e.to_string().contains(claimed.as_str()), "{e}");
         assert!(!store.path(&claimed).exists());
-        assert_eq!(std::fs::read_dir(dir.path().join("ingest")).expect("ls").count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("ingest"))
+                .expect("ls")
+                .count(),
+            0
+        );
 
         let mut i = store.begin(&claimed).expect("begin");
         i.write(b"oth").expect("write");
@@ -395,7 +404,12 @@ mod tests {
         }
         std::fs::write(dir.path().join("blobs/sha256/not-a-digest"), b"x").expect("write");
         let store = ContentStore::open(dir.path()).expect("reopen");
-        assert_eq!(std::fs::read_dir(dir.path().join("ingest")).expect("ls").count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("ingest"))
+                .expect("ls")
+                .count(),
+            0
+        );
         assert_eq!(store.entries().len(), 1);
         assert_eq!(store.total(), 3);
         assert!(store.verify(&Digest::of(b"abc")).expect("verify"));

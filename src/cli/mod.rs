@@ -550,8 +550,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let config =
                 Config::load(config.as_deref(), Overrides::default()).map_err(|e| e.to_string())?;
             let mirror = mirror.unwrap_or_else(|| config.mirror_url());
-            crate::mirror::parse_upstream(&mirror)
-                .map_err(|e| format!("invalid --mirror: {e}"))?;
+            crate::mirror::parse_upstream(&mirror).map_err(|e| format!("invalid --mirror: {e}"))?;
             let server = hosts_toml::server_url(&registry, &config.insecure_registries);
             let text = hosts_toml::render(&registry, &server, &mirror);
             if dry_run {

@@ -236,7 +236,14 @@ impl Printer {
         match self.format {
             Format::Json => self.json(&tag_json(t)),
             Format::Table => table(
-                &["GENERATION", "CREATED", "CAUSE", "ON NODE", "SOURCE", "REFERENCE"],
+                &[
+                    "GENERATION",
+                    "CREATED",
+                    "CAUSE",
+                    "ON NODE",
+                    "SOURCE",
+                    "REFERENCE",
+                ],
                 &t.generations
                     .iter()
                     .map(|g| {
@@ -328,7 +335,12 @@ impl Printer {
                 "evicted": r.evicted,
             })),
             Format::Table => {
-                println!("checked {} blobs: {} ok, {} evicted", r.checked, r.ok, r.evicted.len());
+                println!(
+                    "checked {} blobs: {} ok, {} evicted",
+                    r.checked,
+                    r.ok,
+                    r.evicted.len()
+                );
                 for d in &r.evicted {
                     println!("evicted {d} (bytes did not match the digest)");
                 }

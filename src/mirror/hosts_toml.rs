@@ -46,7 +46,9 @@ pub fn check_registry(registry: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("{registry:?} is not a registry host (HOST or HOST:PORT)"))
+        Err(format!(
+            "{registry:?} is not a registry host (HOST or HOST:PORT)"
+        ))
     }
 }
 
@@ -68,7 +70,11 @@ mod tests {
 
     #[test]
     fn renders_valid_toml() {
-        let text = render("127.0.0.1:5000", "http://127.0.0.1:5000", "http://127.0.0.1:5050");
+        let text = render(
+            "127.0.0.1:5000",
+            "http://127.0.0.1:5000",
+            "http://127.0.0.1:5050",
+        );
         let v: toml::Value = toml::from_str(&text).expect("toml");
         assert_eq!(v["server"].as_str(), Some("http://127.0.0.1:5000"));
         assert_eq!(
@@ -78,7 +84,10 @@ mod tests {
             Some(2)
         );
         assert_eq!(server_url("r.example", &[]), "https://r.example");
-        assert_eq!(server_url("r.example:5000", &["r.example:5000".into()]), "http://r.example:5000");
+        assert_eq!(
+            server_url("r.example:5000", &["r.example:5000".into()]),
+            "http://r.example:5000"
+        );
         assert!(check_registry("../etc").is_err());
         assert!(check_registry("a/b").is_err());
     }

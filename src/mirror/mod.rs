@@ -143,7 +143,9 @@ pub fn parse_upstream(url: &str) -> Result<(bool, String), String> {
     } else if let Some(r) = url.strip_prefix("https://") {
         (true, r)
     } else if url.contains("://") {
-        return Err(format!("{url:?}: only http:// and https:// upstreams are supported"));
+        return Err(format!(
+            "{url:?}: only http:// and https:// upstreams are supported"
+        ));
     } else {
         (true, url)
     };
@@ -179,8 +181,9 @@ pub fn check_name(name: &str) -> Result<(), MirrorError> {
         !b.is_empty()
             && b[0].is_ascii_alphanumeric()
             && b[b.len() - 1].is_ascii_alphanumeric()
-            && b.iter()
-                .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || matches!(x, b'.' | b'_' | b'-'))
+            && b.iter().all(|&x| {
+                x.is_ascii_lowercase() || x.is_ascii_digit() || matches!(x, b'.' | b'_' | b'-')
+            })
             && !c.contains("..")
     };
     if name.is_empty() || name.len() > MAX_NAME_LEN || !name.split('/').all(component_ok) {
@@ -248,7 +251,9 @@ fn empty() -> Body {
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 fn error_response(e: &MirrorError, blob: bool, head: bool) -> Response<Body> {
@@ -283,7 +288,10 @@ pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), MirrorError> {
         let end = if b.is_empty() {
             size
         } else {
-            b.parse::<u64>().map_err(|_| bad())?.saturating_add(1).min(size)
+            b.parse::<u64>()
+                .map_err(|_| bad())?
+                .saturating_add(1)
+                .min(size)
         };
         (start, end)
     };
@@ -388,7 +396,9 @@ impl Mirror {
             },
         };
         if !self.upstreams.allows(&host) {
-            return Err(MirrorError::UpstreamDenied(host.chars().take(300).collect()));
+            return Err(MirrorError::UpstreamDenied(
+                host.chars().take(300).collect(),
+            ));
         }
         Ok(Some(Origin {
             host,
@@ -406,9 +416,8 @@ impl Mirror {
     ) -> Result<Response<Body>, MirrorError> {
         check_name(name)?;
         if reference.contains(':') {
-            Digest::parse(reference).map_err(|_| {
-                MirrorError::DigestInvalid(reference.chars().take(200).collect())
-            })?;
+            Digest::parse(reference)
+                .map_err(|_| MirrorError::DigestInvalid(reference.chars().take(200).collect()))?;
         } else {
             check_tag(reference)?;
         }
@@ -489,8 +498,8 @@ impl Mirror {
 
 fn body_of(blob: Blob, start: u64, end: Option<u64>) -> Body {
     let rx = blob.into_stream(start, end);
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
-        .map(|r| r.map(hyper::body::Frame::data));
+    let stream =
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(|r| r.map(hyper::body::Frame::data));
     http_body_util::BodyExt::boxed(StreamBody::new(stream))
 }
 
@@ -547,7 +556,16 @@ mod tests {
     fn names_ranges_and_upstreams() {
         assert!(check_name("library/busybox").is_ok());
         assert!(check_name("a/b-c/d_e.f").is_ok());
-        for bad in ["", "UP", "a//b", "../x", "a/../b", "-a", "a/", &"a".repeat(300)] {
+        for bad in [
+            "",
+            "UP",
+            "a//b",
+            "../x",
+            "a/../b",
+            "-a",
+            "a/",
+            &"a".repeat(300),
+        ] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
         assert_eq!(
@@ -562,8 +580,11 @@ mod tests {
         assert!(parse_range("bytes=100-", 100).is_err());
         assert!(parse_range("bytes=0-1,5-6", 100).is_err());
         assert!(parse_range("items=0-1", 100).is_err());
-        let u = Upstreams::new(&["http://127.0.0.1:5000".into(), "https://r.example".into()], &[])
-            .expect("ok");
+        let u = Upstreams::new(
+            &["http://127.0.0.1:5000".into(), "https://r.example".into()],
+            &[],
+        )
+        .expect("ok");
         assert!(u.allows("127.0.0.1:5000") && u.allows("r.example"));
         assert!(!u.allows("evil.example"));
         assert_eq!(u.plain_http_hosts(), vec!["127.0.0.1:5000".to_string()]);

@@ -156,9 +156,14 @@ mod tests {
             "empty.example":{}
         }}"#;
         let c = Credentials::parse(json).expect("parses");
-        assert!(matches!(c.for_host("docker.io"), RegistryAuth::Basic(u, p) if u == "u" && p == "p"));
+        assert!(
+            matches!(c.for_host("docker.io"), RegistryAuth::Basic(u, p) if u == "u" && p == "p")
+        );
         assert!(matches!(c.for_host("r.example:5000"), RegistryAuth::Basic(u, _) if u == "bob"));
-        assert!(matches!(c.for_host("other.example"), RegistryAuth::Anonymous));
+        assert!(matches!(
+            c.for_host("other.example"),
+            RegistryAuth::Anonymous
+        ));
         assert!(!format!("{c:?}").contains("s3cret"));
         let e = Credentials::parse(br#"{"auths":{"h":{"auth":"!!!"}}}"#).expect_err("bad");
         assert!(e.contains("not base64"), "{e}");

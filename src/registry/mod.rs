@@ -14,6 +14,8 @@ pub mod digest;
 
 pub use digest::Digest;
 
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{
@@ -23,8 +25,6 @@ use oci_client::manifest::{
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest as _, Sha256};
-use bytes::Bytes;
-use futures_util::stream::BoxStream;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -286,7 +286,8 @@ pub fn manifest_media_type(bytes: &[u8]) -> String {
     }
     match serde_json::from_slice::<Probe>(bytes) {
         Ok(Probe {
-            media_type: Some(t), ..
+            media_type: Some(t),
+            ..
         }) if !t.is_empty() => t,
         Ok(Probe {
             manifests: Some(_), ..
