@@ -139,7 +139,10 @@ fn the_mirror_uses_configured_credentials_and_never_logs_them() {
         "unix:///nonexistent.sock",
         &[&auth.addr],
         &[],
-        &format!("registry_auth_file = {:?}\n", auth_file.display().to_string()),
+        &format!(
+            "registry_auth_file = {:?}\n",
+            auth_file.display().to_string()
+        ),
     );
     let (status, body) = http_request(
         &d.mirror_addr,
@@ -148,7 +151,13 @@ fn the_mirror_uses_configured_credentials_and_never_logs_them() {
         &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
     )
     .expect("mirror answers");
-    assert_eq!(status, 200, "{}\n{}", String::from_utf8_lossy(&body), d.log_text());
+    assert_eq!(
+        status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&body),
+        d.log_text()
+    );
     let manifest: serde_json::Value = serde_json::from_slice(&body).expect("manifest JSON");
     let layer = manifest["layers"][0]["digest"]
         .as_str()
@@ -163,7 +172,11 @@ fn the_mirror_uses_configured_credentials_and_never_logs_them() {
     .expect("mirror answers");
     assert_eq!(status, 200, "{}", d.log_text());
     assert!(!blob.is_empty());
-    assert!(d.state_dir.join("blobs/sha256").join(&layer["sha256:".len()..]).exists());
+    assert!(d
+        .state_dir
+        .join("blobs/sha256")
+        .join(&layer["sha256:".len()..])
+        .exists());
 
     // Pinning a tag uses the same credentials.
     d.cli_ok(&["stream", "create", "team-a/private"]);
@@ -176,8 +189,18 @@ fn the_mirror_uses_configured_credentials_and_never_logs_them() {
     assert!(out.contains(&digest[..19]), "{out}");
 
     let log = d.log_text();
-    assert!(!log.contains(PASSWORD), "the password reached the log:\n{log}");
+    assert!(
+        !log.contains(PASSWORD),
+        "the password reached the log:\n{log}"
+    );
     let b64 = config_json("x");
-    let b64 = b64.split("\"auth\":\"").nth(1).and_then(|s| s.split('"').next()).unwrap_or("");
-    assert!(!log.contains(b64), "the encoded credentials reached the log");
+    let b64 = b64
+        .split("\"auth\":\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or("");
+    assert!(
+        !log.contains(b64),
+        "the encoded credentials reached the log"
+    );
 }
