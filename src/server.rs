@@ -120,12 +120,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mirror_addr = config
         .mirror_addr()
         .map_err(|e| ServerError::Runtime(e.to_string()))?;
-    let mirror_listener = tokio::net::TcpListener::bind(mirror_addr)
-        .await
-        .map_err(|source| ServerError::MirrorBind {
-            addr: mirror_addr.to_string(),
-            source,
-        })?;
 
     let cri_listener = socket::bind(&config.cri_socket, SOCKET_MODE)?;
     let group = |g: &Option<String>| {
@@ -150,6 +144,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Err(e) => {
             socket::remove(&config.cri_socket);
             return Err(e.into());
+        }
+    };
+
+    // After the sockets, so that a live daemon on them is reported as such.
+    let mirror_listener = match tokio::net::TcpListener::bind(mirror_addr).await {
+        Ok(l) => l,
+        Err(source) => {
+            socket::remove(&config.cri_socket);
+            socket::remove(&config.admin_socket);
+            return Err(ServerError::MirrorBind {
+                addr: mirror_addr.to_string(),
+                source,
+            });
         }
     };
 

@@ -600,7 +600,7 @@ impl Cache {
                 entry,
             })
             .collect();
-        out.sort_by(|a, b| b.entry.last_used.cmp(&a.entry.last_used));
+        out.sort_by_key(|l| std::cmp::Reverse(l.entry.last_used));
         Ok(out)
     }
 
@@ -662,7 +662,7 @@ impl Cache {
                 .into_iter()
                 .filter(|(d, _)| !pinned.contains_key(d) && !busy.contains(d))
                 .collect();
-            candidates.sort_by(|a, b| a.1.last_used.cmp(&b.1.last_used));
+            candidates.sort_by_key(|c| c.1.last_used);
             for (digest, _) in candidates {
                 if self.store.total() <= limit {
                     break;

@@ -1,8 +1,12 @@
 //! The imagestream daemon under test: the real binary (`CARGO_BIN_EXE_imagestream`), started
 //! with its sockets and state dir in a temp dir, stopped with SIGTERM, restartable with the same
 //! state; and the CLI run against its admin socket.
+//!
+//! Every daemon gets its own free registry-mirror port ([`Daemon::mirror_addr`], unless `extra`
+//! names `--mirror-listen`), so parallel tests never meet on the default 127.0.0.1:5050.
 
 use std::fs::File;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -18,14 +22,39 @@ pub struct Daemon {
     pub admin_socket: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
+    /// "127.0.0.1:PORT" of the registry mirror (and `/metrics`).
+    pub mirror_addr: String,
+    /// The `--config` file, if [`Daemon::start_with_config`] wrote one.
+    pub config_file: Option<PathBuf>,
     args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Daemon {
     /// Starts `imagestream serve` forwarding to `runtime_endpoint`, with `insecure` registries
-    /// reached over HTTP and `extra` flags; waits until both sockets accept.
+    /// reached over HTTP and `extra` flags; waits until both sockets (and the mirror port, if
+    /// the binary has a mirror) accept.
     pub fn start(runtime_endpoint: &str, insecure: &[&str], extra: &[&str]) -> Daemon {
+        Self::start_inner(runtime_endpoint, insecure, extra, None)
+    }
+
+    /// Like [`Daemon::start`], with `config_toml` written to `<dir>/config.toml` and passed as
+    /// `--config` (flags still override it).
+    pub fn start_with_config(
+        runtime_endpoint: &str,
+        insecure: &[&str],
+        extra: &[&str],
+        config_toml: &str,
+    ) -> Daemon {
+        Self::start_inner(runtime_endpoint, insecure, extra, Some(config_toml))
+    }
+
+    fn start_inner(
+        runtime_endpoint: &str,
+        insecure: &[&str],
+        extra: &[&str],
+        config_toml: Option<&str>,
+    ) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("imagestream-daemon-")
             .tempdir()
@@ -45,10 +74,31 @@ impl Daemon {
             "--runtime-endpoint".into(),
             runtime_endpoint.to_string(),
         ];
+        let mut config_file = None;
+        if let Some(toml) = config_toml {
+            let path = dir.path().join("config.toml");
+            std::fs::write(&path, toml).expect("write daemon config.toml");
+            args.push("--config".into());
+            args.push(path.display().to_string());
+            config_file = Some(path);
+        }
         for r in insecure {
             args.push("--insecure-registry".into());
             args.push(r.to_string());
         }
+        let given = extra
+            .iter()
+            .position(|a| *a == "--mirror-listen")
+            .and_then(|i| extra.get(i + 1));
+        let mirror_addr = match given {
+            Some(a) => a.to_string(),
+            None => {
+                let a = format!("127.0.0.1:{}", super::free_port());
+                args.push("--mirror-listen".into());
+                args.push(a.clone());
+                a
+            }
+        };
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut d = Daemon {
             dir,
@@ -56,6 +106,8 @@ impl Daemon {
             admin_socket,
             state_dir,
             log,
+            mirror_addr,
+            config_file,
             args,
             child: None,
         };
@@ -104,6 +156,108 @@ impl Daemon {
                 super::file_tail(&self.log, 4000)
             );
         }
+        if let Ok(addr) = self.mirror_addr.parse::<SocketAddr>() {
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    panic!(
+                        "imagestream exited early ({status}):\n{}",
+                        super::file_tail(&self.log, 4000)
+                    );
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "imagestream mirror port {} not accepting:\n{}",
+                    self.mirror_addr,
+                    super::file_tail(&self.log, 4000)
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// SIGKILL (no cleanup at all) and reap; [`Daemon::start_again`] restarts it.
+    pub fn kill9(&mut self) {
+        if let Some(child) = &self.child {
+            signal(child.id(), "KILL");
+        }
+        self.stop_after_signal();
+    }
+
+    /// "http://127.0.0.1:PORT" of the mirror.
+    pub fn mirror_url(&self) -> String {
+        format!("http://{}", self.mirror_addr)
+    }
+
+    /// Runs `imagestream mirror hosts-toml` so that containerd's pulls from `registry_host`
+    /// go through this daemon's mirror; returns the hosts.toml it wrote.
+    pub fn route_through_mirror(&self, ctd: &super::Containerd, registry_host: &str) -> String {
+        let certs_d = ctd.dir.join("certs.d");
+        let url = self.mirror_url();
+        let out = self.cli(&[
+            "mirror",
+            "hosts-toml",
+            "--registry",
+            registry_host,
+            "--dir",
+            &certs_d.display().to_string(),
+            "--mirror",
+            &url,
+        ]);
+        assert!(
+            out.status.success(),
+            "imagestream mirror hosts-toml --registry {registry_host} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let path = ctd.hosts_toml(registry_host);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "mirror hosts-toml did not write {} ({e}); it printed: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// `GET /metrics` on the mirror port (Prometheus text); panics with the log tail if it
+    /// does not answer 200.
+    pub fn metrics(&self) -> String {
+        match super::mirror::http_fetch(
+            &self.mirror_addr,
+            "GET",
+            "/metrics",
+            &[],
+            &[],
+            Duration::from_secs(10),
+        ) {
+            Ok(r) if r.status == 200 => r.body_text(),
+            other => panic!(
+                "GET http://{}/metrics: {other:?}\n{}",
+                self.mirror_addr,
+                self.log_tail()
+            ),
+        }
+    }
+
+    /// One value from `/metrics` (see [`super::mirror::metric_value`]); panics naming the
+    /// series and showing the metrics if it is absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics();
+        super::mirror::metric_value(&text, series)
+            .unwrap_or_else(|| panic!("metric {series} not in /metrics:\n{text}"))
+    }
+
+    /// The last 6000 bytes of the daemon's log, for assertion messages.
+    pub fn log_tail(&self) -> String {
+        format!(
+            "--- imagestream log tail ---\n{}",
+            super::file_tail(&self.log, 6000)
+        )
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -11,6 +11,9 @@
 //! - CRI clients over the unix socket ([`cri_channel`], [`runtime_client`], [`image_client`]) and
 //!   config builders ([`pod_config`], [`container_config`]).
 //! - Small helpers: [`free_port`], [`wait_for_socket`], [`processes_mentioning`], [`mounts_under`].
+//! - For the layer cache and mirror: the registry's access log ([`Registry::blob_gets`]),
+//!   [`push_image_with_random_layers`], a fault-injecting origin ([`origin`]), and the content
+//!   store, `/metrics`, raw HTTP and CRI pull/remove helpers ([`mirror`]).
 //!
 //! Everything is torn down on `Drop`: processes (containerd, its shims and their containers) are
 //! killed, mounts under the bed dir are lazily unmounted deepest first, shim sockets are removed and
@@ -20,6 +23,8 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod mirror;
+pub mod origin;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
@@ -454,7 +459,7 @@ impl Registry {
             let addr = format!("127.0.0.1:{}", free_port());
             let yml = format!(
                 "version: 0.1\n\
-                 log:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                 log:\n  level: warn\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n\
                  \x20 maintenance:\n    uploadpurging:\n      enabled: false\n\
                  http:\n  addr: {addr}\n  secret: imagestream-test-secret\n",
@@ -552,6 +557,118 @@ impl Registry {
     pub fn image_ref(&self, name_tag: &str) -> String {
         format!("{}/{}", self.addr, name_tag)
     }
+
+    /// Every request the registry answered so far (across restarts), from its access log
+    /// (Apache combined format, one line per finished response: `"GET /v2/... HTTP/1.1" 200 1234`).
+    /// Waits until the log stops growing for 150 ms (max 3 s): the line is written just after
+    /// the response body, so a caller that has just read a body could otherwise miss it.
+    pub fn access_log(&self) -> Vec<AccessLogEntry> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut text = fs::read_to_string(&self.log).unwrap_or_default();
+        loop {
+            std::thread::sleep(Duration::from_millis(150));
+            let again = fs::read_to_string(&self.log).unwrap_or_default();
+            if again.len() == text.len() || Instant::now() >= deadline {
+                text = again;
+                break;
+            }
+            text = again;
+        }
+        text.lines().filter_map(AccessLogEntry::parse).collect()
+    }
+
+    /// Successful (200/206) GETs of `/v2/<name>/blobs/sha256:...` per digest, counted at the
+    /// real origin (its access log).
+    pub fn blob_gets(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for e in self.access_log() {
+            if let Some(digest) = e.successful_blob_get() {
+                *counts.entry(digest.to_string()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// Successful blob GETs whose User-Agent starts with `prefix`, e.g. "containerd/": a pull
+    /// that should go through a mirror but fetched from the origin itself.
+    pub fn blob_gets_by(&self, prefix: &str) -> Vec<AccessLogEntry> {
+        self.access_log()
+            .into_iter()
+            .filter(|e| e.successful_blob_get().is_some() && e.user_agent.starts_with(prefix))
+            .collect()
+    }
+
+    /// Body bytes the registry sent for successful blob GETs (from its access log).
+    pub fn blob_bytes_served(&self) -> u64 {
+        self.access_log()
+            .iter()
+            .filter(|e| e.successful_blob_get().is_some())
+            .map(|e| e.bytes)
+            .sum()
+    }
+}
+
+/// One line of the registry's access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogEntry {
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    pub status: u16,
+    /// Response body bytes written.
+    pub bytes: u64,
+    /// The client's User-Agent ("containerd/1.6..." when containerd fetched directly).
+    pub user_agent: String,
+}
+
+impl AccessLogEntry {
+    /// Parses `127.0.0.1 - - [date] "GET /v2/x/blobs/sha256:.. HTTP/1.1" 200 157 "" "ua"`.
+    pub fn parse(line: &str) -> Option<AccessLogEntry> {
+        let start = line.find(" \"")? + 2;
+        let rest = &line[start..];
+        let end = rest.find('"')?;
+        let mut request = rest[..end].split(' ');
+        let method = request.next()?.to_string();
+        let target = request.next()?;
+        if !request.next()?.starts_with("HTTP/") {
+            return None;
+        }
+        let mut after = rest[end + 1..].split_whitespace();
+        let status = after.next()?.parse().ok()?;
+        let bytes = after.next()?.parse().unwrap_or(0);
+        let path = target.split('?').next().unwrap_or(target).to_string();
+        // Then `"referer" "user agent"`.
+        let quoted: Vec<&str> = rest[end + 1..].split('"').collect();
+        let user_agent = quoted.get(3).copied().unwrap_or("").to_string();
+        Some(AccessLogEntry {
+            method,
+            path,
+            status,
+            bytes,
+            user_agent,
+        })
+    }
+
+    /// The digest if this is a GET of a blob answered 200 or 206.
+    pub fn successful_blob_get(&self) -> Option<&str> {
+        if self.method != "GET" || !(self.status == 200 || self.status == 206) {
+            return None;
+        }
+        blob_digest_of_path(&self.path)
+    }
+}
+
+/// `sha256:<hex>` if `path` (query stripped or not) is `/v2/<name>/blobs/sha256:<64 hex>`.
+pub fn blob_digest_of_path(path: &str) -> Option<&str> {
+    let path = path.split('?').next().unwrap_or(path);
+    let (prefix, digest) = path.rsplit_once("/blobs/")?;
+    let hex = digest.strip_prefix("sha256:")?;
+    let ok = prefix.starts_with("/v2/")
+        && hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    ok.then_some(digest)
 }
 
 impl Drop for Registry {
@@ -796,6 +913,184 @@ pub fn push_pause_image(registry: &Registry) {
         );
         *pushed = true;
     }
+}
+
+/// An image pushed by [`push_random_image_to`]: every blob digest the registry holds for it.
+#[derive(Debug, Clone)]
+pub struct RandomImage {
+    /// Manifest digest.
+    pub digest: String,
+    /// Config blob digest (containerd's image id).
+    pub config: String,
+    /// Layer digests, in order, with their (compressed) sizes.
+    pub layers: Vec<(String, u64)>,
+    /// Manifest size in bytes.
+    pub manifest_size: u64,
+    /// Config size in bytes.
+    pub config_size: u64,
+}
+
+impl RandomImage {
+    /// Manifest, config and layer digests.
+    pub fn blobs(&self) -> Vec<String> {
+        let mut all = vec![self.digest.clone(), self.config.clone()];
+        all.extend(self.layers.iter().map(|(d, _)| d.clone()));
+        all
+    }
+
+    /// Layer digests only.
+    pub fn layer_digests(&self) -> Vec<String> {
+        self.layers.iter().map(|(d, _)| d.clone()).collect()
+    }
+
+    /// Manifest + config + layers, in bytes.
+    pub fn total_size(&self) -> u64 {
+        self.manifest_size + self.config_size + self.layers.iter().map(|(_, s)| s).sum::<u64>()
+    }
+}
+
+/// Builds an image from scratch (no busybox: it is pulled, never run) with one layer per entry
+/// of `sizes`, layer `i` holding the single file `/random-<i>` of `sizes[i]` bytes from
+/// /dev/urandom (incompressible, so gzip keeps each layer about that size and no two layers or
+/// images share a blob), and pushes it to `registry/name_tag`. Returns (manifest digest, layer
+/// digests).
+pub fn push_image_with_random_layers(
+    registry: &Registry,
+    name_tag: &str,
+    sizes: &[usize],
+) -> (String, Vec<String>) {
+    let image = push_random_image_to(&registry.addr, name_tag, sizes);
+    let layers = image.layer_digests();
+    (image.digest, layers)
+}
+
+/// Like [`push_image_with_random_layers`], for any registry address, returning every blob
+/// (read back from the registry's manifest).
+pub fn push_random_image_to(addr: &str, name_tag: &str, sizes: &[usize]) -> RandomImage {
+    require_binary("umoci", "umoci");
+    require_binary("skopeo", "skopeo");
+    let (name, _tag) = name_tag
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("push_random_image_to: {name_tag:?} is not NAME:TAG"));
+    let work = harness_tempdir("isrnd-");
+    let layout = work.path().join("layout");
+    let image = format!("{}:img", layout.display());
+    run(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+        "umoci init",
+    );
+    run(
+        Command::new("umoci").args(["new", "--image"]).arg(&image),
+        "umoci new",
+    );
+    let mut urandom = File::open("/dev/urandom").expect("open /dev/urandom");
+    for (i, size) in sizes.iter().enumerate() {
+        let file = work.path().join(format!("random-{i}"));
+        let mut out = File::create(&file).expect("create random layer file");
+        let copied = std::io::copy(&mut (&mut urandom).take(*size as u64), &mut out)
+            .expect("copy random bytes");
+        assert_eq!(copied, *size as u64, "short read from /dev/urandom");
+        drop(out);
+        run(
+            Command::new("umoci")
+                .args(["insert", "--image"])
+                .arg(&image)
+                .arg(&file)
+                .arg(format!("/random-{i}")),
+            "umoci insert random layer",
+        );
+        let _ = fs::remove_file(&file);
+    }
+    run(
+        Command::new("umoci")
+            .args(["config", "--image"])
+            .arg(&image)
+            .arg(format!(
+                "--config.label=imagestream.test/random={}",
+                unique_suffix()
+            )),
+        "umoci config",
+    );
+    let digest_file = work.path().join("digest");
+    run(
+        Command::new("skopeo")
+            .args([
+                "--insecure-policy",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--digestfile",
+            ])
+            .arg(&digest_file)
+            .arg(format!("oci:{image}"))
+            .arg(format!("docker://{addr}/{name_tag}")),
+        "skopeo copy",
+    );
+    let digest = fs::read_to_string(&digest_file)
+        .expect("read skopeo digest file")
+        .trim()
+        .to_string();
+    let manifest = registry_manifest(addr, name, &digest);
+    let config = manifest["config"]["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("manifest {digest} without config digest: {manifest}"))
+        .to_string();
+    let config_size = manifest["config"]["size"].as_u64().unwrap_or(0);
+    let layers: Vec<(String, u64)> = manifest["layers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("manifest {digest} without layers: {manifest}"))
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().expect("layer digest").to_string(),
+                l["size"].as_u64().expect("layer size"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        layers.len(),
+        sizes.len(),
+        "umoci insert did not make one layer per file: {manifest}"
+    );
+    let manifest_size = registry_manifest_bytes(addr, name, &digest).len() as u64;
+    RandomImage {
+        digest,
+        config,
+        layers,
+        manifest_size,
+        config_size,
+    }
+}
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The raw manifest bytes `addr` serves for `name` at `reference` (tag or digest).
+pub fn registry_manifest_bytes(addr: &str, name: &str, reference: &str) -> Vec<u8> {
+    match http_request(
+        addr,
+        "GET",
+        &format!("/v2/{name}/manifests/{reference}"),
+        &[("Accept", MANIFEST_ACCEPT)],
+    ) {
+        Some((200, body)) => body,
+        other => panic!(
+            "GET manifest {name}:{reference} from {addr}: {:?}",
+            other.map(|(s, b)| (s, String::from_utf8_lossy(&b).into_owned()))
+        ),
+    }
+}
+
+/// The manifest `addr` serves for `name` at `reference`, parsed.
+pub fn registry_manifest(addr: &str, name: &str, reference: &str) -> serde_json::Value {
+    let body = registry_manifest_bytes(addr, name, reference);
+    serde_json::from_slice(&body).unwrap_or_else(|e| {
+        panic!(
+            "manifest {name}:{reference} from {addr} is not JSON ({e}): {}",
+            String::from_utf8_lossy(&body)
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
