@@ -137,7 +137,23 @@ async fn rollback_runs_from_the_node_cache_when_the_registry_is_gone() {
         Ok("v2")
     );
 
-    // Under pressure (limit 1 byte), gc keeps both generations: they are pinned.
+    // Under pressure (limit 1 byte, unrelated pulls through the mirror), gc keeps both
+    // generations: they are pinned.
+    for i in 0..3 {
+        let other = push_random_image_to(&registry.addr, &format!("other{i}:v1"), &[256 << 10]);
+        let mut direct = image_client(&ctd.socket).await;
+        direct
+            .pull_image(PullImageRequest {
+                image: Some(image_spec(&format!(
+                    "{}/other{i}@{}",
+                    registry.addr, other.digest
+                ))),
+                auth: None,
+                sandbox_config: None,
+            })
+            .await
+            .expect("unrelated pull through the mirror");
+    }
     let gc = d.cli_json(&["cache", "gc"]);
     let ls = d.cli_json(&["cache", "ls"]);
     let pinned_by: Vec<String> = ls
