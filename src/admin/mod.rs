@@ -138,8 +138,75 @@ fn tag_ref(namespace: String, name: String, tag: String) -> Result<TagRef, Statu
     })
 }
 
+impl From<crate::stream::events::TagEvent> for pb::TagEvent {
+    fn from(e: crate::stream::events::TagEvent) -> Self {
+        pb::TagEvent {
+            sequence: e.sequence,
+            namespace: e.namespace,
+            stream: e.stream,
+            tag: e.tag,
+            old_digest: e.old_digest.unwrap_or_default(),
+            new_digest: e.new_digest.unwrap_or_default(),
+            generation: e.generation,
+            cause: e.cause,
+            time: e.time,
+        }
+    }
+}
+
+/// Events queued per watcher between the broadcast and its connection.
+const WATCH_QUEUE: usize = 64;
+
 #[tonic::async_trait]
 impl Admin for AdminApi {
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::TagEvent, Status>> + Send + 'static>,
+    >;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.read(&req, "watch")?;
+        let r = req.into_inner();
+        if r.namespace.is_empty() && !r.name.is_empty() {
+            return Err(crate::audit::status(
+                tonic::Code::InvalidArgument,
+                "a stream name needs its namespace",
+            ));
+        }
+        let mut events = self.streams.view().events();
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_QUEUE);
+        tokio::spawn(async move {
+            loop {
+                let item = match events.recv().await {
+                    Ok(e) => {
+                        if (!r.namespace.is_empty() && e.namespace != r.namespace)
+                            || (!r.name.is_empty() && e.stream != r.name)
+                        {
+                            continue;
+                        }
+                        Ok(pb::TagEvent::from(e))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        Err(crate::audit::status(
+                            tonic::Code::Aborted,
+                            format!("the watcher fell behind and missed {n} events: re-list the streams and watch again"),
+                        ))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let end = item.is_err();
+                if tx.send(item).await.is_err() || end {
+                    return; // the watcher went away, or was told it lagged
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn create_stream(
         &self,
         req: Request<pb::CreateStreamRequest>,

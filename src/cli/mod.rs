@@ -64,6 +64,15 @@ enum Command {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
+    /// Follow tag changes as they happen (set, import, rollback, delete); with -o json one JSON
+    /// object per line, for scripts
+    #[command(
+        after_help = "Examples:\n  imagestream watch                 # every stream\n  imagestream watch team-a          # streams of namespace team-a\n  imagestream watch team-a/app -o json | while read -r event; do ...; done\n\nExits with an error if it falls too far behind (it missed events): re-list and watch again."
+    )]
+    Watch {
+        /// NAMESPACE or NAMESPACE/NAME (default: all streams)
+        filter: Option<String>,
+    },
     /// Print the daemon's counters (Prometheus text format; also at GET /metrics on the mirror)
     Metrics,
     /// Inspect and maintain the node's layer cache
@@ -495,6 +504,26 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(status)?
                 .into_inner();
             print!("{}", r.text);
+            Ok(())
+        }
+        Command::Watch { filter } => {
+            let (namespace, name) = match filter.as_deref() {
+                None => (String::new(), String::new()),
+                Some(f) if f.contains('/') => parse_stream_key(f).map_err(|e| e.to_string())?,
+                Some(f) => {
+                    crate::stream::names::validate_namespace(f).map_err(|e| e.to_string())?;
+                    (f.to_string(), String::new())
+                }
+            };
+            let mut client = connect(&socket()).await?;
+            let mut events = client
+                .watch(pb::WatchRequest { namespace, name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            while let Some(e) = events.message().await.map_err(status)? {
+                printer.event(&e);
+            }
             Ok(())
         }
         Command::Cache(cmd) => {

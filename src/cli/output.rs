@@ -371,6 +371,48 @@ impl Printer {
     }
 }
 
+impl Printer {
+    /// One tag event per line (JSON lines with `-o json`), flushed at once.
+    pub fn event(&self, e: &pb::TagEvent) {
+        use std::io::Write as _;
+        let digest = |d: &str| {
+            if d.is_empty() {
+                "-".to_string()
+            } else {
+                short_digest(d)
+            }
+        };
+        match self.format {
+            Format::Json => println!(
+                "{}",
+                json!({
+                    "sequence": e.sequence,
+                    "namespace": e.namespace,
+                    "stream": e.stream,
+                    "tag": e.tag,
+                    "old_digest": if e.old_digest.is_empty() { Value::Null } else { Value::String(e.old_digest.clone()) },
+                    "new_digest": if e.new_digest.is_empty() { Value::Null } else { Value::String(e.new_digest.clone()) },
+                    "generation": e.generation,
+                    "cause": e.cause,
+                    "time": e.time,
+                })
+            ),
+            Format::Table => println!(
+                "{}  {}/{}:{}  {} -> {}  generation {}  {}",
+                e.time,
+                e.namespace,
+                e.stream,
+                e.tag,
+                digest(&e.old_digest),
+                digest(&e.new_digest),
+                e.generation,
+                e.cause
+            ),
+        }
+        let _ = std::io::stdout().flush();
+    }
+}
+
 /// `1536` → `1.5 KiB`.
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -2,6 +2,7 @@
 //! resolution of references through stream tags (the CRI path's only dependency here), and the
 //! service that changes streams.
 
+pub mod events;
 pub mod model;
 pub mod names;
 pub mod reference;

@@ -2,6 +2,7 @@
 //! resolve`. It reads only the in-memory [`View`]: no disk, no network, no lock held across an
 //! await. The stream service replaces the view after every successful store write.
 
+use super::events::{diff, TagEvent, EVENT_BUFFER};
 use super::model::{Stream, StreamKey};
 use super::reference::{classify, Classified, ReferenceError, TagRef};
 use std::collections::{HashMap, HashSet};
@@ -48,6 +49,8 @@ impl Snapshot {
 pub struct View {
     inner: Arc<RwLock<Arc<Snapshot>>>,
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    events: tokio::sync::broadcast::Sender<TagEvent>,
+    sequence: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Default for View {
@@ -61,6 +64,41 @@ impl View {
         Self {
             inner: Arc::new(RwLock::new(Arc::new(snapshot))),
             changes: Arc::new(tokio::sync::watch::channel(0).0),
+            events: tokio::sync::broadcast::channel(EVENT_BUFFER).0,
+            sequence: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    /// Every tag change from now on (see [`super::events`]).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<TagEvent> {
+        self.events.subscribe()
+    }
+
+    fn publish(&self, events: Vec<TagEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let time = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        for mut e in events {
+            e.sequence = self
+                .sequence
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            e.time = time.clone();
+            tracing::info!(
+                target: "imagestream::events",
+                stream = %format!("{}/{}", e.namespace, e.stream),
+                tag = %e.tag,
+                old = e.old_digest.as_deref().unwrap_or("-"),
+                digest = e.new_digest.as_deref().unwrap_or("-"),
+                generation = e.generation,
+                cause = %e.cause,
+                "tag changed"
+            );
+            // No receivers is fine: nobody is watching.
+            let _ = self.events.send(e);
         }
     }
 
@@ -88,6 +126,7 @@ impl View {
     /// Applies one changed (or, with `None`, deleted) stream to a copy of the snapshot.
     pub fn apply(&self, key: &StreamKey, stream: Option<Stream>) {
         let current = self.load();
+        let events = diff(current.get(key).map(|s| s.as_ref()), stream.as_ref());
         let mut streams: Vec<Stream> = current
             .streams
             .iter()
@@ -96,6 +135,7 @@ impl View {
             .collect();
         streams.extend(stream);
         self.store(Snapshot::new(streams));
+        self.publish(events);
     }
 }
 

@@ -1,0 +1,119 @@
+//! Tag change events: `imagestream watch -o json` sees every set, move, rollback and delete of
+//! a tag, once each, with the old and new digest, and only for the streams it asked for.
+
+mod common;
+
+use common::daemon::{binary, Daemon};
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+#[test]
+fn watch_sees_every_tag_change_once() {
+    let registry = Registry::start();
+    let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
+    let v2 = push_image(&registry, "app", "v2", "v2", &["/bin/sleep", "infinity"]);
+    let d = Daemon::start_with_config(
+        "unix:///nonexistent.sock",
+        &[&registry.addr],
+        &[],
+        "prefetch = false\n",
+    );
+    d.cli_ok(&["stream", "create", "team-a/app"]);
+    d.cli_ok(&["stream", "create", "team-b/other"]);
+
+    let mut watcher = Command::new(binary())
+        .args(["--admin-socket"])
+        .arg(&d.admin_socket)
+        .args(["watch", "team-a/app", "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start imagestream watch");
+    let stdout = watcher.stdout.take().expect("watch stdout");
+    let (tx, rx) = mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    // The watch is live once a change made now is seen: retry the first set until it is.
+    let first = loop {
+        d.cli_ok(&[
+            "tag",
+            "set",
+            "team-a/app:prod",
+            &registry.image_ref("app:v1"),
+        ]);
+        if let Ok(e) = rx.recv_timeout(Duration::from_millis(500)) {
+            break e;
+        }
+        d.cli_ok(&["tag", "rm", "team-a/app:prod"]);
+        let _ = rx.recv_timeout(Duration::from_millis(500)); // its delete event, if seen
+    };
+    assert_eq!(first["tag"], "prod", "{first}");
+    assert_eq!(first["new_digest"], v1.as_str(), "{first}");
+    assert_eq!(first["cause"], "set");
+
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-b/other:prod",
+        &registry.image_ref("app:v1"),
+    ]); // filtered out
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v2"),
+    ]);
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v2"),
+    ]);
+    d.cli_ok(&["tag", "rollback", "team-a/app:prod"]);
+    d.cli_ok(&["tag", "rm", "team-a/app:prod"]);
+    let events: Vec<serde_json::Value> = (0..4)
+        .map(|i| {
+            rx.recv_timeout(Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("event {i} missing\n{}", d.log_text()))
+        })
+        .collect();
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "no further events"
+    );
+
+    let summary: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+            (s("old_digest"), s("new_digest"), s("cause"))
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (v1.clone(), v2.clone(), "set".into()),
+            (v2.clone(), v2.clone(), "set".into()),
+            (v2.clone(), v1.clone(), "rollback to generation 1".into()),
+            (v1.clone(), "-".into(), "delete".into()),
+        ],
+        "{events:?}"
+    );
+    let seqs: Vec<u64> = events
+        .iter()
+        .filter_map(|e| e["sequence"].as_u64())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
+}
