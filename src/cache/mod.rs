@@ -34,8 +34,11 @@ use tracing::Instrument as _;
 pub const DEFAULT_PIN_HISTORY: usize = 3;
 /// Default size limit of the cache.
 pub const DEFAULT_MAX_BYTES: u64 = 20 << 30;
-/// Bytes read from or written to disk per step while streaming.
+/// Bytes written to disk per step while filling.
 pub const CHUNK_BYTES: usize = 1 << 20;
+/// Bytes read from disk per step while serving (small enough that the allocator reuses them:
+/// a response holds at most `RESPONSE_QUEUE + 1` of them).
+pub const READ_CHUNK_BYTES: usize = 512 << 10;
 /// Chunks buffered per client response.
 pub const RESPONSE_QUEUE: usize = 4;
 /// Largest manifest kept or served.
@@ -826,7 +829,7 @@ impl Blob {
             };
             let limit = end.map_or(available, |e| e.min(available));
             while pos < limit {
-                let n = (limit - pos).min(CHUNK_BYTES as u64) as usize;
+                let n = (limit - pos).min(READ_CHUNK_BYTES as u64) as usize;
                 let file = self.file.clone();
                 let chunk = tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0u8; n];
