@@ -75,6 +75,9 @@ pub struct FileConfig {
     pub scrub_interval_secs: Option<u64>,
     pub prefetch: Option<bool>,
     pub pin_history: Option<usize>,
+    pub import_concurrency: Option<usize>,
+    pub import_registry_concurrency: Option<usize>,
+    pub import_min_interval_secs: Option<u64>,
 }
 
 /// Flags of `imagestream serve` that override the file.
@@ -129,6 +132,12 @@ pub struct Config {
     pub prefetch: bool,
     /// Earlier distinct digests of each stream tag kept pinned in the cache (for rollback).
     pub pin_history: usize,
+    /// Scheduled imports running at once, node-wide.
+    pub import_concurrency: usize,
+    /// Scheduled imports running at once against one registry.
+    pub import_registry_concurrency: usize,
+    /// Shortest `--interval` accepted for scheduled tags.
+    pub import_min_interval_secs: u64,
 }
 
 impl Default for Config {
@@ -154,6 +163,9 @@ impl Default for Config {
             scrub_interval_secs: DEFAULT_SCRUB_INTERVAL_SECS,
             prefetch: true,
             pin_history: DEFAULT_PIN_HISTORY,
+            import_concurrency: crate::importer::DEFAULT_CONCURRENCY,
+            import_registry_concurrency: crate::importer::DEFAULT_REGISTRY_CONCURRENCY,
+            import_min_interval_secs: crate::importer::DEFAULT_MIN_INTERVAL_SECS,
         }
     }
 }
@@ -199,6 +211,9 @@ impl Config {
             scrub_interval_secs,
             prefetch,
             pin_history,
+            import_concurrency,
+            import_registry_concurrency,
+            import_min_interval_secs,
         } = f;
         set(&mut self.state_dir, state_dir);
         set(&mut self.cri_socket, cri_socket);
@@ -220,6 +235,12 @@ impl Config {
         set(&mut self.scrub_interval_secs, scrub_interval_secs);
         set(&mut self.prefetch, prefetch);
         set(&mut self.pin_history, pin_history);
+        set(&mut self.import_concurrency, import_concurrency);
+        set(
+            &mut self.import_registry_concurrency,
+            import_registry_concurrency,
+        );
+        set(&mut self.import_min_interval_secs, import_min_interval_secs);
     }
 
     fn apply_overrides(&mut self, o: Overrides) {

@@ -34,6 +34,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod cri;
+pub mod importer;
 pub mod metrics;
 pub mod mirror;
 pub mod registry;

@@ -180,11 +180,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         grace,
     )
     .map_err(|e| ServerError::Runtime(format!("cannot start the CRI proxy thread: {e}")))?;
+    let streams_for_import = streams.clone();
     let admin_task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(
-                AdminServer::new(AdminApi::new(streams, cache.clone(), access))
-                    .max_decoding_message_size(crate::cri::proxy::MAX_CRI_MESSAGE_BYTES),
+                AdminServer::new(
+                    AdminApi::new(streams, cache.clone(), access)
+                        .with_min_import_interval(config.import_min_interval_secs),
+                )
+                .max_decoding_message_size(crate::cri::proxy::MAX_CRI_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(admin_listener),
@@ -200,6 +204,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if config.prefetch {
         tokio::spawn(cache.clone().prefetch_loop(stop_rx.clone()));
     }
+    tokio::spawn(crate::importer::run(
+        streams_for_import,
+        crate::importer::ImporterSettings {
+            concurrency: config.import_concurrency,
+            registry_concurrency: config.import_registry_concurrency,
+        },
+        stop_rx.clone(),
+    ));
     if config.scrub_interval_secs > 0 {
         tokio::spawn(scrub_loop(
             cache.clone(),

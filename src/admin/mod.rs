@@ -85,6 +85,7 @@ pub struct AdminApi {
     streams: Arc<StreamService>,
     cache: Arc<Cache>,
     access: auth::AdminAccess,
+    min_import_interval_secs: u64,
 }
 
 impl AdminApi {
@@ -93,7 +94,14 @@ impl AdminApi {
             streams,
             cache,
             access,
+            min_import_interval_secs: crate::importer::DEFAULT_MIN_INTERVAL_SECS,
         }
+    }
+
+    /// The shortest interval accepted for scheduled tags.
+    pub fn with_min_import_interval(mut self, secs: u64) -> Self {
+        self.min_import_interval_secs = secs;
+        self
     }
 
     fn read<T>(&self, req: &Request<T>, action: &str) -> Result<auth::Caller, Status> {
@@ -313,8 +321,32 @@ impl Admin for AdminApi {
                 "source reference must not be empty",
             ));
         }
+        let schedule = if r.scheduled {
+            let interval = if r.interval_secs == 0 {
+                crate::importer::DEFAULT_INTERVAL_SECS
+            } else {
+                r.interval_secs
+            };
+            if interval < self.min_import_interval_secs {
+                return Err(crate::audit::status(
+                    tonic::Code::InvalidArgument,
+                    format!(
+                        "interval {interval}s is shorter than the minimum of {}s (import_min_interval_secs)",
+                        self.min_import_interval_secs
+                    ),
+                ));
+            }
+            Some(crate::stream::model::Schedule {
+                interval_secs: interval,
+            })
+        } else {
+            None
+        };
         let before = self.current(&t);
-        let tag = self.streams.set_tag(&t, &r.source).await?;
+        let tag = self
+            .streams
+            .set_tag_scheduled(&t, &r.source, schedule)
+            .await?;
         auth::record(
             &caller,
             "set tag",
@@ -576,6 +608,13 @@ impl From<Tag> for pb::Tag {
             source: t.source,
             generations: t.generations.into_iter().map(Into::into).collect(),
             warning: String::new(),
+            import_interval_secs: t.schedule.map_or(0, |s| s.interval_secs),
+            import_condition: t.condition.map(|c| pb::ImportCondition {
+                last_check: c.last_check,
+                last_success: c.last_success,
+                error: c.error,
+                consecutive_failures: c.consecutive_failures,
+            }),
         }
     }
 }

@@ -221,11 +221,21 @@ Example:
 #[derive(Debug, Subcommand)]
 enum TagCommand {
     /// Point NAMESPACE/NAME:TAG at SOURCE (resolved and verified in its registry now)
+    #[command(
+        after_help = "Examples:\n  imagestream tag set team-a/app:prod registry.example.com/team/app:v1\n  imagestream tag set team-a/app:prod registry.example.com/team/app:stable --scheduled --interval 5m"
+    )]
     Set {
         /// NAMESPACE/NAME:TAG
         tag: String,
         /// An image reference, by tag (registry/repo:tag) or digest (registry/repo@sha256:...)
         source: String,
+        /// Keep following SOURCE: re-resolve it every --interval; a new digest becomes a
+        /// generation with cause "import" (without this flag the tag stops following)
+        #[arg(long)]
+        scheduled: bool,
+        /// How often a scheduled tag is re-resolved: 30s, 15m, 1h [default: 15m]
+        #[arg(long, value_name = "DURATION", requires = "scheduled", value_parser = crate::importer::parse_interval)]
+        interval: Option<u64>,
     },
     /// Point a tag back at an earlier digest (default: the previous one)
     Rollback {
@@ -416,7 +426,12 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Tag(cmd) => {
             let mut client = connect(&socket()).await?;
             match cmd {
-                TagCommand::Set { tag, source } => {
+                TagCommand::Set {
+                    tag,
+                    source,
+                    scheduled,
+                    interval,
+                } => {
                     let t = parse_tag_ref(&tag).map_err(|e| e.to_string())?;
                     let r = client
                         .set_tag(pb::SetTagRequest {
@@ -424,6 +439,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                             name: t.name,
                             tag: t.tag,
                             source,
+                            scheduled,
+                            interval_secs: interval.unwrap_or(0),
                         })
                         .await
                         .map_err(status)?

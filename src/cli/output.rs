@@ -30,7 +30,44 @@ fn tag_json(t: &pb::Tag) -> Value {
     if !t.warning.is_empty() {
         v["warning"] = Value::String(t.warning.clone());
     }
+    if t.import_interval_secs > 0 {
+        v["import_interval_secs"] = json!(t.import_interval_secs);
+    }
+    if let Some(c) = &t.import_condition {
+        v["import_condition"] = json!({
+            "last_check": c.last_check,
+            "last_success": c.last_success,
+            "error": c.error,
+            "consecutive_failures": c.consecutive_failures,
+        });
+    }
     v
+}
+
+/// `every 15m, ok at …` / `every 15m, failing (3): …` / `-`.
+fn import_line(t: &pb::Tag) -> String {
+    if t.import_interval_secs == 0 {
+        return "-".into();
+    }
+    let every = match t.import_interval_secs {
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    };
+    match &t.import_condition {
+        Some(c) if !c.error.is_empty() => format!(
+            "every {every}, failing ({}x since {}): {}",
+            c.consecutive_failures,
+            if c.last_success.is_empty() {
+                "never"
+            } else {
+                &c.last_success
+            },
+            c.error
+        ),
+        Some(c) => format!("every {every}, ok at {}", c.last_check),
+        None => format!("every {every}"),
+    }
 }
 
 fn yes_no(b: bool) -> String {
@@ -165,7 +202,15 @@ impl Printer {
                 println!("Used by:       {}", access_line(s));
                 println!();
                 table(
-                    &["TAG", "GENERATION", "DIGEST", "CAUSE", "UPDATED", "SOURCE"],
+                    &[
+                        "TAG",
+                        "GENERATION",
+                        "DIGEST",
+                        "CAUSE",
+                        "UPDATED",
+                        "SOURCE",
+                        "IMPORT",
+                    ],
                     &s.tags
                         .iter()
                         .map(|t| {
@@ -177,6 +222,7 @@ impl Printer {
                                 g.map(|g| g.cause.clone()).unwrap_or_default(),
                                 g.map(|g| g.created.clone()).unwrap_or_default(),
                                 g.map(|g| g.source.clone()).unwrap_or_default(),
+                                import_line(t),
                             ]
                         })
                         .collect::<Vec<_>>(),

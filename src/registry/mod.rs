@@ -168,6 +168,24 @@ impl RegistryClient {
         })
     }
 
+    /// The digest `source` points at now, by a HEAD request where the registry answers with
+    /// `Docker-Content-Digest` (oci-client falls back to GET). Not verified: use it only to see
+    /// that nothing changed, and [`RegistryClient::pin`] otherwise.
+    pub async fn head_digest(&self, source: &str) -> Result<String, RegistryError> {
+        let reference = Self::parse(source)?;
+        let auth = self.auth_for(&reference);
+        let digest = self
+            .client
+            .fetch_manifest_digest(&reference, &auth)
+            .await
+            .map_err(|e| classify(source, e))?;
+        check_sha256_digest(&digest).map_err(|message| RegistryError::Other {
+            reference: source.to_string(),
+            message,
+        })?;
+        Ok(digest)
+    }
+
     /// Opens the blob `host/repository@digest` as a stream. The bytes are not verified here.
     #[tracing::instrument(skip(self))]
     pub async fn fetch_blob(

@@ -80,6 +80,8 @@ mod tests {
         );
         for (name, digests) in tags {
             let mut t = Tag {
+                schedule: None,
+                condition: None,
                 name: name.to_string(),
                 source: "r/app:v1".into(),
                 generations: Vec::new(),

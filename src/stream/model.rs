@@ -108,6 +108,30 @@ pub struct Tag {
     pub source: String,
     /// Newest first; never empty for a stored tag.
     pub generations: Vec<Generation>,
+    /// Re-resolve the source on a schedule (`tag set --scheduled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    /// The outcome of the last scheduled check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<ImportCondition>,
+}
+
+/// How often a scheduled tag's source is re-resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub interval_secs: u64,
+}
+
+/// The last scheduled check of a tag's source. A failure never moves the tag.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportCondition {
+    /// RFC 3339, UTC.
+    pub last_check: String,
+    /// RFC 3339, UTC; empty if no check has succeeded yet.
+    pub last_success: String,
+    /// Empty when the last check succeeded.
+    pub error: String,
+    pub consecutive_failures: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +249,8 @@ mod tests {
 
     fn tag() -> Tag {
         Tag {
+            schedule: None,
+            condition: None,
             name: "prod".into(),
             source: "r/app:v1".into(),
             generations: vec![],

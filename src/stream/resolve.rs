@@ -268,6 +268,8 @@ mod tests {
     fn snapshot() -> Snapshot {
         let mut s = Stream::new(&StreamKey::new("team-a", "app"), true);
         let mut t = Tag {
+            schedule: None,
+            condition: None,
             name: "prod".into(),
             source: "r/app:v1".into(),
             generations: vec![],

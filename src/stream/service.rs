@@ -3,7 +3,8 @@
 //! and then swaps the resolution [`View`], so that the CRI path sees the change at once.
 
 use super::model::{
-    validate_access_pattern, Access, NewGeneration, RollbackError, Stream, StreamKey, Tag,
+    validate_access_pattern, Access, ImportCondition, NewGeneration, RollbackError, Schedule,
+    Stream, StreamKey, Tag,
 };
 use super::names::{validate_namespace, NameError};
 use super::reference::{classify, Classified, ReferenceError, TagRef};
@@ -240,10 +241,33 @@ impl StreamService {
     /// Points `t` at `source`, resolved and verified in its registry now.
     #[tracing::instrument(skip(self, t), fields(stream = %tag_key(t), tag = %t.tag, digest))]
     pub async fn set_tag(&self, t: &TagRef, source: &str) -> Result<Tag, StreamError> {
+        self.set_tag_scheduled(t, source, None).await
+    }
+
+    /// Like [`StreamService::set_tag`]; with a schedule the importer re-resolves the source
+    /// every interval, without one the tag stops following it.
+    #[tracing::instrument(skip(self, t), fields(stream = %tag_key(t), tag = %t.tag, digest))]
+    pub async fn set_tag_scheduled(
+        &self,
+        t: &TagRef,
+        source: &str,
+        schedule: Option<Schedule>,
+    ) -> Result<Tag, StreamError> {
         self.get(&tag_key(t))?;
         let pinned = self.pin_source(source).await?;
         tracing::Span::current().record("digest", pinned.digest.as_str());
-        let tag = self.push_generation(t, source, &pinned, "set").await?;
+        self.push_generation(t, source, &pinned, "set").await?;
+        let tag = self
+            .update_tag(t, |tag| {
+                tag.schedule = schedule;
+                tag.condition = schedule.map(|_| ImportCondition {
+                    last_check: now_rfc3339(),
+                    last_success: now_rfc3339(),
+                    ..ImportCondition::default()
+                });
+                Ok(())
+            })
+            .await?;
         tracing::info!(reference = %pinned.reference, "tag set");
         Ok(tag)
     }
@@ -264,6 +288,85 @@ impl StreamService {
             .await?;
         tracing::info!(reference = %pinned.reference, "tag imported");
         Ok((tag, true))
+    }
+
+    /// One scheduled check of `t`'s source: a new digest appends a generation with cause
+    /// `import`; the outcome (success, or the error) is recorded as the tag's condition and a
+    /// failure leaves the tag where it is. A HEAD request answers when the digest is unchanged.
+    /// Returns the condition after the check.
+    #[tracing::instrument(skip(self, t), fields(stream = %tag_key(t), tag = %t.tag, digest))]
+    pub async fn scheduled_import(&self, t: &TagRef) -> Result<ImportCondition, StreamError> {
+        let tag = self.get_tag(t)?;
+        let current = tag.current().map(|g| g.digest.clone());
+        let outcome: Result<Option<PinnedManifest>, String> =
+            match classify(&tag.source, &self.settings.stream_host) {
+                Ok(Classified::Stream(_)) => self
+                    .pin_source(&tag.source)
+                    .await
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                _ => match self.registry.head_digest(&tag.source).await {
+                    Ok(d) if Some(&d) == current.as_ref() => Ok(None),
+                    _ => self
+                        .registry
+                        .pin(&tag.source)
+                        .await
+                        .map(Some)
+                        .map_err(|e| e.to_string()),
+                },
+            };
+        let moved = match &outcome {
+            Ok(Some(p)) if Some(&p.digest) != current.as_ref() => {
+                tracing::Span::current().record("digest", p.digest.as_str());
+                self.push_generation(t, &tag.source, p, "import").await?;
+                tracing::info!(reference = %p.reference, "scheduled import moved the tag");
+                true
+            }
+            _ => false,
+        };
+        let now = now_rfc3339();
+        let tag = self
+            .update_tag(t, |tag| {
+                let c = tag.condition.get_or_insert_with(ImportCondition::default);
+                c.last_check = now.clone();
+                match &outcome {
+                    Ok(_) => {
+                        c.last_success = now.clone();
+                        c.error.clear();
+                        c.consecutive_failures = 0;
+                    }
+                    Err(e) => {
+                        c.error = crate::audit::cap(e.clone());
+                        c.consecutive_failures = c.consecutive_failures.saturating_add(1);
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, moved, "scheduled import failed; the tag keeps its digest");
+        }
+        Ok(tag.condition.unwrap_or_default())
+    }
+
+    async fn update_tag(
+        &self,
+        t: &TagRef,
+        mut f: impl FnMut(&mut Tag) -> Result<(), StreamError>,
+    ) -> Result<Tag, StreamError> {
+        let stream = self
+            .update(&tag_key(t), |stream| {
+                let tag = stream
+                    .tags
+                    .get_mut(&t.tag)
+                    .ok_or_else(|| StreamError::TagNotFound {
+                        stream: tag_key(t),
+                        tag: t.tag.clone(),
+                    })?;
+                f(tag)
+            })
+            .await?;
+        take_tag(stream, t)
     }
 
     /// Resolves `source` (an image reference, or another stream's tag) to a pinned manifest.
@@ -300,6 +403,8 @@ impl StreamService {
         let stream = self
             .update(&tag_key(t), |stream| {
                 let tag = stream.tags.entry(t.tag.clone()).or_insert_with(|| Tag {
+                    schedule: None,
+                    condition: None,
                     name: t.tag.clone(),
                     source: source.to_string(),
                     generations: Vec::new(),

@@ -1,0 +1,148 @@
+//! Scheduled import against a real docker-registry: a tag that follows a registry tag moves
+//! when a new image is pushed under it (one event, cause `import`); with the registry stopped
+//! the failure is the tag's import condition and the tag keeps its digest; when the registry
+//! is back the next import succeeds and the condition clears.
+
+mod common;
+
+use common::daemon::{binary, Daemon};
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn wait_for(what: &str, d: &Daemon, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_scheduled_tag_follows_its_source_and_survives_registry_outages() {
+    let mut registry = Registry::start();
+    let v1 = push_image(
+        &registry,
+        "app",
+        "stable",
+        "v1",
+        &["/bin/sleep", "infinity"],
+    );
+    let d = Daemon::start_with_config(
+        "unix:///nonexistent.sock",
+        &[&registry.addr],
+        &[],
+        "prefetch = false\nimport_min_interval_secs = 1\n",
+    );
+    d.cli_ok(&["stream", "create", "team-a/app"]);
+    let short = d.cli(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:stable"),
+        "--scheduled",
+        "--interval",
+        "0s",
+    ]);
+    assert!(!short.status.success(), "a zero interval is refused");
+    assert!(String::from_utf8_lossy(&short.stderr).contains("interval"));
+
+    // A watcher, synchronised by a change it must see.
+    let mut watcher = Command::new(binary())
+        .arg("--admin-socket")
+        .arg(&d.admin_socket)
+        .args(["watch", "team-a/app", "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("imagestream watch");
+    let stdout = watcher.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    loop {
+        d.cli_ok(&[
+            "tag",
+            "set",
+            "team-a/app:sync",
+            &registry.image_ref("app:stable"),
+        ]);
+        if rx.recv_timeout(Duration::from_millis(500)).is_ok() {
+            break;
+        }
+    }
+    while rx.recv_timeout(Duration::from_millis(300)).is_ok() {}
+
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:stable"),
+        "--scheduled",
+        "--interval",
+        "1s",
+    ]);
+    let set = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the set event");
+    assert_eq!(set["cause"], "set");
+
+    // A new image under the followed tag: the tag moves by itself, once.
+    let v2 = push_image(
+        &registry,
+        "app",
+        "stable",
+        "v2",
+        &["/bin/sleep", "infinity"],
+    );
+    let moved = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("no import event\n{}", d.log_text()));
+    assert_eq!(moved["tag"], "prod", "{moved}");
+    assert_eq!(moved["old_digest"], v1.as_str());
+    assert_eq!(moved["new_digest"], v2.as_str());
+    assert_eq!(moved["cause"], "import");
+    std::thread::sleep(Duration::from_secs(3)); // a few more checks: the same digest
+    assert!(rx.try_recv().is_err(), "the same digest is not a new event");
+    let h = d.cli_json(&["tag", "history", "team-a/app:prod"]);
+    assert_eq!(h["generations"].as_array().map(Vec::len), Some(2), "{h}");
+    assert_eq!(h["import_interval_secs"], 1);
+
+    // The registry goes away: the condition says so, the tag keeps v2 and still resolves.
+    registry.stop();
+    let condition =
+        |d: &Daemon| d.cli_json(&["tag", "history", "team-a/app:prod"])["import_condition"].clone();
+    wait_for("a failing import condition", &d, || {
+        condition(&d)["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty())
+    });
+    let c = condition(&d);
+    assert!(c["consecutive_failures"].as_u64().unwrap_or(0) >= 1, "{c}");
+    let out = d.cli_ok(&["stream", "get", "team-a/app"]);
+    assert!(out.contains("failing"), "{out}");
+    let r = d.cli_json(&["resolve", "imagestream.local/team-a/app:prod"]);
+    assert_eq!(r["digest"], v2.as_str(), "{r}");
+
+    registry.restart();
+    wait_for("the condition to clear", &d, || {
+        condition(&d)["error"].as_str() == Some("")
+    });
+    let h = d.cli_json(&["tag", "history", "team-a/app:prod"]);
+    assert_eq!(h["generations"][0]["digest"], v2.as_str());
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+}
