@@ -279,6 +279,7 @@ async fn bad_input_is_invalid_argument_and_the_daemon_keeps_serving() {
                 name: "app".into(),
                 tag: tag.into(),
                 source: source.into(),
+                ..Default::default()
             })
             .await
             .expect_err("bad tag or source");
