@@ -78,6 +78,8 @@ pub struct FileConfig {
     pub import_concurrency: Option<usize>,
     pub import_registry_concurrency: Option<usize>,
     pub import_min_interval_secs: Option<u64>,
+    #[serde(default)]
+    pub triggers: Vec<crate::triggers::TriggerConfig>,
 }
 
 /// Flags of `imagestream serve` that override the file.
@@ -138,6 +140,8 @@ pub struct Config {
     pub import_registry_concurrency: usize,
     /// Shortest `--interval` accepted for scheduled tags.
     pub import_min_interval_secs: u64,
+    /// Commands run on tag events (`[[triggers]]`).
+    pub triggers: Vec<crate::triggers::TriggerConfig>,
 }
 
 impl Default for Config {
@@ -166,6 +170,7 @@ impl Default for Config {
             import_concurrency: crate::importer::DEFAULT_CONCURRENCY,
             import_registry_concurrency: crate::importer::DEFAULT_REGISTRY_CONCURRENCY,
             import_min_interval_secs: crate::importer::DEFAULT_MIN_INTERVAL_SECS,
+            triggers: Vec::new(),
         }
     }
 }
@@ -214,6 +219,7 @@ impl Config {
             import_concurrency,
             import_registry_concurrency,
             import_min_interval_secs,
+            triggers,
         } = f;
         set(&mut self.state_dir, state_dir);
         set(&mut self.cri_socket, cri_socket);
@@ -241,6 +247,7 @@ impl Config {
             import_registry_concurrency,
         );
         set(&mut self.import_min_interval_secs, import_min_interval_secs);
+        self.triggers.extend(triggers);
     }
 
     fn apply_overrides(&mut self, o: Overrides) {
@@ -310,6 +317,12 @@ impl Config {
                 message,
             },
         )?;
+        for t in &self.triggers {
+            t.validate().map_err(|message| ConfigError::Invalid {
+                key: "triggers",
+                message,
+            })?;
+        }
         if self.cache_max_bytes == 0 {
             return Err(ConfigError::Invalid {
                 key: "cache_max_bytes",

@@ -42,3 +42,4 @@ pub mod server;
 pub mod socket;
 pub mod store;
 pub mod stream;
+pub mod triggers;

@@ -49,6 +49,15 @@ pub struct SourceLabels {
     pub source: String,
 }
 
+/// Labels of `imagestream_trigger_runs_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    /// The trigger's name in the config.
+    pub trigger: String,
+    /// `ok`, `retry` (an attempt failed, another follows) or `failed` (gave up).
+    pub outcome: String,
+}
+
 /// Labels of `imagestream_mirror_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MirrorLabels {
@@ -131,6 +140,8 @@ pub struct Metrics {
     pub cache_size_bytes: Gauge,
     /// `imagestream_mirror_requests_total{kind,code}`; see also [`Metrics::mirror_request`].
     pub mirror_requests: Family<MirrorLabels, Counter>,
+    /// `imagestream_trigger_runs_total{trigger,outcome}`.
+    pub trigger_runs: Family<TriggerLabels, Counter>,
 }
 
 impl Metrics {
@@ -228,6 +239,12 @@ impl Metrics {
             "Registry mirror requests, by kind (manifest, blob, other) and HTTP status",
             mirror_requests.clone(),
         );
+        let trigger_runs = Family::<TriggerLabels, Counter>::default();
+        registry.register(
+            "trigger_runs",
+            "Trigger attempts on tag events, by trigger and outcome (ok, retry, failed)",
+            trigger_runs.clone(),
+        );
         Self {
             registry,
             pull_denials,
@@ -245,6 +262,7 @@ impl Metrics {
             cache_evictions,
             cache_size_bytes,
             mirror_requests,
+            trigger_runs,
         }
     }
 

@@ -212,6 +212,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
         stop_rx.clone(),
     ));
+    tokio::spawn(crate::triggers::run(
+        cache.view(),
+        config.triggers.clone(),
+        stop_rx.clone(),
+    ));
     if config.scrub_interval_secs > 0 {
         tokio::spawn(scrub_loop(
             cache.clone(),

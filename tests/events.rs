@@ -117,3 +117,67 @@ fn watch_sees_every_tag_change_once() {
         .collect();
     assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
 }
+
+#[test]
+fn triggers_run_a_command_with_the_event_and_count_failures() {
+    let registry = Registry::start();
+    let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = out_dir.path().join("events.jsonl");
+    let config = format!(
+        "prefetch = false\n\
+         [[triggers]]\nname = \"record\"\nstreams = \"team-a/*\"\ncommand = [\"/bin/sh\", \"-c\", \"cat >> {}\"]\n\
+         [[triggers]]\nname = \"broken\"\nstreams = \"team-a/app\"\ncommand = [\"/bin/false\"]\n",
+        out.display()
+    );
+    let d = Daemon::start_with_config("unix:///nonexistent.sock", &[&registry.addr], &[], &config);
+    d.cli_ok(&["stream", "create", "team-a/app"]);
+    d.cli_ok(&["stream", "create", "team-b/app"]);
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-b/app:prod",
+        &registry.image_ref("app:v1"),
+    ]); // not matched
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v1"),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let line = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(l) = text.lines().next() {
+            break l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "trigger never ran\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let e: serde_json::Value = serde_json::from_str(&line).expect("the event as JSON on stdin");
+    assert_eq!(e["namespace"], "team-a");
+    assert_eq!(e["tag"], "prod");
+    assert_eq!(e["new_digest"], v1.as_str());
+    // The failing trigger is retried, then given up on, and counted.
+    let failed = "imagestream_trigger_runs_total{trigger=\"broken\",outcome=\"failed\"} 1";
+    loop {
+        let m = d.cli_ok(&["metrics"]);
+        if m.contains(failed) {
+            assert!(m.contains("trigger=\"broken\",outcome=\"retry\"} 2"), "{m}");
+            assert!(m.contains("trigger=\"record\",outcome=\"ok\"} 1"), "{m}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{m}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    assert_eq!(text.lines().count(), 1, "only team-a events: {text}");
+}

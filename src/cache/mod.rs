@@ -209,6 +209,11 @@ impl Cache {
         &self.settings
     }
 
+    /// The stream view the cache follows.
+    pub fn view(&self) -> View {
+        self.view.clone()
+    }
+
     pub fn store(&self) -> &ContentStore {
         &self.store
     }
