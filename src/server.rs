@@ -204,6 +204,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if config.prefetch {
         tokio::spawn(cache.clone().prefetch_loop(stop_rx.clone()));
     }
+    tokio::spawn(crate::importer::follow(
+        streams_for_import.clone(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(crate::importer::run(
         streams_for_import,
         crate::importer::ImporterSettings {

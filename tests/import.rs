@@ -146,3 +146,80 @@ fn a_scheduled_tag_follows_its_source_and_survives_registry_outages() {
     let _ = watcher.kill();
     let _ = watcher.wait();
 }
+
+#[test]
+fn a_tag_following_another_stream_tag_moves_with_it_and_cycles_are_refused() {
+    let registry = Registry::start();
+    let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
+    let v2 = push_image(&registry, "app", "v2", "v2", &["/bin/sleep", "infinity"]);
+    let d = Daemon::start_with_config(
+        "unix:///nonexistent.sock",
+        &[&registry.addr],
+        &[],
+        "prefetch = false\n",
+    );
+    d.cli_ok(&["stream", "create", "team-a/base"]);
+    d.cli_ok(&["stream", "create", "team-b/app"]);
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/base:prod",
+        &registry.image_ref("app:v1"),
+    ]);
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-b/app:canary",
+        "--from-stream",
+        "team-a/base:prod",
+    ]);
+    // A chain: team-b/app:stage follows team-b/app:canary.
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-b/app:stage",
+        "imagestream.local/team-b/app:canary",
+    ]);
+    let current = |tag: &str| d.cli_json(&["tag", "history", tag])["generations"][0].clone();
+    assert_eq!(current("team-b/app:canary")["digest"], v1.as_str());
+
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/base:prod",
+        &registry.image_ref("app:v2"),
+    ]);
+    wait_for("canary and stage to follow base to v2", &d, || {
+        current("team-b/app:stage")["digest"] == v2.as_str()
+    });
+    let c = current("team-b/app:canary");
+    assert_eq!(c["digest"], v2.as_str());
+    assert_eq!(c["cause"], "follows team-a/base:prod", "{c}");
+    assert_eq!(
+        current("team-b/app:stage")["cause"],
+        "follows team-b/app:canary"
+    );
+
+    d.cli_ok(&["tag", "rollback", "team-a/base:prod"]);
+    wait_for("canary and stage to follow the rollback", &d, || {
+        current("team-b/app:stage")["digest"] == v1.as_str()
+    });
+
+    let out = d.cli(&[
+        "tag",
+        "set",
+        "team-a/base:prod",
+        "--from-stream",
+        "team-b/app:stage",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a cycle must be refused");
+    assert!(
+        err.contains("cycle")
+            && err.contains(
+                "team-a/base:prod -> team-b/app:stage -> team-b/app:canary -> team-a/base:prod"
+            ),
+        "{err}"
+    );
+    assert_eq!(current("team-a/base:prod")["digest"], v1.as_str());
+}

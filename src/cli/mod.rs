@@ -222,13 +222,21 @@ Example:
 enum TagCommand {
     /// Point NAMESPACE/NAME:TAG at SOURCE (resolved and verified in its registry now)
     #[command(
-        after_help = "Examples:\n  imagestream tag set team-a/app:prod registry.example.com/team/app:v1\n  imagestream tag set team-a/app:prod registry.example.com/team/app:stable --scheduled --interval 5m"
+        after_help = "Examples:\n  imagestream tag set team-a/app:prod registry.example.com/team/app:v1\n  imagestream tag set team-a/app:prod registry.example.com/team/app:stable --scheduled --interval 5m\n  imagestream tag set team-a/app:canary --from-stream team-a/base:prod   # moves when base:prod moves"
     )]
     Set {
         /// NAMESPACE/NAME:TAG
         tag: String,
-        /// An image reference, by tag (registry/repo:tag) or digest (registry/repo@sha256:...)
-        source: String,
+        /// An image reference, by tag (registry/repo:tag) or digest (registry/repo@sha256:...),
+        /// or another stream's tag (imagestream.local/NS/NAME:TAG), which this tag then follows
+        #[arg(
+            required_unless_present = "from_stream",
+            conflicts_with = "from_stream"
+        )]
+        source: Option<String>,
+        /// Follow another stream's tag NS/NAME:TAG: this tag moves whenever that one moves
+        #[arg(long, value_name = "NS/NAME:TAG")]
+        from_stream: Option<String>,
         /// Keep following SOURCE: re-resolve it every --interval; a new digest becomes a
         /// generation with cause "import" (without this flag the tag stops following)
         #[arg(long)]
@@ -429,10 +437,22 @@ async fn run(cli: Cli) -> Result<(), String> {
                 TagCommand::Set {
                     tag,
                     source,
+                    from_stream,
                     scheduled,
                     interval,
                 } => {
                     let t = parse_tag_ref(&tag).map_err(|e| e.to_string())?;
+                    let source = match (source, from_stream) {
+                        (Some(s), _) => s,
+                        (None, Some(f)) => {
+                            let other = parse_tag_ref(&f).map_err(|e| e.to_string())?;
+                            let host = Config::load(None, Overrides::default())
+                                .map(|c| c.stream_host)
+                                .unwrap_or_else(|_| crate::config::DEFAULT_STREAM_HOST.into());
+                            format!("{host}/{other}")
+                        }
+                        (None, None) => return Err("give SOURCE or --from-stream".into()),
+                    };
                     let r = client
                         .set_tag(pb::SetTagRequest {
                             namespace: t.namespace,

@@ -131,6 +131,35 @@ pub async fn run(
     }
 }
 
+/// Moves tags that follow other stream tags whenever those move (set, import, rollback,
+/// follow), until `shutdown`.
+pub async fn follow(streams: Arc<StreamService>, mut shutdown: watch::Receiver<bool>) {
+    let mut events = streams.view().events();
+    loop {
+        let e = tokio::select! {
+            e = events.recv() => e,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match e {
+            Ok(e) if e.new_digest.is_some() => {
+                let moved = TagRef {
+                    namespace: e.namespace,
+                    name: e.stream,
+                    tag: e.tag,
+                };
+                if let Err(err) = streams.propagate(&moved).await {
+                    tracing::warn!(tag = %moved, error = %err, "cannot move the tags that follow this one");
+                }
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::error!(missed = n, "the follower fell behind; following tags may lag until their source moves again");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 /// The delay before retrying after `failures` consecutive failures.
 pub fn backoff(failures: u32, interval: Duration) -> Duration {
     let exp = RETRY_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(16));

@@ -254,6 +254,7 @@ impl StreamService {
         schedule: Option<Schedule>,
     ) -> Result<Tag, StreamError> {
         self.get(&tag_key(t))?;
+        self.check_follow_cycle(t, source)?;
         let pinned = self.pin_source(source).await?;
         tracing::Span::current().record("digest", pinned.digest.as_str());
         self.push_generation(t, source, &pinned, "set").await?;
@@ -369,6 +370,87 @@ impl StreamService {
         take_tag(stream, t)
     }
 
+    /// The stream tag `source` names, if it names one.
+    fn followed(&self, source: &str) -> Option<TagRef> {
+        match classify(source, &self.settings.stream_host) {
+            Ok(Classified::Stream(other)) => Some(other),
+            _ => None,
+        }
+    }
+
+    /// Refuses a source that leads back to `t` through other stream tags, naming the cycle.
+    fn check_follow_cycle(&self, t: &TagRef, source: &str) -> Result<(), StreamError> {
+        let snapshot = self.view.load();
+        let mut chain = vec![t.to_string()];
+        let mut next = self.followed(source);
+        while let Some(cur) = next {
+            chain.push(cur.to_string());
+            if cur == *t {
+                return Err(StreamError::Source {
+                    source_ref: source.to_string(),
+                    why: format!(
+                        "tags would follow each other in a cycle: {}",
+                        chain.join(" -> ")
+                    ),
+                });
+            }
+            if chain.len() > 64 {
+                break;
+            }
+            next = snapshot
+                .get(&StreamKey::new(&cur.namespace, &cur.name))
+                .and_then(|s| s.tags.get(&cur.tag))
+                .and_then(|tag| self.followed(&tag.source));
+        }
+        Ok(())
+    }
+
+    /// Moves every tag whose source is the stream tag `moved` to `moved`'s current image, with
+    /// cause `follows NS/NAME:TAG`. Returns how many moved. (Their own events then move the
+    /// tags that follow them.)
+    pub async fn propagate(&self, moved: &TagRef) -> Result<usize, StreamError> {
+        let snapshot = self.view.load();
+        let Some(current) = snapshot
+            .get(&StreamKey::new(&moved.namespace, &moved.name))
+            .and_then(|s| s.tags.get(&moved.tag))
+            .and_then(|t| t.current().cloned())
+        else {
+            return Ok(0);
+        };
+        let followers: Vec<(TagRef, String)> = snapshot
+            .streams()
+            .flat_map(|s| {
+                s.tags.values().filter_map(|tag| {
+                    let follows = self.followed(&tag.source)? == *moved;
+                    let behind = tag
+                        .current()
+                        .map(|g| g.digest != current.digest)
+                        .unwrap_or(true);
+                    (follows && behind).then(|| {
+                        (
+                            TagRef {
+                                namespace: s.namespace.clone(),
+                                name: s.name.clone(),
+                                tag: tag.name.clone(),
+                            },
+                            tag.source.clone(),
+                        )
+                    })
+                })
+            })
+            .collect();
+        let pinned = PinnedManifest {
+            digest: current.digest.clone(),
+            reference: current.reference.clone(),
+        };
+        for (t, source) in &followers {
+            self.push_generation(t, source, &pinned, &format!("follows {moved}"))
+                .await?;
+            tracing::info!(tag = %t, follows = %moved, digest = %pinned.digest, "tag followed its source tag");
+        }
+        Ok(followers.len())
+    }
+
     /// Resolves `source` (an image reference, or another stream's tag) to a pinned manifest.
     async fn pin_source(&self, source: &str) -> Result<PinnedManifest, StreamError> {
         let source_err = |why: &str| StreamError::Source {
@@ -377,8 +459,8 @@ impl StreamService {
         };
         let pinned = match classify(source, &self.settings.stream_host) {
             Err(e) => return Err(source_err(&e.to_string())),
-            // Another stream's tag: pin what it points at now. Following it as it moves is
-            // the importer's job (not yet built).
+            // Another stream's tag: pin what it points at now; [`StreamService::propagate`]
+            // moves this tag when that one moves.
             Ok(Classified::Stream(other)) => match self.resolve(source, None)? {
                 Resolution::Pinned(p) => PinnedManifest {
                     digest: p.digest,
