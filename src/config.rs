@@ -80,6 +80,7 @@ pub struct FileConfig {
     pub import_min_interval_secs: Option<u64>,
     #[serde(default)]
     pub triggers: Vec<crate::triggers::TriggerConfig>,
+    pub read_kubelet_auth: Option<bool>,
 }
 
 /// Flags of `imagestream serve` that override the file.
@@ -142,6 +143,9 @@ pub struct Config {
     pub import_min_interval_secs: u64,
     /// Commands run on tag events (`[[triggers]]`).
     pub triggers: Vec<crate::triggers::TriggerConfig>,
+    /// Also read the kubelet's `/var/lib/kubelet/config.json` credentials when present
+    /// (`registry_auth_file` wins for a registry named in both).
+    pub read_kubelet_auth: bool,
 }
 
 impl Default for Config {
@@ -171,6 +175,7 @@ impl Default for Config {
             import_registry_concurrency: crate::importer::DEFAULT_REGISTRY_CONCURRENCY,
             import_min_interval_secs: crate::importer::DEFAULT_MIN_INTERVAL_SECS,
             triggers: Vec::new(),
+            read_kubelet_auth: true,
         }
     }
 }
@@ -220,6 +225,7 @@ impl Config {
             import_registry_concurrency,
             import_min_interval_secs,
             triggers,
+            read_kubelet_auth,
         } = f;
         set(&mut self.state_dir, state_dir);
         set(&mut self.cri_socket, cri_socket);
@@ -248,6 +254,7 @@ impl Config {
         );
         set(&mut self.import_min_interval_secs, import_min_interval_secs);
         self.triggers.extend(triggers);
+        set(&mut self.read_kubelet_auth, read_kubelet_auth);
     }
 
     fn apply_overrides(&mut self, o: Overrides) {

@@ -75,10 +75,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let upstreams = Upstreams::new(&config.mirror_upstreams, &config.insecure_registries)
         .map_err(ServerError::Runtime)?;
-    let credentials = match &config.registry_auth_file {
+    let mut credentials = match &config.registry_auth_file {
         Some(path) => Credentials::load(path).map_err(|e| ServerError::Runtime(e.to_string()))?,
         None => Credentials::none(),
     };
+    let kubelet = std::path::Path::new(crate::registry::auth::KUBELET_AUTH_FILE);
+    if config.read_kubelet_auth && kubelet.exists() {
+        match Credentials::load(kubelet) {
+            Ok(c) => credentials = credentials.merge(c),
+            // The kubelet's file is optional: a bad one is worth a warning, not a failed start.
+            Err(e) => tracing::warn!(error = %e, "ignoring the kubelet's registry credentials"),
+        }
+    }
     if !credentials.hosts().is_empty() {
         tracing::info!(hosts = ?credentials.hosts(), "registry credentials loaded");
     }

@@ -11,6 +11,9 @@ use std::fmt;
 use std::path::Path;
 use thiserror::Error;
 
+/// The kubelet's image credentials, also read when present (`read_kubelet_auth`).
+pub const KUBELET_AUTH_FILE: &str = "/var/lib/kubelet/config.json";
+
 /// Largest credentials file read.
 pub const MAX_AUTH_FILE_BYTES: u64 = 1 << 20;
 
@@ -136,6 +139,14 @@ impl Credentials {
         }
     }
 
+    /// Adds `other`'s hosts that `self` has no credentials for.
+    pub fn merge(mut self, other: Credentials) -> Self {
+        for (host, secret) in other.by_host {
+            self.by_host.entry(host).or_insert(secret);
+        }
+        self
+    }
+
     /// Hosts with credentials.
     pub fn hosts(&self) -> Vec<String> {
         let mut h: Vec<String> = self.by_host.keys().cloned().collect();
@@ -165,6 +176,12 @@ mod tests {
             RegistryAuth::Anonymous
         ));
         assert!(!format!("{c:?}").contains("s3cret"));
+        let other = Credentials::parse(br#"{"auths":{"r.example:5000":{"username":"eve","password":"x"},"k.example":{"username":"k","password":"y"}}}"#).expect("parses");
+        let merged = c.merge(other);
+        assert!(
+            matches!(merged.for_host("r.example:5000"), RegistryAuth::Basic(u, _) if u == "bob")
+        );
+        assert!(matches!(merged.for_host("k.example"), RegistryAuth::Basic(u, _) if u == "k"));
         let e = Credentials::parse(br#"{"auths":{"h":{"auth":"!!!"}}}"#).expect_err("bad");
         assert!(e.contains("not base64"), "{e}");
     }
