@@ -124,10 +124,47 @@ fn triggers_run_a_command_with_the_event_and_count_failures() {
     let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
     let out_dir = tempfile::tempdir().expect("tempdir");
     let out = out_dir.path().join("events.jsonl");
+    // A webhook receiver: one POST, its body handed back.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind webhook");
+    let hook = listener.local_addr().expect("addr");
+    let (hook_tx, hook_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let body = loop {
+                let n = s.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break String::new();
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break format!("{}\n{body}", head.lines().next().unwrap_or(""));
+                    }
+                }
+            };
+            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+            let _ = hook_tx.send(body);
+        }
+    });
     let config = format!(
         "prefetch = false\n\
          [[triggers]]\nname = \"record\"\nstreams = \"team-a/*\"\ncommand = [\"/bin/sh\", \"-c\", \"cat >> {}\"]\n\
-         [[triggers]]\nname = \"broken\"\nstreams = \"team-a/app\"\ncommand = [\"/bin/false\"]\n",
+         [[triggers]]\nname = \"broken\"\nstreams = \"team-a/app\"\ncommand = [\"/bin/false\"]\n\
+         [[triggers]]\nname = \"webhook\"\nstreams = \"team-a/*\"\nurl = \"http://{hook}/hook\"\n",
         out.display()
     );
     let d = Daemon::start_with_config("unix:///nonexistent.sock", &[&registry.addr], &[], &config);
@@ -180,4 +217,12 @@ fn triggers_run_a_command_with_the_event_and_count_failures() {
     }
     let text = std::fs::read_to_string(&out).unwrap_or_default();
     assert_eq!(text.lines().count(), 1, "only team-a events: {text}");
+    let posted = hook_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the webhook received the event");
+    assert!(posted.starts_with("POST /hook"), "{posted}");
+    assert!(
+        posted.contains(&format!("\"new_digest\":\"{v1}\"")),
+        "{posted}"
+    );
 }

@@ -1,6 +1,6 @@
 //! Triggers: configured reactions to tag events ([`crate::stream::events`]). Each trigger
-//! matches streams by a glob over `NAMESPACE/NAME` and runs a command with the event as JSON
-//! on its stdin. Attempts are retried with backoff; every outcome is logged and counted in
+//! matches streams by a glob over `NAMESPACE/NAME` and either runs a command with the event as
+//! JSON on its stdin or POSTs the JSON to an `http://` URL (no redirects followed). Attempts are retried with backoff; every outcome is logged and counted in
 //! `imagestream_trigger_runs_total{trigger,outcome}`. A trigger never blocks the daemon or the
 //! other triggers: each event is handled in its own task.
 
@@ -28,8 +28,15 @@ pub struct TriggerConfig {
     #[serde(default = "all_streams")]
     pub streams: String,
     /// Program and arguments; the event is written to its stdin as one JSON object.
+    #[serde(default)]
     pub command: Vec<String>,
+    /// Or: an `http://` URL the event is POSTed to (`application/json`); a 2xx answer is success.
+    #[serde(default)]
+    pub url: Option<String>,
 }
+
+/// How long a trigger's POST may take.
+pub const POST_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn all_streams() -> String {
     "*".into()
@@ -43,10 +50,26 @@ impl TriggerConfig {
         }
         glob::Pattern::new(&self.streams)
             .map_err(|e| format!("trigger {:?}: streams {:?}: {e}", self.name, self.streams))?;
-        match self.command.first() {
-            Some(p) if p.starts_with('/') => Ok(()),
+        match (&self.url, self.command.first()) {
+            (Some(_), Some(_)) => Err(format!(
+                "trigger {:?}: give either command or url, not both",
+                self.name
+            )),
+            (Some(url), None) => {
+                let uri: http::Uri = url
+                    .parse()
+                    .map_err(|e| format!("trigger {:?}: url {url:?}: {e}", self.name))?;
+                match uri.scheme_str() {
+                    Some("http") if uri.host().is_some() => Ok(()),
+                    _ => Err(format!(
+                        "trigger {:?}: url {url:?}: only http:// URLs are supported (for https, use a command trigger with curl)",
+                        self.name
+                    )),
+                }
+            }
+            (None, Some(p)) if p.starts_with('/') => Ok(()),
             _ => Err(format!(
-                "trigger {:?}: command must start with an absolute program path",
+                "trigger {:?}: needs a command starting with an absolute program path, or a url",
                 self.name
             )),
         }
@@ -69,7 +92,38 @@ fn count(trigger: &str, outcome: &str) {
         .inc();
 }
 
+async fn post(url: &str, json: &[u8]) -> Result<(), String> {
+    use http_body_util::BodyExt as _;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+            json,
+        )))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(POST_TIMEOUT, client.request(req))
+        .await
+        .map_err(|_| format!("timed out after {POST_TIMEOUT:?}"))?
+        .map_err(|e| crate::audit::error_chain(&e))?;
+    let status = resp.status();
+    // Drain (bounded) so the connection can be reused; the body is not used.
+    let _ = tokio::time::timeout(
+        POST_TIMEOUT,
+        http_body_util::Limited::new(resp.into_body(), 64 << 10).collect(),
+    )
+    .await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("POST {url} answered {status}"))
+    }
+}
+
 async fn run_once(t: &TriggerConfig, json: &[u8]) -> Result<(), String> {
+    if let Some(url) = &t.url {
+        return post(url, json).await;
+    }
     let mut child = tokio::process::Command::new(&t.command[0])
         .args(&t.command[1..])
         .stdin(std::process::Stdio::piped())
