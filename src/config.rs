@@ -81,6 +81,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub triggers: Vec<crate::triggers::TriggerConfig>,
     pub read_kubelet_auth: Option<bool>,
+    pub prepull: Option<bool>,
 }
 
 /// Flags of `imagestream serve` that override the file.
@@ -146,6 +147,8 @@ pub struct Config {
     /// Also read the kubelet's `/var/lib/kubelet/config.json` credentials when present
     /// (`registry_auth_file` wins for a registry named in both).
     pub read_kubelet_auth: bool,
+    /// Pull a tag's new image into the runtime as soon as the tag moves.
+    pub prepull: bool,
 }
 
 impl Default for Config {
@@ -176,6 +179,7 @@ impl Default for Config {
             import_min_interval_secs: crate::importer::DEFAULT_MIN_INTERVAL_SECS,
             triggers: Vec::new(),
             read_kubelet_auth: true,
+            prepull: false,
         }
     }
 }
@@ -226,6 +230,7 @@ impl Config {
             import_min_interval_secs,
             triggers,
             read_kubelet_auth,
+            prepull,
         } = f;
         set(&mut self.state_dir, state_dir);
         set(&mut self.cri_socket, cri_socket);
@@ -255,6 +260,7 @@ impl Config {
         set(&mut self.import_min_interval_secs, import_min_interval_secs);
         self.triggers.extend(triggers);
         set(&mut self.read_kubelet_auth, read_kubelet_auth);
+        set(&mut self.prepull, prepull);
     }
 
     fn apply_overrides(&mut self, o: Overrides) {

@@ -229,6 +229,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.triggers.clone(),
         stop_rx.clone(),
     ));
+    if config.prepull {
+        tokio::spawn(crate::triggers::prepull::run(
+            cache.view(),
+            config.runtime_endpoint.clone(),
+            stop_rx.clone(),
+        ));
+    }
     if config.scrub_interval_secs > 0 {
         tokio::spawn(scrub_loop(
             cache.clone(),

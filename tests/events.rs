@@ -226,3 +226,48 @@ fn triggers_run_a_command_with_the_event_and_count_failures() {
         "{posted}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepull_puts_a_moved_tag_into_the_runtime_before_any_pod_asks() {
+    use k8s_cri::v1::ImageStatusRequest;
+    let registry = Registry::start();
+    let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
+    let ctd = Containerd::start(&registry);
+    let d = Daemon::start_with_config(
+        &ctd.endpoint(),
+        &[&registry.addr],
+        &[],
+        "prefetch = false\nprepull = true\n",
+    );
+    d.cli_ok(&["stream", "create", "team-a/app"]);
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v1"),
+    ]);
+    let pinned = format!("{}/app@{v1}", registry.addr);
+    let mut direct = image_client(&ctd.socket).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = direct
+            .image_status(ImageStatusRequest {
+                image: Some(image_spec(&pinned)),
+                verbose: false,
+            })
+            .await
+            .expect("ImageStatus")
+            .into_inner();
+        if status.image.is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never pre-pulled\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = d.cli_ok(&["metrics"]);
+    assert!(m.contains("trigger=\"prepull\",outcome=\"ok\"} 1"), "{m}");
+}

@@ -4,6 +4,8 @@
 //! `imagestream_trigger_runs_total{trigger,outcome}`. A trigger never blocks the daemon or the
 //! other triggers: each event is handled in its own task.
 
+pub mod prepull;
+
 use crate::stream::events::TagEvent;
 use crate::stream::resolve::View;
 use serde::{Deserialize, Serialize};
