@@ -140,7 +140,7 @@ fn the_mirror_uses_configured_credentials_and_never_logs_them() {
         &[&auth.addr],
         &[],
         &format!(
-            "registry_auth_file = {:?}\n",
+            "registry_auth_file = {:?}\nimport_min_interval_secs = 1\n",
             auth_file.display().to_string()
         ),
     );
@@ -187,6 +187,43 @@ fn the_mirror_uses_configured_credentials_and_never_logs_them() {
         &format!("{}/private/app:v1", auth.addr),
     ]);
     assert!(out.contains(&digest[..19]), "{out}");
+
+    // A scheduled tag on the authenticated registry imports with the credentials; without
+    // them (same state, credentials removed) its condition says the registry refused access
+    // and the tag keeps its digest.
+    d.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/private:follow",
+        &format!("{}/private/app:v1", auth.addr),
+        "--scheduled",
+        "--interval",
+        "1s",
+    ]);
+    let mut d = d;
+    let config = d.config_file.clone().expect("config file");
+    std::fs::write(&config, "import_min_interval_secs = 1\n").expect("rewrite config");
+    d.stop();
+    d.start_again();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let condition = loop {
+        let h = d.cli_json(&["tag", "history", "team-a/private:follow"]);
+        let error = h["import_condition"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if !error.is_empty() {
+            assert_eq!(h["generations"][0]["digest"], digest.as_str(), "{h}");
+            break error;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failing condition: {h}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(condition.contains("refused access"), "{condition}");
 
     let log = d.log_text();
     assert!(
