@@ -34,11 +34,18 @@ fn a_scheduled_tag_follows_its_source_and_survives_registry_outages() {
         "v1",
         &["/bin/sleep", "infinity"],
     );
+    let hook_dir = tempfile::tempdir().expect("tempdir");
+    let hook_out = hook_dir.path().join("events.jsonl");
     let d = Daemon::start_with_config(
         "unix:///nonexistent.sock",
         &[&registry.addr],
         &[],
-        "prefetch = false\nimport_min_interval_secs = 1\n",
+        &format!(
+            "prefetch = false\nimport_min_interval_secs = 1\n\
+             [[triggers]]\nname = \"record\"\nstreams = \"team-a/app\"\n\
+             command = [\"/bin/sh\", \"-c\", \"cat >> {}\"]\n",
+            hook_out.display()
+        ),
     );
     d.cli_ok(&["stream", "create", "team-a/app"]);
     let short = d.cli(&[
@@ -117,6 +124,17 @@ fn a_scheduled_tag_follows_its_source_and_survives_registry_outages() {
     assert_eq!(moved["cause"], "import");
     std::thread::sleep(Duration::from_secs(3)); // a few more checks: the same digest
     assert!(rx.try_recv().is_err(), "the same digest is not a new event");
+    let hooked = std::fs::read_to_string(&hook_out).unwrap_or_default();
+    let imports: Vec<&str> = hooked
+        .lines()
+        .filter(|l| l.contains("\"cause\":\"import\""))
+        .collect();
+    assert_eq!(
+        imports.len(),
+        1,
+        "the trigger got the import event once: {hooked}"
+    );
+    assert!(imports[0].contains(v2.as_str()), "{hooked}");
     let h = d.cli_json(&["tag", "history", "team-a/app:prod"]);
     assert_eq!(h["generations"].as_array().map(Vec::len), Some(2), "{h}");
     assert_eq!(h["import_interval_secs"], 1);
