@@ -102,8 +102,10 @@ pub async fn run(
                 };
                 tokio::spawn(async move {
                     let next = {
-                        let _g = global.acquire().await;
+                        // The registry's permit first: a task waiting for a busy registry
+                        // must not hold a global permit other registries' checks need.
                         let _r = limit.acquire().await;
+                        let _g = global.acquire().await;
                         match streams.scheduled_import(&t).await {
                             Ok(c) if c.consecutive_failures == 0 => interval,
                             Ok(c) => backoff(c.consecutive_failures, interval),
@@ -118,15 +120,21 @@ pub async fn run(
             }
         }
         due.retain(|k, _| scheduled.contains(k) || running.contains(k));
-        tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
-            Some((key, next)) = done_rx.recv() => {
-                running.remove(&key);
-                // ±10 % jitter keeps tags that started together from staying together.
-                let jitter = 0.9 + 0.2 * phase(&format!("{key}{:?}", Instant::now()));
-                due.insert(key, Instant::now() + next.mul_f64(jitter));
+        // Until the next tick, only record finished checks: the scan above is the costly
+        // part (every tag), so it runs once per tick, not once per finished check.
+        let tick = tokio::time::sleep(TICK);
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                _ = &mut tick => break,
+                Some((key, next)) = done_rx.recv() => {
+                    running.remove(&key);
+                    // ±10 % jitter keeps tags that started together from staying together.
+                    let jitter = 0.9 + 0.2 * phase(&format!("{key}{:?}", Instant::now()));
+                    due.insert(key, Instant::now() + next.mul_f64(jitter));
+                }
+                _ = shutdown.wait_for(|s| *s) => return,
             }
-            _ = shutdown.wait_for(|s| *s) => return,
         }
     }
 }

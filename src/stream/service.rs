@@ -73,6 +73,9 @@ pub struct StreamService {
     write_lock: tokio::sync::Mutex<()>,
 }
 
+/// How often an unchanged, healthy scheduled tag's check time is written to the store.
+const CHECK_RECORD_EVERY: time::Duration = time::Duration::hours(1);
+
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&Rfc3339)
@@ -325,6 +328,18 @@ impl StreamService {
             }
             _ => false,
         };
+        // Nothing changed and the tag was already fine: record the check at most hourly, so a
+        // steady tag costs no disk write per check.
+        if !moved && outcome.is_ok() {
+            if let Some(c) = tag.condition.as_ref().filter(|c| c.error.is_empty()) {
+                let recent = time::OffsetDateTime::parse(&c.last_check, &Rfc3339)
+                    .map(|t| time::OffsetDateTime::now_utc() - t < CHECK_RECORD_EVERY)
+                    .unwrap_or(false);
+                if recent {
+                    return Ok(c.clone());
+                }
+            }
+        }
         let now = now_rfc3339();
         let tag = self
             .update_tag(t, |tag| {
