@@ -22,12 +22,14 @@
 //!   stream access and the node's pull policy.
 //! - [`admin`]: the admin gRPC API (`proto/imagestream/v1/admin.proto`), caller checks
 //!   (SO_PEERCRED) and its client.
-//! - [`socket`]: creating root-only unix sockets, replacing stale ones.
+//! - [`socket`]: creating root-only unix sockets, replacing stale ones; [`accept`]: the
+//!   accept-and-drain loop of the CRI proxy and the mirror.
 //! - [`audit`]: capped error messages and audit records; [`metrics`]: Prometheus metrics.
 //! - [`server`]: [`server::run`] wires everything together until a shutdown future completes.
 //! - [`cli`]: the `imagestream` command line.
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod admin;
 pub mod audit;
 pub mod cache;

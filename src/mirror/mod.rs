@@ -511,41 +511,25 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "mirror accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let mirror = mirror.clone();
-                let svc = hyper::service::service_fn(move |req| {
-                    let mirror = mirror.clone();
-                    async move { Ok::<_, Infallible>(mirror.handle(req).await) }
-                });
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "mirror connection ended");
-                    }
-                });
+    let serve = |stream, graceful: &hyper_util::server::graceful::GracefulShutdown| {
+        let mirror = mirror.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let mirror = mirror.clone();
+            async move { Ok::<_, Infallible>(mirror.handle(req).await) }
+        });
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "mirror connection ended");
             }
-            _ = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("mirror requests drained"),
-        _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "mirror drain timed out"),
-    }
+        });
+    };
+    crate::accept::serve_until("mirror", listener, serve, shutdown, grace).await;
 }
 
 #[cfg(test)]
