@@ -68,24 +68,6 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// CPU time (user + system) the process `pid` has used so far, from /proc (clock ticks of 10 ms).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    // Count by position: some fields (tpgid without a terminal) are negative.
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // After the name: state is field 0, utime field 11, stime field 12.
-    let ticks = field(11) + field(12);
-    Duration::from_millis(ticks * 10)
-}
-
 struct Stats {
     p50: Duration,
     p99: Duration,
@@ -118,9 +100,9 @@ async fn compare(
     while done < calls {
         let n = ROUND.min(calls - done);
         sample(direct, direct_image, n, &mut dir).await;
-        let before = cpu_time(daemon_pid);
+        let before = process_cpu_time(daemon_pid);
         sample(proxy, proxy_image, n, &mut via).await;
-        daemon_cpu += cpu_time(daemon_pid).saturating_sub(before);
+        daemon_cpu += process_cpu_time(daemon_pid).saturating_sub(before);
         done += n;
     }
     let (v, d) = (stats(via), stats(dir));

@@ -75,25 +75,6 @@ fn env_or_zero(name: &str, default: usize) -> usize {
 // /proc
 // ---------------------------------------------------------------------------------------------
 
-/// CPU time (user + system) process `pid` has used, from /proc (10 ms ticks).
-///
-/// The fields are counted by position, every one of them: `tpgid` is -1 for a process without
-/// a controlling terminal, so skipping the fields that do not parse as unsigned numbers would
-/// shift utime and stime by one (and read stime + cutime).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command name (which ends with ')'): state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Duration::from_millis((field(11) + field(12)) * 10)
-}
-
 /// A `kB` field of /proc/<pid>/status (VmRSS, VmHWM), in bytes; or `Threads`.
 fn proc_status(pid: u32, field: &str) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -409,10 +390,11 @@ async fn main() {
 
     // --- Idle, before any tag ------------------------------------------------------------------
     let idle_rss = proc_status(pid, "VmRSS");
-    let c0 = cpu_time(pid);
+    let c0 = process_cpu_time(pid);
     let idle_t = Instant::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let idle_cpu = cpu_time(pid).saturating_sub(c0).as_secs_f64() / idle_t.elapsed().as_secs_f64();
+    let idle_cpu =
+        process_cpu_time(pid).saturating_sub(c0).as_secs_f64() / idle_t.elapsed().as_secs_f64();
 
     // --- Create the streams and the scheduled tags ---------------------------------------------
     eprintln!(
@@ -433,7 +415,7 @@ async fn main() {
             .expect("CreateStream");
     }
     let setup_from = t0.elapsed();
-    let cpu_setup0 = cpu_time(pid);
+    let cpu_setup0 = process_cpu_time(pid);
     let t = Instant::now();
     for i in 0..cli_tags {
         let target = format!(
@@ -470,7 +452,7 @@ async fn main() {
     }
     let grpc_time = t.elapsed();
     let setup_to = t0.elapsed();
-    let setup_cpu = cpu_time(pid).saturating_sub(cpu_setup0);
+    let setup_cpu = process_cpu_time(pid).saturating_sub(cpu_setup0);
     let setup_rss = proc_status(pid, "VmRSS");
     let setup_log_len = registry_log_entries(&registry_log).len();
 
@@ -483,7 +465,11 @@ async fn main() {
     let round_len = Duration::from_secs(interval);
     let mut from = t0.elapsed();
     for _ in 0..rounds {
-        let (d0, r0, b0) = (cpu_time(pid), cpu_time(registry_pid), cpu_time(self_pid));
+        let (d0, r0, b0) = (
+            process_cpu_time(pid),
+            process_cpu_time(registry_pid),
+            process_cpu_time(self_pid),
+        );
         let w0 = write_bytes(pid);
         let to = from + round_len;
         let mut max_rss = 0;
@@ -495,7 +481,11 @@ async fn main() {
             }
             tokio::time::sleep((to - now).min(Duration::from_secs(1))).await;
         }
-        let (d1, r1, b1) = (cpu_time(pid), cpu_time(registry_pid), cpu_time(self_pid));
+        let (d1, r1, b1) = (
+            process_cpu_time(pid),
+            process_cpu_time(registry_pid),
+            process_cpu_time(self_pid),
+        );
         let entries = registry_log_entries(&registry_log);
         let new = &entries[log_seen.min(entries.len())..];
         log_seen = entries.len();

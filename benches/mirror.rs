@@ -229,23 +229,6 @@ fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
     proc_status_field(pid, field).map(|kb| kb * 1024)
 }
 
-/// CPU time (user + system) process `pid` has used, from /proc (10 ms ticks).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    // Count by position: some fields (tpgid without a terminal) are negative.
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // After the name: state is field 0, utime field 11, stime field 12.
-    let ticks = field(11) + field(12);
-    Duration::from_millis(ticks * 10)
-}
-
 /// Samples a process's VmRSS and thread count every 10 ms in a thread;
 /// [`RssSampler::take_peak`] returns the highest RSS since the previous call.
 struct RssSampler {
@@ -710,13 +693,16 @@ async fn main() {
                 "mirror" => pid,
                 _ => proxy.pid(),
             };
-            let (c0, s0) = (cpu_time(ctd_pid), cpu_time(server_pid));
+            let (c0, s0) = (process_cpu_time(ctd_pid), process_cpu_time(server_pid));
             let took = timed_pull(&ctd, reference, &image.config).await;
             s.secs.push(took.as_secs_f64());
             s.ctd_cpu
-                .push(cpu_time(ctd_pid).saturating_sub(c0).as_secs_f64());
-            s.server_cpu
-                .push(cpu_time(server_pid).saturating_sub(s0).as_secs_f64());
+                .push(process_cpu_time(ctd_pid).saturating_sub(c0).as_secs_f64());
+            s.server_cpu.push(
+                process_cpu_time(server_pid)
+                    .saturating_sub(s0)
+                    .as_secs_f64(),
+            );
             let served = match mode {
                 "direct" => direct_log.take().0,
                 "mirror" => served_by_mirror().saturating_sub(before_mirror),
@@ -769,9 +755,9 @@ async fn main() {
         for parallel in [false, true] {
             for k in 0..sources.len() {
                 let i = (round + k) % sources.len();
-                let c0 = cpu_time(pids[i]);
+                let c0 = process_cpu_time(pids[i]);
                 let r = blob_throughput(&client, &sources[i], &image, parallel).await;
-                cpu[i] += cpu_time(pids[i]).saturating_sub(c0);
+                cpu[i] += process_cpu_time(pids[i]).saturating_sub(c0);
                 bytes_moved[i] += layer_bytes;
                 mbps[i][usize::from(parallel)].push(r);
                 if i == 0 {

@@ -3,10 +3,8 @@
 
 mod common;
 
-use common::daemon::{binary, Daemon};
+use common::daemon::{spawn_watch, Daemon};
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -24,25 +22,7 @@ fn watch_sees_every_tag_change_once() {
     d.cli_ok(&["stream", "create", "team-a/app"]);
     d.cli_ok(&["stream", "create", "team-b/other"]);
 
-    let mut watcher = Command::new(binary())
-        .args(["--admin-socket"])
-        .arg(&d.admin_socket)
-        .args(["watch", "team-a/app", "-o", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start imagestream watch");
-    let stdout = watcher.stdout.take().expect("watch stdout");
-    let (tx, rx) = mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        }
-    });
+    let (mut watcher, rx) = spawn_watch(&d, "team-a/app");
     // The watch is live once a change made now is seen: retry the first set until it is.
     let first = loop {
         d.cli_ok(&[

@@ -5,11 +5,8 @@
 
 mod common;
 
-use common::daemon::{binary, Daemon};
+use common::daemon::{spawn_watch, Daemon};
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 fn wait_for(what: &str, d: &Daemon, mut ok: impl FnMut() -> bool) {
@@ -61,25 +58,7 @@ fn a_scheduled_tag_follows_its_source_and_survives_registry_outages() {
     assert!(String::from_utf8_lossy(&short.stderr).contains("interval"));
 
     // A watcher, synchronised by a change it must see.
-    let mut watcher = Command::new(binary())
-        .arg("--admin-socket")
-        .arg(&d.admin_socket)
-        .args(["watch", "team-a/app", "-o", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("imagestream watch");
-    let stdout = watcher.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        }
-    });
+    let (mut watcher, rx) = spawn_watch(&d, "team-a/app");
     loop {
         d.cli_ok(&[
             "tag",

@@ -349,3 +349,32 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// `imagestream watch FILTER -o json` against `d`'s admin socket: the process (kill it when
+/// done) and a receiver of the events it prints, one JSON object each.
+pub fn spawn_watch(
+    d: &Daemon,
+    filter: &str,
+) -> (Child, std::sync::mpsc::Receiver<serde_json::Value>) {
+    use std::io::{BufRead, BufReader};
+    let mut watcher = Command::new(binary())
+        .arg("--admin-socket")
+        .arg(&d.admin_socket)
+        .args(["watch", filter, "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start imagestream watch");
+    let stdout = watcher.stdout.take().expect("watch stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (watcher, rx)
+}

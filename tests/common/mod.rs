@@ -1433,3 +1433,20 @@ pub async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod_id: &str) {
     .await
     .expect("RemovePodSandbox");
 }
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn process_cpu_time(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Count fields by position after the command name (which ends with ')'); some are
+    // negative (tpgid without a terminal). State is field 0, utime 11, stime 12.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Clock ticks are 1/100 s on Linux.
+    Duration::from_millis((field(11) + field(12)) * 10)
+}
