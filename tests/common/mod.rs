@@ -772,16 +772,7 @@ fn build_base_layout() -> PathBuf {
     let layout = work.path().join("layout");
     let bundle = work.path().join("bundle");
     let image = format!("{}:{BASE_TAG}", layout.display());
-    run(
-        Command::new("umoci")
-            .args(["init", "--layout"])
-            .arg(&layout),
-        "umoci init",
-    );
-    run(
-        Command::new("umoci").args(["new", "--image"]).arg(&image),
-        "umoci new",
-    );
+    umoci_new_image(&layout, &image);
     run(
         Command::new("umoci")
             .args(["unpack", "--rootless", "--image"])
@@ -873,23 +864,11 @@ pub fn push_image_to(
         cfg.arg(format!("--config.entrypoint={part}"));
     }
     run(&mut cfg, "umoci config");
-    let digest_file = work.path().join("digest");
-    run(
-        Command::new("skopeo")
-            .args([
-                "--insecure-policy",
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                "--digestfile",
-            ])
-            .arg(&digest_file)
-            .arg(format!("oci:{}:img", layout.display()))
-            .arg(format!("docker://{addr}/{name}:{tag}")),
-        "skopeo copy",
+    let digest = skopeo_push(
+        work.path(),
+        &format!("{}:img", layout.display()),
+        &format!("{addr}/{name}:{tag}"),
     );
-    let digest = fs::read_to_string(&digest_file).expect("read skopeo digest file");
-    let digest = digest.trim().to_string();
     assert!(
         digest.starts_with("sha256:"),
         "unexpected digest from skopeo: {digest:?}"
@@ -975,16 +954,7 @@ pub fn push_random_image_to(addr: &str, name_tag: &str, sizes: &[usize]) -> Rand
     let work = harness_tempdir("isrnd-");
     let layout = work.path().join("layout");
     let image = format!("{}:img", layout.display());
-    run(
-        Command::new("umoci")
-            .args(["init", "--layout"])
-            .arg(&layout),
-        "umoci init",
-    );
-    run(
-        Command::new("umoci").args(["new", "--image"]).arg(&image),
-        "umoci new",
-    );
+    umoci_new_image(&layout, &image);
     let mut urandom = File::open("/dev/urandom").expect("open /dev/urandom");
     for (i, size) in sizes.iter().enumerate() {
         let file = work.path().join(format!("random-{i}"));
@@ -1013,25 +983,7 @@ pub fn push_random_image_to(addr: &str, name_tag: &str, sizes: &[usize]) -> Rand
             )),
         "umoci config",
     );
-    let digest_file = work.path().join("digest");
-    run(
-        Command::new("skopeo")
-            .args([
-                "--insecure-policy",
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                "--digestfile",
-            ])
-            .arg(&digest_file)
-            .arg(format!("oci:{image}"))
-            .arg(format!("docker://{addr}/{name_tag}")),
-        "skopeo copy",
-    );
-    let digest = fs::read_to_string(&digest_file)
-        .expect("read skopeo digest file")
-        .trim()
-        .to_string();
+    let digest = skopeo_push(work.path(), &image, &format!("{addr}/{name_tag}"));
     let manifest = registry_manifest(addr, name, &digest);
     let config = manifest["config"]["digest"]
         .as_str()
@@ -1449,4 +1401,41 @@ pub fn process_cpu_time(pid: u32) -> Duration {
     };
     // Clock ticks are 1/100 s on Linux.
     Duration::from_millis((field(11) + field(12)) * 10)
+}
+
+/// `umoci init` of an OCI layout at `layout` and `umoci new` of the empty image `image`
+/// (`<layout>:<tag>`).
+fn umoci_new_image(layout: &Path, image: &str) {
+    run(
+        Command::new("umoci").args(["init", "--layout"]).arg(layout),
+        "umoci init",
+    );
+    run(
+        Command::new("umoci").args(["new", "--image"]).arg(image),
+        "umoci new",
+    );
+}
+
+/// Pushes the OCI image `oci_image` (`<layout>:<tag>`) to `dest` (`HOST:PORT/name:tag`) over
+/// plain HTTP with skopeo; returns the manifest digest skopeo reports.
+fn skopeo_push(work: &Path, oci_image: &str, dest: &str) -> String {
+    let digest_file = work.join("digest");
+    run(
+        Command::new("skopeo")
+            .args([
+                "--insecure-policy",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--digestfile",
+            ])
+            .arg(&digest_file)
+            .arg(format!("oci:{oci_image}"))
+            .arg(format!("docker://{dest}")),
+        "skopeo copy",
+    );
+    fs::read_to_string(&digest_file)
+        .expect("read skopeo digest file")
+        .trim()
+        .to_string()
 }
