@@ -67,7 +67,7 @@ impl From<StreamError> for Status {
 
 impl From<CacheError> for Status {
     fn from(e: CacheError) -> Self {
-        let code = match e {
+        let code = match e.root() {
             CacheError::Io { .. } => tonic::Code::Internal,
             CacheError::NotCached { .. } => tonic::Code::NotFound,
             CacheError::Pinned { .. } => tonic::Code::FailedPrecondition,

@@ -68,6 +68,12 @@ pub enum CacheError {
     NotCached { digest: Digest },
     #[error("fetching {digest} failed: {message}")]
     FillFailed { digest: Digest, message: String },
+    /// A shared download failed; every client that joined it gets its cause.
+    #[error("fetching {digest} failed: {cause}")]
+    Fill {
+        digest: Digest,
+        cause: Arc<CacheError>,
+    },
     #[error(transparent)]
     Upstream(#[from] RegistryError),
     #[error("manifest {reference} is not valid: {message}")]
@@ -84,7 +90,15 @@ impl CacheError {
             CacheError::DigestMismatch { .. }
                 | CacheError::SizeMismatch { .. }
                 | CacheError::Upstream(RegistryError::DigestMismatch { .. })
-        ) || matches!(self, CacheError::FillFailed { message, .. } if message.contains("does not match"))
+        ) || matches!(self, CacheError::Fill { cause, .. } if cause.is_mismatch())
+    }
+
+    /// The error itself, or for a shared download the error that ended it.
+    pub fn root(&self) -> &CacheError {
+        match self {
+            CacheError::Fill { cause, .. } => cause.root(),
+            e => e,
+        }
     }
 }
 
@@ -112,7 +126,7 @@ enum FillState {
     Connecting,
     Running { written: u64, size: Option<u64> },
     Done { size: u64 },
-    Failed(String),
+    Failed(Arc<CacheError>),
 }
 
 struct Fill {
@@ -286,10 +300,10 @@ impl Cache {
                         fill: None,
                     })
                 }
-                FillState::Failed(message) => {
-                    return Err(CacheError::FillFailed {
+                FillState::Failed(cause) => {
+                    return Err(CacheError::Fill {
                         digest: digest.clone(),
-                        message,
+                        cause,
                     })
                 }
             }
@@ -316,10 +330,10 @@ impl Cache {
         loop {
             match rx.borrow_and_update().clone() {
                 FillState::Done { size } => return Ok(size),
-                FillState::Failed(message) => {
-                    return Err(CacheError::FillFailed {
+                FillState::Failed(cause) => {
+                    return Err(CacheError::Fill {
                         digest: digest.clone(),
-                        message,
+                        cause,
                     })
                 }
                 _ => {}
@@ -381,9 +395,7 @@ impl Cache {
                         metrics().digest_mismatches.inc();
                     }
                     tracing::warn!(%digest, host = %origin.host, repository = %origin.repository, error = %e, "blob download failed; nothing cached");
-                    task_fill
-                        .state
-                        .send_replace(FillState::Failed(e.to_string()));
+                    task_fill.state.send_replace(FillState::Failed(Arc::new(e)));
                 }
             }
         });

@@ -70,7 +70,7 @@ impl MirrorError {
             MirrorError::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             MirrorError::Range(_) => (StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UNKNOWN"),
             MirrorError::NotFound(_) => (StatusCode::NOT_FOUND, unknown),
-            MirrorError::Cache(e) => match e {
+            MirrorError::Cache(e) => match e.root() {
                 CacheError::NotCached { .. } => (StatusCode::NOT_FOUND, unknown),
                 CacheError::Upstream(RegistryError::NotFound { .. }) => {
                     (StatusCode::NOT_FOUND, unknown)
@@ -80,9 +80,6 @@ impl MirrorError {
                 }
                 CacheError::Upstream(RegistryError::Unauthorized { .. }) => {
                     (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
-                }
-                CacheError::FillFailed { message, .. } if message.contains("not found") => {
-                    (StatusCode::NOT_FOUND, unknown)
                 }
                 CacheError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
                 // The upstream failed or sent bad bytes: a gateway error, so that containerd
