@@ -260,16 +260,14 @@ impl StreamService {
         self.check_follow_cycle(t, source)?;
         let pinned = self.pin_source(source).await?;
         tracing::Span::current().record("digest", pinned.digest.as_str());
-        self.push_generation(t, source, &pinned, "set").await?;
         let tag = self
-            .update_tag(t, |tag| {
+            .push_generation(t, source, &pinned, "set", |tag| {
                 tag.schedule = schedule;
                 tag.condition = schedule.map(|_| ImportCondition {
                     last_check: now_rfc3339(),
                     last_success: now_rfc3339(),
                     ..ImportCondition::default()
                 });
-                Ok(())
             })
             .await?;
         tracing::info!(reference = %pinned.reference, "tag set");
@@ -288,7 +286,7 @@ impl StreamService {
             return Ok((tag, false));
         }
         let tag = self
-            .push_generation(t, &tag.source, &pinned, "import")
+            .push_generation(t, &tag.source, &pinned, "import", |_| {})
             .await?;
         tracing::info!(reference = %pinned.reference, "tag imported");
         Ok((tag, true))
@@ -319,15 +317,11 @@ impl StreamService {
                         .map_err(|e| e.to_string()),
                 },
             };
-        let moved = match &outcome {
-            Ok(Some(p)) if Some(&p.digest) != current.as_ref() => {
-                tracing::Span::current().record("digest", p.digest.as_str());
-                self.push_generation(t, &tag.source, p, "import").await?;
-                tracing::info!(reference = %p.reference, "scheduled import moved the tag");
-                true
-            }
-            _ => false,
+        let moved_to = match &outcome {
+            Ok(Some(p)) if Some(&p.digest) != current.as_ref() => Some(p),
+            _ => None,
         };
+        let moved = moved_to.is_some();
         // Nothing changed and the tag was already fine: record the check at most hourly, so a
         // steady tag costs no disk write per check.
         if !moved && outcome.is_ok() {
@@ -341,24 +335,39 @@ impl StreamService {
             }
         }
         let now = now_rfc3339();
-        let tag = self
-            .update_tag(t, |tag| {
-                let c = tag.condition.get_or_insert_with(ImportCondition::default);
-                c.last_check = now.clone();
-                match &outcome {
-                    Ok(_) => {
-                        c.last_success = now.clone();
-                        c.error.clear();
-                        c.consecutive_failures = 0;
-                    }
-                    Err(e) => {
-                        c.error = crate::audit::cap(e.clone());
-                        c.consecutive_failures = c.consecutive_failures.saturating_add(1);
-                    }
+        let record = |tag: &mut Tag| {
+            let c = tag.condition.get_or_insert_with(ImportCondition::default);
+            c.last_check = now.clone();
+            match &outcome {
+                Ok(_) => {
+                    c.last_success = now.clone();
+                    c.error.clear();
+                    c.consecutive_failures = 0;
                 }
-                Ok(())
-            })
-            .await?;
+                Err(e) => {
+                    c.error = crate::audit::cap(e.clone());
+                    c.consecutive_failures = c.consecutive_failures.saturating_add(1);
+                }
+            }
+        };
+        // One write: the new generation (if any) together with the check's outcome.
+        let tag = match moved_to {
+            Some(p) => {
+                tracing::Span::current().record("digest", p.digest.as_str());
+                let tag = self
+                    .push_generation(t, &tag.source, p, "import", record)
+                    .await?;
+                tracing::info!(reference = %p.reference, "scheduled import moved the tag");
+                tag
+            }
+            None => {
+                self.update_tag(t, |tag| {
+                    record(tag);
+                    Ok(())
+                })
+                .await?
+            }
+        };
         if let Err(e) = &outcome {
             tracing::warn!(error = %e, moved, "scheduled import failed; the tag keeps its digest");
         }
@@ -459,7 +468,7 @@ impl StreamService {
             reference: current.reference.clone(),
         };
         for (t, source) in &followers {
-            self.push_generation(t, source, &pinned, &format!("follows {moved}"))
+            self.push_generation(t, source, &pinned, &format!("follows {moved}"), |_| {})
                 .await?;
             tracing::info!(tag = %t, follows = %moved, digest = %pinned.digest, "tag followed its source tag");
         }
@@ -495,6 +504,7 @@ impl StreamService {
         source: &str,
         pinned: &PinnedManifest,
         cause: &str,
+        mut also: impl FnMut(&mut Tag),
     ) -> Result<Tag, StreamError> {
         let limit = self.settings.history_limit;
         let stream = self
@@ -517,6 +527,7 @@ impl StreamService {
                     },
                     limit,
                 );
+                also(tag);
                 Ok(())
             })
             .await?;
