@@ -32,6 +32,12 @@ pub const DEFAULT_SCRUB_INTERVAL_SECS: u64 = 24 * 60 * 60;
 /// Earlier distinct digests of each stream tag kept pinned in the cache.
 pub const DEFAULT_PIN_HISTORY: usize = crate::cache::DEFAULT_PIN_HISTORY;
 /// How long a CRI call may wait to connect to the runtime.
+/// Default etcd endpoint of the cluster store (`etcd_endpoints`).
+pub const DEFAULT_ETCD_ENDPOINT: &str = crate::store::etcd::DEFAULT_ENDPOINT;
+/// Default key prefix in etcd (`etcd_prefix`).
+pub const DEFAULT_ETCD_PREFIX: &str = crate::store::etcd::DEFAULT_PREFIX;
+/// Default lease TTL of the importer election (`etcd_lease_ttl_secs`).
+pub const DEFAULT_ETCD_LEASE_TTL_SECS: u64 = crate::store::etcd::DEFAULT_LEASE_TTL_SECS;
 pub const RUNTIME_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
@@ -46,6 +52,17 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid setting {key}: {message}")]
     Invalid { key: &'static str, message: String },
+}
+
+/// Where streams are kept (`store`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// redb in the state dir: this node's own streams.
+    #[default]
+    Embedded,
+    /// etcd: one set of streams for every node of the cluster.
+    Etcd,
 }
 
 /// The config file, every key optional. See README "Configuration".
@@ -82,6 +99,15 @@ pub struct FileConfig {
     pub triggers: Vec<crate::triggers::TriggerConfig>,
     pub read_kubelet_auth: Option<bool>,
     pub prepull: Option<bool>,
+    pub store: Option<StoreKind>,
+    #[serde(default)]
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_prefix: Option<String>,
+    pub etcd_ca_file: Option<PathBuf>,
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
+    pub etcd_lease_ttl_secs: Option<u64>,
+    pub node_name: Option<String>,
 }
 
 /// Flags of `imagestream serve` that override the file.
@@ -94,6 +120,8 @@ pub struct Overrides {
     pub insecure_registries: Vec<String>,
     pub mirror_listen: Option<String>,
     pub mirror_upstreams: Vec<String>,
+    pub store: Option<StoreKind>,
+    pub etcd_endpoints: Vec<String>,
 }
 
 /// The effective configuration.
@@ -149,6 +177,21 @@ pub struct Config {
     pub read_kubelet_auth: bool,
     /// Pull a tag's new image into the runtime as soon as the tag moves.
     pub prepull: bool,
+    /// Where streams are kept: `embedded` (this node) or `etcd` (the cluster).
+    pub store: StoreKind,
+    /// etcd client URLs (`http://` or `https://`), with `store = "etcd"`.
+    pub etcd_endpoints: Vec<String>,
+    /// Prefix of every key imagestream writes in etcd.
+    pub etcd_prefix: String,
+    /// CA bundle for `https://` etcd endpoints.
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate and key for etcd.
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
+    /// Lease TTL of the importer election: how long a dead importing node keeps the job.
+    pub etcd_lease_ttl_secs: u64,
+    /// This node's name in the cluster (the importer election) [default: the host name].
+    pub node_name: String,
 }
 
 impl Default for Config {
@@ -180,6 +223,14 @@ impl Default for Config {
             triggers: Vec::new(),
             read_kubelet_auth: true,
             prepull: false,
+            store: StoreKind::Embedded,
+            etcd_endpoints: Vec::new(),
+            etcd_prefix: DEFAULT_ETCD_PREFIX.into(),
+            etcd_ca_file: None,
+            etcd_cert_file: None,
+            etcd_key_file: None,
+            etcd_lease_ttl_secs: DEFAULT_ETCD_LEASE_TTL_SECS,
+            node_name: host_name(),
         }
     }
 }
@@ -231,6 +282,14 @@ impl Config {
             triggers,
             read_kubelet_auth,
             prepull,
+            store,
+            etcd_endpoints,
+            etcd_prefix,
+            etcd_ca_file,
+            etcd_cert_file,
+            etcd_key_file,
+            etcd_lease_ttl_secs,
+            node_name,
         } = f;
         set(&mut self.state_dir, state_dir);
         set(&mut self.cri_socket, cri_socket);
@@ -261,6 +320,14 @@ impl Config {
         self.triggers.extend(triggers);
         set(&mut self.read_kubelet_auth, read_kubelet_auth);
         set(&mut self.prepull, prepull);
+        set(&mut self.store, store);
+        self.etcd_endpoints.extend(etcd_endpoints);
+        set(&mut self.etcd_prefix, etcd_prefix);
+        self.etcd_ca_file = etcd_ca_file.or(self.etcd_ca_file.take());
+        self.etcd_cert_file = etcd_cert_file.or(self.etcd_cert_file.take());
+        self.etcd_key_file = etcd_key_file.or(self.etcd_key_file.take());
+        set(&mut self.etcd_lease_ttl_secs, etcd_lease_ttl_secs);
+        set(&mut self.node_name, node_name);
     }
 
     fn apply_overrides(&mut self, o: Overrides) {
@@ -278,6 +345,14 @@ impl Config {
             if !self.mirror_upstreams.contains(&u) {
                 self.mirror_upstreams.push(u);
             }
+        }
+        set(&mut self.store, o.store);
+        // Endpoints on the command line replace the file's: they name one cluster.
+        if !o.etcd_endpoints.is_empty() {
+            self.etcd_endpoints = o.etcd_endpoints;
+        }
+        if self.store == StoreKind::Etcd && self.etcd_endpoints.is_empty() {
+            self.etcd_endpoints.push(DEFAULT_ETCD_ENDPOINT.into());
         }
     }
 
@@ -336,6 +411,36 @@ impl Config {
                 message,
             })?;
         }
+        for e in &self.etcd_endpoints {
+            let ok = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    key: "etcd_endpoints",
+                    message: format!("{e:?} is not http://HOST:PORT or https://HOST:PORT"),
+                });
+            }
+        }
+        if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
+            return Err(ConfigError::Invalid {
+                key: "etcd_prefix",
+                message: format!("{:?} must start and end with '/'", self.etcd_prefix),
+            });
+        }
+        if self.etcd_cert_file.is_some() != self.etcd_key_file.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "etcd_cert_file",
+                message: "etcd_cert_file and etcd_key_file go together".into(),
+            });
+        }
+        if self.etcd_lease_ttl_secs < 2 {
+            return Err(ConfigError::Invalid {
+                key: "etcd_lease_ttl_secs",
+                message: "must be at least 2".into(),
+            });
+        }
         if self.cache_max_bytes == 0 {
             return Err(ConfigError::Invalid {
                 key: "cache_max_bytes",
@@ -363,6 +468,14 @@ impl Config {
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
     }
+}
+
+/// The machine's host name, the default `node_name`.
+fn host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn set<T>(slot: &mut T, value: Option<T>) {

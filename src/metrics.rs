@@ -142,6 +142,15 @@ pub struct Metrics {
     pub mirror_requests: Family<MirrorLabels, Counter>,
     /// `imagestream_trigger_runs_total{trigger,outcome}`.
     pub trigger_runs: Family<TriggerLabels, Counter>,
+    /// `imagestream_store_view_stale_seconds`: seconds since the view was last known equal
+    /// to the cluster store (0 with the embedded store).
+    pub store_view_stale_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// `imagestream_store_connected`: 1 while the cluster store answers.
+    pub store_connected: Gauge,
+    /// `imagestream_store_revision`: the cluster store revision the view has reached.
+    pub store_revision: Gauge,
+    /// `imagestream_importer_leader`: 1 on the node that runs scheduled imports.
+    pub importer_leader: Gauge,
 }
 
 impl Metrics {
@@ -245,7 +254,35 @@ impl Metrics {
             "Trigger attempts on tag events, by trigger and outcome (ok, retry, failed)",
             trigger_runs.clone(),
         );
+        let store_view_stale_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "store_view_stale_seconds",
+            "Seconds since this node's stream view was last known equal to the cluster store (etcd); 0 with the embedded store",
+            store_view_stale_seconds.clone(),
+        );
+        let store_connected = Gauge::default();
+        registry.register(
+            "store_connected",
+            "1 while the stream store answers (always with the embedded store)",
+            store_connected.clone(),
+        );
+        let store_revision = Gauge::default();
+        registry.register(
+            "store_revision",
+            "The cluster store (etcd) revision this node's view has caught up with",
+            store_revision.clone(),
+        );
+        let importer_leader = Gauge::default();
+        registry.register(
+            "importer_leader",
+            "1 on the node that runs scheduled imports (the elected one, with etcd)",
+            importer_leader.clone(),
+        );
         Self {
+            store_view_stale_seconds,
+            store_connected,
+            store_revision,
+            importer_leader,
             registry,
             pull_denials,
             admin_denials,

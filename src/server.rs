@@ -11,7 +11,9 @@ use crate::mirror::{Mirror, Upstreams};
 use crate::registry::auth::Credentials;
 use crate::registry::RegistryClient;
 use crate::socket::{self, SocketError, SOCKET_MODE};
+use crate::config::StoreKind;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::etcd::{self, ClusterStatus, EtcdSettings, EtcdStore};
 use crate::store::{StoreError, StreamStore};
 use crate::stream::service::{StreamError, StreamService, StreamSettings};
 use std::future::Future;
@@ -62,16 +64,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             path: state_dir.display().to_string(),
             source,
         })?;
-    let store: Arc<dyn StreamStore> = {
-        let dir = state_dir.clone();
-        Arc::new(
-            tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir))
-                .await
-                .map_err(|e| StoreError::Backend {
-                    path: state_dir.display().to_string(),
-                    message: e.to_string(),
-                })??,
-        )
+    let cluster = match config.store {
+        StoreKind::Embedded => None,
+        StoreKind::Etcd => {
+            let etcd = Arc::new(
+                EtcdStore::connect(EtcdSettings {
+                    endpoints: config.etcd_endpoints.clone(),
+                    prefix: config.etcd_prefix.clone(),
+                    ca_file: config.etcd_ca_file.clone(),
+                    cert_file: config.etcd_cert_file.clone(),
+                    key_file: config.etcd_key_file.clone(),
+                    lease_ttl_secs: config.etcd_lease_ttl_secs,
+                    node_name: config.node_name.clone(),
+                })
+                .await?,
+            );
+            let status = Arc::new(ClusterStatus::new(etcd.endpoints()));
+            let (view, start) = etcd::initial_view(&etcd, &status, &state_dir).await;
+            Some((etcd, status, view, start))
+        }
     };
     let upstreams = Upstreams::new(&config.mirror_upstreams, &config.insecure_registries)
         .map_err(ServerError::Runtime)?;
@@ -97,17 +108,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     let registry = RegistryClient::with_credentials(&plain_http, credentials);
-    let streams = Arc::new(
-        StreamService::new(
-            store,
-            registry.clone(),
-            StreamSettings {
-                stream_host: config.stream_host.clone(),
-                history_limit: config.history_limit,
-            },
-        )
-        .await?,
-    );
+    let settings = StreamSettings {
+        stream_host: config.stream_host.clone(),
+        history_limit: config.history_limit,
+    };
+    let streams = Arc::new(match &cluster {
+        Some((etcd, _, view, _)) => {
+            let store: Arc<dyn StreamStore> = etcd.clone();
+            StreamService::with_view(store, registry.clone(), settings, view.clone())
+        }
+        None => {
+            let dir = state_dir.clone();
+            let store: Arc<dyn StreamStore> = Arc::new(
+                tokio::task::spawn_blocking(move || EmbeddedStore::open(&dir))
+                    .await
+                    .map_err(|e| StoreError::Backend {
+                        path: state_dir.display().to_string(),
+                        message: e.to_string(),
+                    })??,
+            );
+            StreamService::new(store, registry.clone(), settings).await?
+        }
+    });
     // Fail early on a bad endpoint; the proxy thread builds its own handle.
     Upstream::new(&config.runtime_endpoint).map_err(ServerError::Runtime)?;
 
@@ -194,7 +216,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .add_service(
                 AdminServer::new(
                     AdminApi::new(streams, cache.clone(), access)
-                        .with_min_import_interval(config.import_min_interval_secs),
+                        .with_min_import_interval(config.import_min_interval_secs)
+                        .with_cluster(
+                            cluster.as_ref().map(|(_, status, _, _)| status.clone()),
+                            &config.node_name,
+                        ),
                 )
                 .max_decoding_message_size(crate::cri::proxy::MAX_CRI_MESSAGE_BYTES),
             )
@@ -212,8 +238,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if config.prefetch {
         tokio::spawn(cache.clone().prefetch_loop(stop_rx.clone()));
     }
+    if cluster.is_none() {
+        let m = crate::metrics::metrics();
+        m.store_connected.set(1);
+        m.importer_leader.set(1);
+    }
+    // With etcd, one elected node imports and moves followers; alone, this node does.
+    let (leader_tx, leader_rx) = tokio::sync::watch::channel(cluster.is_none());
+    if let Some((etcd, status, view, start)) = cluster {
+        tokio::spawn(etcd::publish_metrics(status.clone(), stop_rx.clone()));
+        tokio::spawn(etcd::feed(
+            etcd.clone(),
+            view,
+            status.clone(),
+            state_dir.clone(),
+            start,
+            stop_rx.clone(),
+        ));
+        tokio::spawn(etcd::elect(etcd, status, leader_tx, stop_rx.clone()));
+    }
     tokio::spawn(crate::importer::follow(
         streams_for_import.clone(),
+        leader_rx.clone(),
         stop_rx.clone(),
     ));
     tokio::spawn(crate::importer::run(
@@ -222,6 +268,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             concurrency: config.import_concurrency,
             registry_concurrency: config.import_registry_concurrency,
         },
+        leader_rx,
         stop_rx.clone(),
     ));
     tokio::spawn(crate::triggers::run(

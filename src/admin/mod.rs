@@ -60,6 +60,9 @@ impl From<StreamError> for Status {
                 RegistryError::Other { .. } => crate::audit::status(tonic::Code::Unknown, message),
             },
             StreamError::Resolve(r) => r.into(),
+            StreamError::Store(crate::store::StoreError::Unavailable { .. }) => {
+                crate::audit::status(tonic::Code::Unavailable, message)
+            }
             StreamError::Store(_) => crate::audit::status(tonic::Code::Internal, message),
         }
     }
@@ -86,6 +89,9 @@ pub struct AdminApi {
     cache: Arc<Cache>,
     access: auth::AdminAccess,
     min_import_interval_secs: u64,
+    /// With the etcd store: the link to the cluster.
+    cluster: Option<Arc<crate::store::etcd::ClusterStatus>>,
+    node_name: String,
 }
 
 impl AdminApi {
@@ -95,7 +101,20 @@ impl AdminApi {
             cache,
             access,
             min_import_interval_secs: crate::importer::DEFAULT_MIN_INTERVAL_SECS,
+            cluster: None,
+            node_name: String::new(),
         }
+    }
+
+    /// Reports `cluster` (the etcd link) and `node_name` in `Status`.
+    pub fn with_cluster(
+        mut self,
+        cluster: Option<Arc<crate::store::etcd::ClusterStatus>>,
+        node_name: &str,
+    ) -> Self {
+        self.cluster = cluster;
+        self.node_name = node_name.to_string();
+        self
     }
 
     /// The shortest interval accepted for scheduled tags.
@@ -442,6 +461,42 @@ impl Admin for AdminApi {
         Ok(Response::new(pb::MetricsResponse {
             text: crate::metrics::metrics().encode(),
         }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.read(&req, "status")?;
+        let streams = self.streams.view().load().streams().count() as u64;
+        let r = match &self.cluster {
+            None => pb::StatusResponse {
+                store: "embedded".into(),
+                connected: true,
+                importer: true,
+                importer_node: self.node_name.clone(),
+                streams,
+                node_name: self.node_name.clone(),
+                ..Default::default()
+            },
+            Some(c) => {
+                let r = c.report();
+                pb::StatusResponse {
+                    store: "etcd".into(),
+                    endpoints: r.endpoints,
+                    connected: r.connected,
+                    revision: r.revision,
+                    stale_seconds: r.stale_secs.unwrap_or(-1.0),
+                    last_sync_time: r.last_sync_time.unwrap_or_default(),
+                    error: r.error.unwrap_or_default(),
+                    importer: r.leader,
+                    importer_node: r.leader_name.unwrap_or_default(),
+                    streams,
+                    node_name: self.node_name.clone(),
+                }
+            }
+        };
+        Ok(Response::new(r))
     }
 
     async fn list_cache(

@@ -75,6 +75,9 @@ enum Command {
     },
     /// Print the daemon's counters (Prometheus text format; also at GET /metrics on the mirror)
     Metrics,
+    /// Show the node's stream store: embedded or etcd, whether etcd answers, how stale this
+    /// node's view is, and which node runs scheduled imports
+    Status,
     /// Inspect and maintain the node's layer cache
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -108,6 +111,13 @@ struct ServeArgs {
     /// A registry the mirror may pull through from, http://HOST:PORT or https://HOST (repeatable)
     #[arg(long = "mirror-upstream", value_name = "URL")]
     mirror_upstreams: Vec<String>,
+    /// Where streams are kept: embedded (this node's redb) or etcd (shared by the cluster)
+    /// [default: embedded]
+    #[arg(long, value_enum, value_name = "KIND")]
+    store: Option<crate::config::StoreKind>,
+    /// An etcd client URL for --store etcd (repeatable) [default: http://127.0.0.1:2379]
+    #[arg(long = "etcd-endpoint", value_name = "URL")]
+    etcd_endpoints: Vec<String>,
     /// Log format on stderr
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -295,6 +305,8 @@ fn serve_config(args: &ServeArgs, admin_socket: Option<PathBuf>) -> Result<Confi
             insecure_registries: args.insecure_registries.clone(),
             mirror_listen: args.mirror_listen.clone(),
             mirror_upstreams: args.mirror_upstreams.clone(),
+            store: args.store,
+            etcd_endpoints: args.etcd_endpoints.clone(),
         },
     )
     .map_err(|e| e.to_string())
@@ -541,6 +553,16 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(status)?
                 .into_inner();
             print!("{}", r.text);
+            Ok(())
+        }
+        Command::Status => {
+            let mut client = connect(&socket()).await?;
+            let r = client
+                .status(pb::StatusRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            printer.status(&r);
             Ok(())
         }
         Command::Watch { filter } => {

@@ -153,6 +153,56 @@ impl Printer {
         }
     }
 
+    pub fn status(&self, r: &pb::StatusResponse) {
+        match self.format {
+            Format::Json => self.json(&json!({
+                "store": r.store,
+                "endpoints": r.endpoints,
+                "connected": r.connected,
+                "revision": r.revision,
+                "stale_seconds": (r.stale_seconds >= 0.0).then_some(r.stale_seconds),
+                "last_sync_time": r.last_sync_time,
+                "error": r.error,
+                "importer": r.importer,
+                "importer_node": r.importer_node,
+                "streams": r.streams,
+                "node_name": r.node_name,
+            })),
+            Format::Table => {
+                println!("Node:       {}", r.node_name);
+                println!("Streams:    {}", r.streams);
+                if r.store == "embedded" {
+                    println!("Store:      embedded (this node only)");
+                    return;
+                }
+                println!("Store:      etcd {}", r.endpoints);
+                let state = if r.connected {
+                    "connected".to_string()
+                } else {
+                    format!("UNREACHABLE: {}", r.error)
+                };
+                println!("Link:       {state}");
+                let stale = if r.stale_seconds < 0.0 {
+                    "never synced (resolving from the saved view, if any)".to_string()
+                } else {
+                    format!(
+                        "{:.1}s ago (revision {}, at {})",
+                        r.stale_seconds, r.revision, r.last_sync_time
+                    )
+                };
+                println!("View:       current as of {stale}");
+                let who = if r.importer {
+                    "this node".to_string()
+                } else if r.importer_node.is_empty() {
+                    "unknown".to_string()
+                } else {
+                    r.importer_node.clone()
+                };
+                println!("Importer:   {who}");
+            }
+        }
+    }
+
     pub fn stream_created(&self, s: &pb::Stream) {
         match self.format {
             Format::Json => self.json(&stream_json(s)),

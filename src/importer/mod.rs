@@ -47,10 +47,12 @@ fn registry_of(source: &str) -> String {
         .unwrap_or_else(|_| "local".to_string())
 }
 
-/// Runs scheduled imports until `shutdown`.
+/// Runs scheduled imports until `shutdown`, while `leader` says this node is the one that
+/// imports (always, with the embedded store; the elected node, with etcd).
 pub async fn run(
     streams: Arc<StreamService>,
     settings: ImporterSettings,
+    mut leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let global = Arc::new(Semaphore::new(settings.concurrency.max(1)));
@@ -60,6 +62,15 @@ pub async fn run(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Duration)>();
     let view = streams.view();
     loop {
+        if !*leader.borrow_and_update() {
+            // Another node imports: forget the schedule (a new term starts afresh) and wait.
+            due.clear();
+            tokio::select! {
+                changed = leader.changed() => if changed.is_err() { return },
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            continue;
+        }
         let now = Instant::now();
         let snapshot = view.load();
         let mut scheduled: HashSet<String> = HashSet::new();
@@ -127,6 +138,7 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = &mut tick => break,
+                _ = leader.changed() => break,
                 Some((key, next)) = done_rx.recv() => {
                     running.remove(&key);
                     // ±10 % jitter keeps tags that started together from staying together.
@@ -140,8 +152,13 @@ pub async fn run(
 }
 
 /// Moves tags that follow other stream tags whenever those move (set, import, rollback,
-/// follow), until `shutdown`.
-pub async fn follow(streams: Arc<StreamService>, mut shutdown: watch::Receiver<bool>) {
+/// follow), until `shutdown`. Like imports, only on the node `leader` names: with etcd every
+/// node sees every event, and one of them moving the followers is enough.
+pub async fn follow(
+    streams: Arc<StreamService>,
+    leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut events = streams.view().events();
     loop {
         let e = tokio::select! {
@@ -149,7 +166,7 @@ pub async fn follow(streams: Arc<StreamService>, mut shutdown: watch::Receiver<b
             _ = shutdown.wait_for(|s| *s) => return,
         };
         match e {
-            Ok(e) if e.new_digest.is_some() => {
+            Ok(e) if e.new_digest.is_some() && *leader.borrow() => {
                 let moved = TagRef {
                     namespace: e.namespace,
                     name: e.stream,

@@ -2,7 +2,7 @@
 //! are crash-safe (copy-on-write B-tree with a checksummed commit slot), so a crash at any
 //! moment leaves the old or the new state, never a torn one. Records are JSON.
 
-use super::{Expect, StoreError, StreamStore};
+use super::{Expect, StoreError, StreamStore, Written};
 use crate::stream::model::{Stream, StreamKey};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
@@ -72,7 +72,7 @@ impl StreamStore for EmbeddedStore {
         value.map(|v| Self::decode(&k, v.value())).transpose()
     }
 
-    fn put(&self, stream: &Stream, expect: Expect) -> Result<(), StoreError> {
+    fn put(&self, stream: &Stream, expect: Expect) -> Result<Written, StoreError> {
         let key = stream.key();
         let k = key_string(&key);
         let bytes = serde_json::to_vec(stream).map_err(|e| self.backend(e))?;
@@ -96,10 +96,11 @@ impl StreamStore for EmbeddedStore {
                 .insert(k.as_str(), bytes.as_slice())
                 .map_err(|e| self.backend(e))?;
         }
-        txn.commit().map_err(|e| self.backend(e))
+        txn.commit().map_err(|e| self.backend(e))?;
+        Ok(Written::default())
     }
 
-    fn delete(&self, key: &StreamKey) -> Result<bool, StoreError> {
+    fn delete(&self, key: &StreamKey) -> Result<Option<Written>, StoreError> {
         let k = key_string(key);
         let txn = self.db.begin_write().map_err(|e| self.backend(e))?;
         let existed = {
@@ -108,7 +109,7 @@ impl StreamStore for EmbeddedStore {
             removed.is_some()
         };
         txn.commit().map_err(|e| self.backend(e))?;
-        Ok(existed)
+        Ok(existed.then(Written::default))
     }
 }
 
@@ -137,7 +138,7 @@ mod tests {
         let store = EmbeddedStore::open(dir.path()).expect("reopen");
         assert_eq!(store.get(&key).expect("get"), Some(s));
         assert_eq!(store.list().expect("list").len(), 1);
-        assert!(store.delete(&key).expect("delete"));
-        assert!(!store.delete(&key).expect("delete again"));
+        assert!(store.delete(&key).expect("delete").is_some());
+        assert!(store.delete(&key).expect("delete again").is_none());
     }
 }

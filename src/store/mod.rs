@@ -1,10 +1,12 @@
 //! Stream stores: where streams are persisted. The store is a narrow, synchronous key-value
 //! interface over whole [`Stream`] records with compare-and-swap on the record's revision, so
 //! that an embedded database (the default, [`embedded::EmbeddedStore`] on redb) and a
-//! cluster-wide one (etcd, later) slot in behind the same [`StreamStore`] trait. The CRI path
-//! never touches a store: it reads the in-memory view that the stream service keeps.
+//! cluster-wide one ([`etcd::EtcdStore`]) slot in behind the same [`StreamStore`] trait. The CRI
+//! path never touches a store: it reads the in-memory view that the stream service keeps, which
+//! a cluster store also feeds from its watch ([`etcd::feed`]).
 
 pub mod embedded;
+pub mod etcd;
 
 use crate::stream::model::{Stream, StreamKey};
 use thiserror::Error;
@@ -20,6 +22,17 @@ pub enum StoreError {
     Backend { path: String, message: String },
     #[error("stream store record {key:?} is corrupt: {message}")]
     Corrupt { key: String, message: String },
+    /// The cluster store cannot be reached; the view keeps answering from what it last saw.
+    #[error("cluster store unavailable (etcd endpoints {endpoints}): {message}")]
+    Unavailable { endpoints: String, message: String },
+}
+
+/// Where a write landed in the store's change order: the store revision of the write, for
+/// stores whose changes also reach the view through a watch (so that the view can tell a late
+/// watch event from a newer local write); `None` for the embedded store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Written {
+    pub revision: Option<u64>,
 }
 
 /// What a write expects to find.
@@ -38,7 +51,7 @@ pub trait StreamStore: Send + Sync + 'static {
     fn get(&self, key: &StreamKey) -> Result<Option<Stream>, StoreError>;
     /// Writes `stream` if the stored record matches `expect`; the stored revision becomes
     /// `stream.revision`, which the caller has already incremented.
-    fn put(&self, stream: &Stream, expect: Expect) -> Result<(), StoreError>;
-    /// Removes the record; `Ok(false)` if there was none.
-    fn delete(&self, key: &StreamKey) -> Result<bool, StoreError>;
+    fn put(&self, stream: &Stream, expect: Expect) -> Result<Written, StoreError>;
+    /// Removes the record; `Ok(None)` if there was none.
+    fn delete(&self, key: &StreamKey) -> Result<Option<Written>, StoreError>;
 }

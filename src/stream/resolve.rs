@@ -34,6 +34,18 @@ impl Snapshot {
         }
     }
 
+    fn from_arcs(streams: HashMap<StreamKey, Arc<Stream>>) -> Self {
+        let local_names = streams
+            .values()
+            .filter(|s| s.lookup_local)
+            .map(|s| s.name.clone())
+            .collect();
+        Self {
+            streams,
+            local_names,
+        }
+    }
+
     pub fn get(&self, key: &StreamKey) -> Option<&Arc<Stream>> {
         self.streams.get(key)
     }
@@ -51,6 +63,10 @@ pub struct View {
     changes: Arc<tokio::sync::watch::Sender<u64>>,
     events: tokio::sync::broadcast::Sender<TagEvent>,
     sequence: Arc<std::sync::atomic::AtomicU64>,
+    /// Serialises changes (read, modify, swap) and remembers, per stream, the store revision
+    /// of the last change applied (deletions included), so that a late watch event never
+    /// undoes a newer local write.
+    applied: Arc<std::sync::Mutex<HashMap<StreamKey, u64>>>,
 }
 
 impl Default for View {
@@ -66,6 +82,7 @@ impl View {
             changes: Arc::new(tokio::sync::watch::channel(0).0),
             events: tokio::sync::broadcast::channel(EVENT_BUFFER).0,
             sequence: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            applied: Arc::new(std::sync::Mutex::new(HashMap::new())),
         }
     }
 
@@ -125,16 +142,58 @@ impl View {
 
     /// Applies one changed (or, with `None`, deleted) stream to a copy of the snapshot.
     pub fn apply(&self, key: &StreamKey, stream: Option<Stream>) {
+        self.apply_at(key, stream, None);
+    }
+
+    /// Like [`View::apply`], for a change at store revision `revision` (a cluster store's):
+    /// a change at or below the revision last applied to that stream is stale and ignored.
+    pub fn apply_at(&self, key: &StreamKey, stream: Option<Stream>, revision: Option<u64>) {
+        let mut applied = match self.applied.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(r) = revision {
+            if applied.get(key).is_some_and(|last| *last >= r) {
+                return;
+            }
+            applied.insert(key.clone(), r);
+        }
         let current = self.load();
         let events = diff(current.get(key).map(|s| s.as_ref()), stream.as_ref());
-        let mut streams: Vec<Stream> = current
-            .streams
-            .iter()
-            .filter(|(k, _)| *k != key)
-            .map(|(_, s)| Stream::clone(s))
-            .collect();
-        streams.extend(stream);
-        self.store(Snapshot::new(streams));
+        let mut streams = current.streams.clone();
+        match stream {
+            Some(s) => streams.insert(key.clone(), Arc::new(s)),
+            None => streams.remove(key),
+        };
+        self.store(Snapshot::from_arcs(streams));
+        drop(applied);
+        self.publish(events);
+    }
+
+    /// Replaces every stream with `streams` as listed at store revision `revision` (a cluster
+    /// store's re-list after its watch broke), raising an event for each tag that differs.
+    pub fn replace_all(&self, streams: Vec<(Stream, u64)>, revision: u64) {
+        let mut applied = match self.applied.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let current = self.load();
+        let mut events = Vec::new();
+        let mut next: HashMap<StreamKey, Arc<Stream>> = HashMap::new();
+        for (stream, mod_revision) in streams {
+            let key = stream.key();
+            events.extend(diff(current.get(&key).map(|s| s.as_ref()), Some(&stream)));
+            applied.insert(key.clone(), mod_revision);
+            next.insert(key, Arc::new(stream));
+        }
+        for (key, old) in current.streams.iter() {
+            if !next.contains_key(key) {
+                events.extend(diff(Some(old.as_ref()), None));
+                applied.insert(key.clone(), revision);
+            }
+        }
+        self.store(Snapshot::from_arcs(next));
+        drop(applied);
         self.publish(events);
     }
 }

@@ -103,13 +103,29 @@ impl StreamService {
     ) -> Result<Self, StreamError> {
         let s = store.clone();
         let streams = blocking(move || s.list()).await?;
-        Ok(Self {
+        Ok(Self::with_view(
             store,
             registry,
-            view: View::new(Snapshot::new(streams)),
+            settings,
+            View::new(Snapshot::new(streams)),
+        ))
+    }
+
+    /// Builds the service over a view that something else keeps filled: a cluster store's
+    /// watch ([`crate::store::etcd::feed`]) applies every change, this node's and others'.
+    pub fn with_view(
+        store: Arc<dyn StreamStore>,
+        registry: RegistryClient,
+        settings: StreamSettings,
+        view: View,
+    ) -> Self {
+        Self {
+            store,
+            registry,
+            view,
             settings,
             write_lock: tokio::sync::Mutex::new(()),
-        })
+        }
     }
 
     /// The resolution view, shared with the CRI proxy.
@@ -140,8 +156,9 @@ impl StreamService {
         let _guard = self.write_lock.lock().await;
         let stream = Stream::new(&key, lookup_local);
         let (s, st) = (self.store.clone(), stream.clone());
-        blocking(move || s.put(&st, Expect::Absent)).await?;
-        self.view.apply(&key, Some(stream.clone()));
+        let written = blocking(move || s.put(&st, Expect::Absent)).await?;
+        self.view
+            .apply_at(&key, Some(stream.clone()), written.revision);
         tracing::info!(stream = %key, lookup_local, "stream created");
         Ok(stream)
     }
@@ -184,10 +201,10 @@ impl StreamService {
         validate_key(key)?;
         let _guard = self.write_lock.lock().await;
         let (s, k) = (self.store.clone(), key.clone());
-        if !blocking(move || s.delete(&k)).await? {
+        let Some(written) = blocking(move || s.delete(&k)).await? else {
             return Err(StreamError::StreamNotFound(key.clone()));
-        }
-        self.view.apply(key, None);
+        };
+        self.view.apply_at(key, None, written.revision);
         tracing::info!(stream = %key, "stream deleted");
         Ok(())
     }
@@ -611,8 +628,9 @@ impl StreamService {
             stream.revision += 1;
             let (s, st) = (self.store.clone(), stream.clone());
             match blocking(move || s.put(&st, expect)).await {
-                Ok(()) => {
-                    self.view.apply(&key, Some(stream.clone()));
+                Ok(written) => {
+                    self.view
+                        .apply_at(&key, Some(stream.clone()), written.revision);
                     return Ok(stream);
                 }
                 Err(StreamError::Store(StoreError::Conflict(_))) => continue,
