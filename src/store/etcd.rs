@@ -55,6 +55,41 @@ pub const MAX_RETRY: Duration = Duration::from_secs(5);
 /// The node's last view of the cluster, in the state dir.
 pub const VIEW_CACHE_FILE: &str = "cluster-view.json";
 
+/// An etcd client error in one line: the gRPC code and message and the innermost cause (a
+/// refused connection, a timeout), without the transport's debug dump.
+fn describe(e: &etcd_client::Error) -> String {
+    let (head, mut cur): (String, Option<&dyn std::error::Error>) = match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            (s.message().to_string(), std::error::Error::source(s))
+        }
+        other => (other.to_string(), std::error::Error::source(other)),
+    };
+    let mut root = None;
+    while let Some(err) = cur {
+        root = Some(err);
+        cur = err.source();
+    }
+    match root.map(|r| r.to_string()) {
+        Some(r) if !r.is_empty() && !head.contains(&r) => format!("{head}: {r}"),
+        _ => head,
+    }
+}
+
+/// Whether `e` is a refused connection: the request never reached etcd.
+fn connection_refused(e: &etcd_client::Error) -> bool {
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    // tonic reports a failed connect as a status whose message says so.
+    describe(e).contains("tcp connect error")
+}
+
 /// How to reach etcd (from the `etcd_*` config keys).
 #[derive(Debug, Clone)]
 pub struct EtcdSettings {
@@ -71,7 +106,10 @@ pub struct EtcdSettings {
 }
 
 pub struct EtcdStore {
-    client: Client,
+    /// One client per endpoint. A call goes to the endpoint that answered last and moves on
+    /// to the next one when that endpoint cannot be reached, as etcd's own clients do.
+    clients: Vec<(String, Client)>,
+    preferred: std::sync::atomic::AtomicUsize,
     settings: EtcdSettings,
     endpoints_text: String,
     handle: tokio::runtime::Handle,
@@ -126,11 +164,19 @@ impl EtcdStore {
             }
             options = options.with_tls(tls);
         }
-        let client = Client::connect(&settings.endpoints, Some(options))
-            .await
-            .map_err(|e| config_error(e.to_string()))?;
+        let mut clients = Vec::with_capacity(settings.endpoints.len());
+        for endpoint in &settings.endpoints {
+            let client = Client::connect([endpoint], Some(options.clone()))
+                .await
+                .map_err(|e| config_error(format!("{endpoint}: {e}")))?;
+            clients.push((endpoint.clone(), client));
+        }
+        if clients.is_empty() {
+            return Err(config_error("no etcd endpoints".into()));
+        }
         Ok(Self {
-            client,
+            clients,
+            preferred: std::sync::atomic::AtomicUsize::new(0),
             endpoints_text,
             settings,
             handle: tokio::runtime::Handle::current(),
@@ -172,9 +218,9 @@ impl EtcdStore {
         }
     }
 
-    fn error(&self, e: etcd_client::Error) -> StoreError {
+    fn error(&self, e: &etcd_client::Error) -> StoreError {
         use tonic::Code;
-        match &e {
+        match e {
             etcd_client::Error::GRpcStatus(s)
                 if matches!(
                     s.code(),
@@ -191,8 +237,62 @@ impl EtcdStore {
                     message: s.message().to_string(),
                 }
             }
-            _ => self.unavailable(e),
+            _ => self.unavailable(describe(e)),
         }
+    }
+
+    /// The client of the endpoint that answered last (for watches and lease keep-alives).
+    fn client(&self) -> Client {
+        let i = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % self.clients.len();
+        self.clients[i].1.clone()
+    }
+
+    /// Runs `op` against the endpoint that answered last, moving on to the next endpoint when
+    /// one cannot be reached. A write (`idempotent == false`) moves on only when the
+    /// connection was refused (it certainly did not reach etcd); after a timeout or a broken
+    /// connection its outcome is unknown, so it fails with `Unavailable` instead of risking a
+    /// second application.
+    async fn call_any<T, F, Fut>(&self, idempotent: bool, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.clients.len();
+        let start = self.preferred.load(std::sync::atomic::Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let (endpoint, client) = &self.clients[i];
+            match tokio::time::timeout(REQUEST_TIMEOUT, op(client.clone())).await {
+                Ok(Ok(v)) => {
+                    self.preferred
+                        .store(i, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Ok(Err(e)) => {
+                    let err = self.error(&e);
+                    let unreachable = matches!(err, StoreError::Unavailable { .. });
+                    if unreachable && (idempotent || connection_refused(&e)) {
+                        tracing::debug!(endpoint, error = %describe(&e), "etcd endpoint failed; trying the next");
+                        last = Some(err);
+                        continue;
+                    }
+                    return Err(err);
+                }
+                Err(_) => {
+                    let err = self.unavailable(format!(
+                        "no answer from {endpoint} within {}s",
+                        REQUEST_TIMEOUT.as_secs()
+                    ));
+                    if idempotent {
+                        last = Some(err);
+                        continue;
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| self.unavailable("no endpoint answered")))
     }
 
     /// Runs one etcd call, bounded by [`REQUEST_TIMEOUT`].
@@ -201,11 +301,10 @@ impl EtcdStore {
         fut: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
-            Ok(r) => r.map_err(|e| self.error(e)),
-            Err(_) => Err(self.unavailable(format!(
-                "no answer within {}s",
-                REQUEST_TIMEOUT.as_secs()
-            ))),
+            Ok(r) => r.map_err(|e| self.error(&e)),
+            Err(_) => {
+                Err(self.unavailable(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())))
+            }
         }
     }
 
@@ -223,12 +322,12 @@ impl EtcdStore {
 
     /// Every stream with its `mod_revision`, and the store revision of the listing.
     pub async fn list_at(&self) -> Result<(Vec<(Stream, u64)>, u64), StoreError> {
-        let mut kv = self.client.kv_client();
+        let prefix = self.streams_prefix();
         let resp = self
-            .call(kv.get(
-                self.streams_prefix(),
-                Some(GetOptions::new().with_prefix()),
-            ))
+            .call_any(true, |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0).max(0) as u64;
         let mut out = Vec::with_capacity(resp.kvs().len());
@@ -245,14 +344,26 @@ impl EtcdStore {
 
 impl StreamStore for EtcdStore {
     fn list(&self) -> Result<Vec<Stream>, StoreError> {
-        self.block_on(async { Ok(self.list_at().await?.0.into_iter().map(|(s, _)| s).collect()) })
+        self.block_on(async {
+            Ok(self
+                .list_at()
+                .await?
+                .0
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect())
+        })
     }
 
     fn get(&self, key: &StreamKey) -> Result<Option<Stream>, StoreError> {
         let k = self.stream_key(key);
         self.block_on(async {
-            let mut kv = self.client.kv_client();
-            let resp = self.call(kv.get(k.as_str(), None)).await?;
+            let resp = self
+                .call_any(true, |mut c| {
+                    let k = k.clone();
+                    async move { c.get(k, None).await }
+                })
+                .await?;
             resp.kvs()
                 .first()
                 .map(|kv| self.decode(kv.key(), kv.value()))
@@ -268,13 +379,17 @@ impl StreamStore for EtcdStore {
             message: e.to_string(),
         })?;
         self.block_on(async {
-            let mut kv = self.client.kv_client();
             let compare = match expect {
                 Expect::Absent => Compare::create_revision(k.as_str(), CompareOp::Equal, 0),
                 Expect::Revision(r) => {
                     // Compare on etcd's own revision of the record we checked, so that any
                     // write in between (by any node) makes this one lose.
-                    let resp = self.call(kv.get(k.as_str(), None)).await?;
+                    let resp = self
+                        .call_any(true, |mut c| {
+                            let k = k.clone();
+                            async move { c.get(k, None).await }
+                        })
+                        .await?;
                     let Some(current) = resp.kvs().first() else {
                         return Err(StoreError::Conflict(key));
                     };
@@ -287,7 +402,12 @@ impl StreamStore for EtcdStore {
             let txn = Txn::new()
                 .when([compare])
                 .and_then([TxnOp::put(k.as_str(), bytes, None)]);
-            let resp = self.call(kv.txn(txn)).await?;
+            let resp = self
+                .call_any(false, |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
             if !resp.succeeded() {
                 return Err(match expect {
                     Expect::Absent => StoreError::AlreadyExists(key),
@@ -303,8 +423,12 @@ impl StreamStore for EtcdStore {
     fn delete(&self, key: &StreamKey) -> Result<Option<Written>, StoreError> {
         let k = self.stream_key(key);
         self.block_on(async {
-            let mut kv = self.client.kv_client();
-            let resp = self.call(kv.delete(k.as_str(), None)).await?;
+            let resp = self
+                .call_any(false, |mut c| {
+                    let k = k.clone();
+                    async move { c.delete(k, None).await }
+                })
+                .await?;
             Ok((resp.deleted() > 0).then(|| Written {
                 revision: resp.header().map(|h| h.revision().max(0) as u64),
             }))
@@ -374,6 +498,10 @@ impl ClusterStatus {
             }
             s.connected = true;
             s.revision = s.revision.max(revision);
+            let m = crate::metrics::metrics();
+            m.store_connected.set(1);
+            m.store_revision.set(s.revision as i64);
+            m.store_view_stale_seconds.set(0.0);
             s.last_sync = Some(Instant::now());
             s.last_sync_time = now;
             s.error = None;
@@ -383,10 +511,14 @@ impl ClusterStatus {
     fn lost(&self, error: &str) {
         self.with(|s| {
             if s.connected {
-                tracing::warn!(error, "cluster store unreachable; resolving from the last view");
+                tracing::warn!(
+                    error,
+                    "cluster store unreachable; resolving from the last view"
+                );
             }
             s.connected = false;
             s.error = Some(error.to_string());
+            crate::metrics::metrics().store_connected.set(0);
         });
     }
 
@@ -394,6 +526,9 @@ impl ClusterStatus {
         self.with(|s| {
             s.leader = leader;
             s.leader_name = name;
+            crate::metrics::metrics()
+                .importer_leader
+                .set(i64::from(leader));
         });
     }
 
@@ -520,8 +655,8 @@ pub async fn feed(
                     view.replace_all(streams, revision);
                     status.synced(revision);
                     let (dir, v) = (state_dir.clone(), view.clone());
-                    let _ = tokio::task::spawn_blocking(move || save_view(&dir, &v, revision))
-                        .await;
+                    let _ =
+                        tokio::task::spawn_blocking(move || save_view(&dir, &v, revision)).await;
                     revision
                 }
                 Err(e) => {
@@ -535,7 +670,24 @@ pub async fn feed(
                 }
             },
         };
-        match watch_from(&store, &view, &status, &state_dir, revision, &mut stop).await {
+        let mut unsaved = None;
+        let ended = watch_from(
+            &store,
+            &view,
+            &status,
+            &state_dir,
+            revision,
+            &mut unsaved,
+            &mut stop,
+        )
+        .await;
+        // What the watch applied but has not saved yet is saved now, so that a restart while
+        // etcd is away starts from it.
+        if let Some(reached) = unsaved {
+            let (dir, v) = (state_dir.clone(), view.clone());
+            let _ = tokio::task::spawn_blocking(move || save_view(&dir, &v, reached)).await;
+        }
+        match ended {
             Ok(()) => return,
             Err(why) => {
                 tracing::info!(why, "cluster store watch ended; listing again");
@@ -552,15 +704,17 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Applies watch events after `revision` until the watch breaks (`Err` says why) or `stop`.
+/// `unsaved` is the revision reached when changes were applied but not yet saved.
 async fn watch_from(
     store: &EtcdStore,
     view: &View,
     status: &ClusterStatus,
     state_dir: &Path,
     revision: u64,
+    unsaved: &mut Option<u64>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
-    let mut client = store.client.clone();
+    let mut client = store.client();
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision as i64 + 1);
@@ -578,24 +732,18 @@ async fn watch_from(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut reached = revision;
-    let mut dirty = false;
     let mut last_save = Instant::now();
     loop {
         tokio::select! {
-            _ = stopped(stop) => {
-                if dirty {
-                    save_view(state_dir, view, reached);
-                }
-                return Ok(());
-            }
+            _ = stopped(stop) => return Ok(()),
             _ = tick.tick() => {
                 if last_heard.elapsed() > WATCH_SILENCE {
                     return Err(format!("watch silent for {}s", last_heard.elapsed().as_secs()));
                 }
-                if dirty && last_save.elapsed() >= Duration::from_secs(1) {
+                if let Some(at) = unsaved.filter(|_| last_save.elapsed() >= Duration::from_secs(1)) {
                     let (dir, v) = (state_dir.to_path_buf(), view.clone());
-                    let _ = tokio::task::spawn_blocking(move || save_view(&dir, &v, reached)).await;
-                    dirty = false;
+                    let _ = tokio::task::spawn_blocking(move || save_view(&dir, &v, at)).await;
+                    *unsaved = None;
                     last_save = Instant::now();
                 }
                 if let Err(e) = stream.request_progress().await {
@@ -627,10 +775,13 @@ async fn watch_from(
                         },
                         EventType::Delete => view.apply_at(&key, None, Some(at)),
                     }
-                    dirty = true;
+                    *unsaved = Some(reached);
                 }
                 if let Some(h) = resp.header() {
                     reached = reached.max(h.revision().max(0) as u64);
+                }
+                if unsaved.is_some() {
+                    *unsaved = Some(reached);
                 }
                 status.synced(reached);
             }
@@ -678,8 +829,13 @@ async fn campaign(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), StoreError> {
     let ttl = store.settings.lease_ttl_secs.max(1);
-    let mut client = store.client.clone();
-    let lease = store.call(client.lease_grant(ttl as i64, None)).await?.id();
+    let lease = store
+        .call_any(true, |mut c| async move {
+            c.lease_grant(ttl as i64, None).await
+        })
+        .await?
+        .id();
+    let mut client = store.client();
     let (mut keeper, mut acks) = store.call(client.lease_keep_alive(lease)).await?;
     let key = store.leader_key();
     let me = format!("{} (pid {})", store.settings.node_name, std::process::id());
@@ -695,7 +851,12 @@ async fn campaign(
                         Some(PutOptions::new().with_lease(lease)),
                     )])
                     .or_else([TxnOp::get(key.as_str(), None)]);
-                let resp = store.call(client.txn(txn)).await?;
+                let resp = store
+                    .call_any(false, |mut c| {
+                        let txn = txn.clone();
+                        async move { c.txn(txn).await }
+                    })
+                    .await?;
                 if resp.succeeded() {
                     tracing::info!(node = %me, ttl, "this node now runs the cluster's scheduled imports");
                     leader.send_replace(true);
@@ -748,7 +909,9 @@ async fn campaign(
     .await;
     if result.is_ok() && *leader.borrow() {
         // Shutting down: hand the job over now rather than after the TTL.
-        let _ = store.call(client.lease_revoke(lease)).await;
+        let _ = store
+            .call_any(true, |mut c| async move { c.lease_revoke(lease).await })
+            .await;
         leader.send_replace(false);
     }
     result
@@ -783,7 +946,10 @@ mod tests {
     fn saved_view_round_trips() {
         let dir = tempfile::tempdir().expect("tempdir");
         let view = View::default();
-        view.apply(&StreamKey::new("a", "b"), Some(Stream::new(&StreamKey::new("a", "b"), true)));
+        view.apply(
+            &StreamKey::new("a", "b"),
+            Some(Stream::new(&StreamKey::new("a", "b"), true)),
+        );
         save_view(dir.path(), &view, 42);
         let (streams, revision) = load_saved_view(dir.path()).expect("saved");
         assert_eq!(revision, 42);

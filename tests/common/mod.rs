@@ -23,6 +23,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod etcd;
 pub mod mirror;
 pub mod origin;
 
