@@ -52,8 +52,18 @@ fn main() {
         })
         .collect();
     nodes[0].cli_ok(&["stream", "create", "team-a/app"]);
-    nodes[0].cli_ok(&["tag", "set", "team-a/app:prod", &registry.image_ref("app:v1")]);
-    nodes[0].cli_ok(&["tag", "set", "team-a/app:prod", &registry.image_ref("app:v2")]);
+    nodes[0].cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v1"),
+    ]);
+    nodes[0].cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v2"),
+    ]);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -79,11 +89,22 @@ fn main() {
                 .into_inner();
             watches.push(stream);
         }
+        // Each watch in its own task, stamping every event as it arrives.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64, Instant)>();
+        for (i, mut w) in watches.into_iter().enumerate() {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(e)) = w.message().await {
+                    let _ = tx.send((i, e.generation, Instant::now()));
+                }
+            });
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
+        while rx.try_recv().is_ok() {}
         let mut per_node = vec![Vec::with_capacity(rounds); nodes.len()];
         for round in 0..rounds + 10 {
             let start = Instant::now();
-            admin
+            let tag = admin
                 .rollback_tag(pb::RollbackTagRequest {
                     namespace: "team-a".into(),
                     name: "app".into(),
@@ -91,34 +112,40 @@ fn main() {
                     ..Default::default()
                 })
                 .await
-                .expect("rollback");
-            let waits = watches.iter_mut().map(|w| async move {
-                let e = tokio::time::timeout(Duration::from_secs(10), w.message())
+                .expect("rollback")
+                .into_inner();
+            let generation = tag.generations.first().map_or(0, |g| g.generation);
+            let mut seen = vec![None; nodes.len()];
+            while seen.iter().any(Option::is_none) {
+                let (i, g, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
                     .await
-                    .expect("event within 10 s")
-                    .expect("watch")
-                    .expect("event");
-                (e, start.elapsed())
-            });
-            let got = futures_util::future::join_all(waits).await;
+                    .expect("every node's event within 10 s")
+                    .expect("watch tasks alive");
+                if g == generation {
+                    seen[i] = Some(at.duration_since(start));
+                }
+            }
             if round >= 10 {
-                for (i, (_, took)) in got.into_iter().enumerate() {
-                    per_node[i].push(took);
+                for (i, took) in seen.into_iter().enumerate() {
+                    per_node[i].push(took.unwrap_or_default());
                 }
             }
         }
         per_node
     });
 
-    println!("tag move through node 1 -> event on each node's Watch ({rounds} rounds, after 10 warm-up)");
     println!(
-        "{:<8} {:>10} {:>10} {:>10}",
-        "node", "p50", "p99", "max"
+        "tag move through node 1 -> event on each node's Watch ({rounds} rounds, after 10 warm-up)"
     );
+    println!("{:<8} {:>10} {:>10} {:>10}", "node", "p50", "p99", "max");
     let mut p50s = Vec::new();
     for (i, mut d) in results.into_iter().enumerate() {
         d.sort();
-        let (p50, p99, max) = (percentile(&d, 0.5), percentile(&d, 0.99), percentile(&d, 1.0));
+        let (p50, p99, max) = (
+            percentile(&d, 0.5),
+            percentile(&d, 0.99),
+            percentile(&d, 1.0),
+        );
         p50s.push(p50);
         println!(
             "{:<8} {:>10.2?} {:>10.2?} {:>10.2?}{}",
@@ -134,7 +161,11 @@ fn main() {
             "node{} p50 / writer p50: {:.2}  (target: every node within 1 s: {})",
             i + 1,
             p.as_secs_f64() / p50s[0].as_secs_f64().max(1e-9),
-            if *p <= Duration::from_secs(1) { "met" } else { "NOT met" }
+            if *p <= Duration::from_secs(1) {
+                "met"
+            } else {
+                "NOT met"
+            }
         );
     }
     drop(nodes);

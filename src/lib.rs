@@ -11,7 +11,8 @@
 //! - [`config`]: embedded defaults (documented constants), the TOML file, flag overrides.
 //! - [`stream`]: the model (streams, tags, generations), name and reference grammar,
 //!   resolution ([`stream::resolve`]) and the service that changes streams.
-//! - [`store`]: persistence behind the narrow [`store::StreamStore`] trait (redb by default).
+//! - [`store`]: persistence behind the narrow [`store::StreamStore`] trait: redb by default, or
+//!   etcd for a whole cluster (its watch feeds the view; it elects the node that imports).
 //! - [`registry`]: pins a source reference to a verified manifest digest and fetches manifests
 //!   and blob streams (oci-client); digests and registry credentials.
 //! - [`cache`]: the node's layer cache: the verified content store, pull-through fills shared
