@@ -8,7 +8,10 @@
 //! - etcd stopped: every node still resolves and pulls, writes fail with a clear error, a node
 //!   restarted meanwhile starts from its saved view; etcd back: nodes catch up;
 //! - a three-member etcd cluster losing a member changes nothing for the nodes, and a node cut
-//!   off (its only member down) catches up once the member is back.
+//!   off (its only member down) catches up once the member is back;
+//! - TLS: a node with a client certificate reaches an etcd that requires one, a node without
+//!   is refused and says so;
+//! - a watch that must start from a compacted revision lists again.
 
 mod common;
 
@@ -439,4 +442,116 @@ fn a_three_member_etcd_loses_members_and_a_cut_off_node_catches_up() {
     let h = history(&n3);
     assert_eq!(h.len(), 3, "{h:?}");
     assert_dense(&h);
+}
+
+#[test]
+fn nodes_reach_a_tls_etcd_with_a_client_certificate_and_not_without() {
+    let etcd = Etcd::start_tls();
+    let tls = etcd.tls.clone().expect("TLS files");
+    let url = etcd.members[0].client_url.clone();
+    assert!(url.starts_with("https://"));
+    let config = |with_cert: bool| {
+        let mut c = format!(
+            "store = \"etcd\"\netcd_endpoints = [{url:?}]\netcd_ca_file = {:?}\nprefetch = false\n",
+            tls.ca.display().to_string()
+        );
+        if with_cert {
+            c.push_str(&format!(
+                "etcd_cert_file = {:?}\netcd_key_file = {:?}\n",
+                tls.client_cert.display().to_string(),
+                tls.client_key.display().to_string()
+            ));
+        }
+        c
+    };
+    let good = Daemon::start_with_config("unix:///nonexistent.sock", &[], &[], &config(true));
+    good.cli_ok(&["stream", "create", "team-a/app"]);
+    let s = status(&good);
+    assert_eq!(s["connected"], true, "{s}");
+    let keys = etcd.etcdctl(&["get", "--prefix", "--keys-only", "/imagestream/streams/"]);
+    assert!(keys.contains("/imagestream/streams/team-a/app"), "{keys}");
+
+    // Without a client certificate etcd refuses the node: writes fail, the node says why.
+    let bad = Daemon::start_with_config("unix:///nonexistent.sock", &[], &[], &config(false));
+    let out = bad.cli(&["stream", "create", "team-a/other"]);
+    assert!(
+        !out.status.success(),
+        "etcd must refuse a node without a client certificate"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&url), "the error names the endpoint: {err}");
+    assert_eq!(status(&bad)["connected"], false);
+}
+
+#[test]
+fn a_watch_from_a_compacted_revision_lists_again() {
+    use imagestream::store::etcd::{feed, ClusterStatus, EtcdSettings, EtcdStore};
+    use imagestream::store::{Expect, StreamStore};
+    use imagestream::stream::model::{Stream, StreamKey};
+    use imagestream::stream::resolve::View;
+    use std::sync::Arc;
+
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let store = Arc::new(
+            EtcdStore::connect(EtcdSettings {
+                endpoints: vec![etcd.members[0].client_url.clone()],
+                prefix: "/imagestream/".into(),
+                ca_file: None,
+                cert_file: None,
+                key_file: None,
+                lease_ttl_secs: 3,
+                node_name: "test".into(),
+            })
+            .await
+            .expect("client"),
+        );
+        let mut last = 0;
+        for name in ["a", "b", "c"] {
+            let s = store.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                s.put(
+                    &Stream::new(&StreamKey::new("team-a", name), false),
+                    Expect::Absent,
+                )
+            })
+            .await
+            .expect("join")
+            .expect("put");
+            last = written.revision.expect("etcd revision");
+        }
+        // Everything up to the last write is compacted: a watch from revision 2 cannot start.
+        etcd.etcdctl(&["compact", &last.to_string()]);
+        let view = View::default();
+        let status = Arc::new(ClusterStatus::new(store.endpoints()));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(feed(
+            store.clone(),
+            view.clone(),
+            status.clone(),
+            dir.path().to_path_buf(),
+            Some(1),
+            stop_rx,
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while view.load().streams().count() < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "the feed did not list again after the compaction: {:?}",
+                status.report()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(status.report().revision >= last);
+        let _ = stop_tx.send(true);
+        let _ = task.await;
+    });
+    assert!(
+        dir.path()
+            .join(imagestream::store::etcd::VIEW_CACHE_FILE)
+            .exists(),
+        "the listed view is saved"
+    );
 }

@@ -23,7 +23,105 @@ pub struct Member {
 pub struct Etcd {
     pub members: Vec<Member>,
     initial_cluster: String,
+    /// With [`Etcd::start_tls`]: the CA, the client certificate and key the members require.
+    pub tls: Option<TlsFiles>,
     _tmp: TempDir,
+}
+
+/// Certificates made with `openssl` for a TLS etcd: a CA, a server certificate for 127.0.0.1,
+/// and a client certificate signed by the CA.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn make_certs(dir: &std::path::Path) -> TlsFiles {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=imagestream-test-ca",
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .expect("write server.ext");
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")
+        .expect("write client.ext");
+    for (name, cn) in [("server", "127.0.0.1"), ("client", "imagestream-node")] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &format!("{name}.crt"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    }
+    TlsFiles {
+        ca: dir.join("ca.crt"),
+        server_cert: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.crt"),
+        client_key: dir.join("client.key"),
+    }
 }
 
 impl Etcd {
@@ -34,13 +132,26 @@ impl Etcd {
 
     /// `n` members forming one cluster; waits until every member reports healthy.
     pub fn start_cluster(n: usize) -> Etcd {
+        Self::start_inner(n, false)
+    }
+
+    /// One member that serves clients over TLS only and requires a client certificate signed
+    /// by its CA ([`Etcd::tls`]).
+    pub fn start_tls() -> Etcd {
+        Self::start_inner(1, true)
+    }
+
+    fn start_inner(n: usize, tls: bool) -> Etcd {
         require_binary("etcd", "etcd-server");
+        require_binary("openssl", "openssl");
         let tmp = harness_tempdir("isetcd-");
+        let tls = tls.then(|| make_certs(tmp.path()));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let members: Vec<Member> = (0..n)
             .map(|i| {
                 let name = format!("m{i}");
                 Member {
-                    client_url: format!("http://127.0.0.1:{}", free_port()),
+                    client_url: format!("{scheme}://127.0.0.1:{}", free_port()),
                     peer_url: format!("http://127.0.0.1:{}", free_port()),
                     data_dir: tmp.path().join(format!("{name}.data")),
                     log: tmp.path().join(format!("{name}.log")),
@@ -57,6 +168,7 @@ impl Etcd {
         let mut etcd = Etcd {
             members,
             initial_cluster,
+            tls,
             _tmp: tmp,
         };
         for i in 0..n {
@@ -70,10 +182,21 @@ impl Etcd {
 
     fn spawn(&mut self, i: usize) {
         let initial_cluster = self.initial_cluster.clone();
+        let tls = self.tls.clone();
         let m = &mut self.members[i];
         assert!(m.child.is_none(), "etcd member {} already running", m.name);
         let (out, err) = log_file(&m.log);
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
@@ -101,6 +224,21 @@ impl Etcd {
             .client_url
             .trim_start_matches("http://")
             .to_string();
+        let tls = self.tls.clone();
+        let url = self.members[i].client_url.clone();
+        let healthy = move || match &tls {
+            None => http_get_status(&addr, "/health") == Some(200),
+            Some(t) => Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={url}"))
+                .arg(format!("--cacert={}", t.ca.display()))
+                .arg(format!("--cert={}", t.client_cert.display()))
+                .arg(format!("--key={}", t.client_key.display()))
+                .args(["endpoint", "health"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false),
+        };
         loop {
             if let Some(Ok(Some(status))) = self.members[i].child.as_mut().map(|c| c.try_wait()) {
                 panic!(
@@ -109,7 +247,7 @@ impl Etcd {
                     file_tail(&self.members[i].log, 4000)
                 );
             }
-            if http_get_status(&addr, "/health") == Some(200) {
+            if healthy() {
                 return;
             }
             if Instant::now() > deadline {
@@ -166,9 +304,15 @@ impl Etcd {
 
     /// Runs `etcdctl` against every member (for assertions on the stored keys).
     pub fn etcdctl(&self, args: &[&str]) -> String {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoints()))
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints()));
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cacert={}", t.ca.display()))
+                .arg(format!("--cert={}", t.client_cert.display()))
+                .arg(format!("--key={}", t.client_key.display()));
+        }
+        let out = cmd
             .args(args)
             .output()
             .expect("run etcdctl (Debian etcd-client)");
