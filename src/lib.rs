@@ -14,7 +14,8 @@
 //! - [`store`]: persistence behind the narrow [`store::StreamStore`] trait: redb by default, or
 //!   etcd for a whole cluster (its watch feeds the view; it elects the node that imports).
 //! - [`registry`]: pins a source reference to a verified manifest digest and fetches manifests
-//!   and blob streams (oci-client); digests and registry credentials.
+//!   and blob streams (reqwest with capped reads and deadlines; oci-client for the token
+//!   handshake); digests and registry credentials.
 //! - [`cache`]: the node's layer cache: the verified content store, pull-through fills shared
 //!   by concurrent clients, pins, LRU eviction, scrub and prefetch.
 //! - [`mirror`]: the registry mirror (OCI distribution pull API over HTTP, `/metrics`) and

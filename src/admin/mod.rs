@@ -54,7 +54,9 @@ impl From<StreamError> for Status {
                 RegistryError::Unreachable { .. } => {
                     crate::audit::status(tonic::Code::Unavailable, message)
                 }
-                RegistryError::DigestMismatch { .. } | RegistryError::TooLarge { .. } => {
+                RegistryError::DigestMismatch { .. }
+                | RegistryError::TooLarge { .. }
+                | RegistryError::InvalidManifest { .. } => {
                     crate::audit::status(tonic::Code::FailedPrecondition, message)
                 }
                 RegistryError::Other { .. } => crate::audit::status(tonic::Code::Unknown, message),

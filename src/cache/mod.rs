@@ -43,8 +43,15 @@ pub const READ_CHUNK_BYTES: usize = 512 << 10;
 pub const RESPONSE_QUEUE: usize = 4;
 /// Largest manifest kept or served.
 pub const MAX_MANIFEST_BYTES: u64 = crate::registry::MAX_MANIFEST_BYTES as u64;
-/// Tag → digest answers remembered for when the upstream is unreachable.
+/// Tag → digest answers remembered for when the upstream is unreachable or misbehaves.
 pub const MAX_REMEMBERED_TAGS: usize = 10_000;
+/// Manifests (an index and the manifests under it) walked for one image at most: a hostile
+/// index may list the same child many times over, or nest deeply.
+pub const MAX_MANIFESTS_PER_IMAGE: usize = 256;
+/// A blob sent without `Content-Length` is cut off (nothing cached) once it is larger than the
+/// cache limit or this, whichever is larger; a body longer than its `Content-Length` is cut off
+/// at once.
+pub const MIN_UNSIZED_BLOB_LIMIT: u64 = 64 << 20;
 
 #[derive(Debug, Error)]
 pub enum CacheError {
@@ -68,6 +75,9 @@ pub enum CacheError {
     NotCached { digest: Digest },
     #[error("fetching {digest} failed: {message}")]
     FillFailed { digest: Digest, message: String },
+    /// The upstream sent a body without a length, and more bytes than the cache may hold.
+    #[error("blob {digest} (sent without a length) is over {limit} bytes; nothing was cached")]
+    BlobTooLarge { digest: Digest, limit: u64 },
     /// A shared download failed; every client that joined it gets its cause.
     #[error("fetching {digest} failed: {cause}")]
     Fill {
@@ -89,6 +99,7 @@ impl CacheError {
             self,
             CacheError::DigestMismatch { .. }
                 | CacheError::SizeMismatch { .. }
+                | CacheError::BlobTooLarge { .. }
                 | CacheError::Upstream(RegistryError::DigestMismatch { .. })
         ) || matches!(self, CacheError::Fill { cause, .. } if cause.is_mismatch())
     }
@@ -415,6 +426,9 @@ impl Cache {
             .fetch_blob(&origin.host, &origin.repository, digest)
             .await?;
         let size = upstream.content_length;
+        // A body without a length may be endless: it may not outgrow the cache (the limit is
+        // otherwise soft: pinned blobs may exceed it).
+        let limit = self.settings.max_bytes.max(MIN_UNSIZED_BLOB_LIMIT);
         fill.state
             .send_replace(FillState::Running { written: 0, size });
         let mut buf = BytesMut::with_capacity(CHUNK_BYTES);
@@ -430,6 +444,12 @@ impl Cache {
             match upstream.stream.next().await {
                 Some(Ok(chunk)) => {
                     buf.extend_from_slice(&chunk);
+                    if size.is_none() && ingest.written() + buf.len() as u64 > limit {
+                        return Err(CacheError::BlobTooLarge {
+                            digest: digest.clone(),
+                            limit,
+                        });
+                    }
                     if let Some(expected) = size {
                         let got = ingest.written() + buf.len() as u64;
                         if got > expected {
@@ -451,7 +471,8 @@ impl Cache {
                     }
                 }
                 Some(Err(e)) => {
-                    // A verifying stream reports a bad digest only at the end: say so plainly.
+                    // A body cut short (or an idle one timed out). Should every byte have
+                    // arrived anyway, a bad digest is the plainer report.
                     ingest = flush(ingest, buf.split().freeze()).await?;
                     if size == Some(ingest.written()) {
                         let computed = ingest.digest_so_far();
@@ -464,7 +485,13 @@ impl Cache {
                     }
                     return Err(CacheError::FillFailed {
                         digest: digest.clone(),
-                        message: format!("reading from {}: {e}", origin.host),
+                        message: format!(
+                            "reading from {} after {} of {} bytes: {}",
+                            origin.host,
+                            ingest.written(),
+                            size.map_or("?".to_string(), |s| s.to_string()),
+                            crate::audit::error_chain(&e)
+                        ),
                     });
                 }
                 None => break,
@@ -515,10 +542,9 @@ impl Cache {
                 self.remember_tag(key, &m.digest);
                 Ok(m)
             }
-            Err(CacheError::Upstream(RegistryError::Unreachable {
-                reference: r,
-                message,
-            })) => {
+            // The upstream is down or misbehaves (5xx, timeouts, bad bytes): the last
+            // verified answer for the tag stands in for it.
+            Err(CacheError::Upstream(e)) if e.is_upstream_fault() => {
                 let known = self
                     .tags
                     .lock()
@@ -527,7 +553,7 @@ impl Cache {
                     .cloned();
                 if let Some(digest) = known {
                     if let Some(bytes) = self.read_manifest(&digest).await? {
-                        tracing::warn!(tag = %key, %digest, "upstream unreachable; serving the last known digest of the tag");
+                        tracing::warn!(tag = %key, %digest, error = %e, "upstream failed; serving the last known digest of the tag");
                         return Ok(Manifest {
                             media_type: crate::registry::manifest_media_type(&bytes),
                             bytes: bytes.into(),
@@ -536,10 +562,7 @@ impl Cache {
                         });
                     }
                 }
-                Err(CacheError::Upstream(RegistryError::Unreachable {
-                    reference: r,
-                    message,
-                }))
+                Err(CacheError::Upstream(e))
             }
             Err(e) => Err(e),
         }
@@ -750,7 +773,19 @@ impl Cache {
         };
         let mut bytes = 0u64;
         let mut queue = vec![digest.clone()];
+        let mut seen: HashSet<Digest> = HashSet::new();
+        let mut walked = 0usize;
         while let Some(d) = queue.pop() {
+            if !seen.insert(d.clone()) {
+                continue;
+            }
+            walked += 1;
+            if walked > MAX_MANIFESTS_PER_IMAGE {
+                return Err(CacheError::BadManifest {
+                    reference: format!("{}/{}@{}", origin.host, origin.repository, digest),
+                    message: format!("more than {MAX_MANIFESTS_PER_IMAGE} manifests under it"),
+                });
+            }
             let m = self.manifest(Some(&origin), d.as_str()).await?;
             bytes += m.bytes.len() as u64;
             let children =
@@ -762,7 +797,9 @@ impl Cache {
                 queue.push(child);
             }
             for blob in children.blobs {
-                bytes += self.ensure(&blob, &origin).await?;
+                if seen.insert(blob.clone()) {
+                    bytes += self.ensure(&blob, &origin).await?;
+                }
             }
         }
         Ok(bytes)

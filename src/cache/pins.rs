@@ -65,7 +65,14 @@ pub fn roots(snapshot: &Snapshot, history: usize) -> Vec<Root> {
 /// index and this platform's manifest), the config and every layer.
 pub fn holds(store: &ContentStore, digest: &Digest) -> bool {
     let mut queue = vec![digest.clone()];
+    let mut seen: HashSet<Digest> = HashSet::new();
     while let Some(d) = queue.pop() {
+        if !seen.insert(d.clone()) {
+            continue;
+        }
+        if seen.len() > super::MAX_MANIFESTS_PER_IMAGE {
+            return false;
+        }
         let Ok(Some(bytes)) = store.read_small(&d, super::MAX_MANIFEST_BYTES) else {
             return false;
         };

@@ -7,7 +7,9 @@
 //! - `HEAD`/`GET /v2/<name>/manifests/<tag-or-digest>`: by digest from the cache (pulled through
 //!   on a miss); by tag always from the upstream, verified against the digest it claims.
 //! - `HEAD`/`GET /v2/<name>/blobs/<digest>`: from the cache or pulled through while streaming,
-//!   with single `Range` requests (206) on cached blobs.
+//!   with single `Range` requests (206) on cached blobs. A blob the upstream sends without a
+//!   length is downloaded and verified before the response starts, so every streamed response
+//!   has a `Content-Length` and a cut-short body is always visible as such.
 //! - Anything that writes is refused (`405 UNSUPPORTED`).
 
 pub mod hosts_toml;
@@ -448,8 +450,11 @@ impl Mirror {
             .map_err(|_| MirrorError::DigestInvalid(digest.chars().take(200).collect()))?;
         let origin = self.origin(name, query)?;
         let mut blob = self.cache.blob(&digest, origin.as_ref()).await?;
-        if range.is_some() && !blob.from_cache {
-            // Ranges are served from complete blobs: finish the download first.
+        if (range.is_some() || blob.size.is_none()) && !blob.from_cache {
+            // Ranges are served from complete blobs, and so is a blob the upstream sent without
+            // a length: a body without Content-Length ends with the connection for an HTTP/1.0
+            // client, which could not tell a download cut short for a bad digest from the end.
+            // Finish the download first.
             if let Some(o) = origin.as_ref() {
                 self.cache.ensure(&digest, o).await?;
             }

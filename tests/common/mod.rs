@@ -14,6 +14,8 @@
 //! - For the layer cache and mirror: the registry's access log ([`Registry::blob_gets`]),
 //!   [`push_image_with_random_layers`], a fault-injecting origin ([`origin`]), and the content
 //!   store, `/metrics`, raw HTTP and CRI pull/remove helpers ([`mirror`]).
+//! - Fake, fault-injecting registries that answer however a test wants, and an htpasswd
+//!   docker-registry ([`hostile`]).
 //!
 //! Everything is torn down on `Drop`: processes (containerd, its shims and their containers) are
 //! killed, mounts under the bed dir are lazily unmounted deepest first, shim sockets are removed and
@@ -24,6 +26,7 @@
 
 pub mod daemon;
 pub mod etcd;
+pub mod hostile;
 pub mod mirror;
 pub mod origin;
 

@@ -2,8 +2,9 @@
 //! real [`super::Registry`]. Every request is forwarded (one upstream connection per request,
 //! HTTP/1.0 so the body is never chunked); depending on the [`FaultMode`] blob bodies pass
 //! through, come back with flipped bytes (same length, same headers, so the registry's
-//! `Docker-Content-Digest` now lies), or trickle at a fixed rate. Requests are recorded per
-//! path. A real registry cannot be made to do any of this.
+//! `Docker-Content-Digest` now lies), trickle at a fixed rate, or are redirected (307) to
+//! another server. Requests are recorded per path, with whether they carried `Authorization`.
+//! A real registry cannot be made to do any of this.
 //!
 //! Bounded: connection threads wait at most 60 s for a next request, every upstream read and
 //! client write has a timeout, and everything stops soon after the proxy is dropped.
@@ -27,6 +28,9 @@ pub enum FaultMode {
     CorruptAllBlobs,
     /// Send blob bodies at this many bytes per second.
     ThrottleBlobs(u64),
+    /// Answer every blob GET with `307 Temporary Redirect` to `<base>/v2/<name>/blobs/<digest>`
+    /// (`base`: `http://HOST:PORT`, e.g. another loopback port), without asking the registry.
+    RedirectBlobs(String),
 }
 
 /// One request the origin answered.
@@ -45,6 +49,8 @@ pub struct OriginRequest {
     pub corrupted: bool,
     /// The client's User-Agent header.
     pub user_agent: String,
+    /// Whether the request carried an `Authorization` header.
+    pub authorization: bool,
 }
 
 struct Shared {
@@ -280,6 +286,7 @@ fn serve_connection(client: TcpStream, shared: &Shared) {
             complete: outcome.complete,
             corrupted: outcome.corrupted,
             user_agent: header(&headers, "user-agent").unwrap_or("").to_string(),
+            authorization: header(&headers, "authorization").is_some(),
         });
         if client_close || !outcome.keep_alive {
             return;
@@ -312,6 +319,19 @@ fn forward(
         corrupted: false,
         keep_alive: false,
     };
+    if let FaultMode::RedirectBlobs(base) = mode {
+        if method == "GET" && super::blob_digest_of_path(target).is_some() {
+            let path = target.split('?').next().unwrap_or(target);
+            let _ = write!(
+                client,
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: {base}{path}\r\nContent-Length: 0\r\n\r\n"
+            );
+            outcome.status = 307;
+            outcome.complete = true;
+            outcome.keep_alive = true;
+            return outcome;
+        }
+    }
     let upstream = shared.upstream.parse::<SocketAddr>().ok().and_then(|a| {
         let s = TcpStream::connect_timeout(&a, Duration::from_secs(5)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
