@@ -108,6 +108,9 @@ pub struct FileConfig {
     pub etcd_key_file: Option<PathBuf>,
     pub etcd_lease_ttl_secs: Option<u64>,
     pub node_name: Option<String>,
+    pub private_images: Option<bool>,
+    pub private_images_ttl_secs: Option<u64>,
+    pub private_images_offline: Option<crate::cri::private::OfflinePolicy>,
 }
 
 /// Flags of `imagestream serve` that override the file.
@@ -192,6 +195,12 @@ pub struct Config {
     pub etcd_lease_ttl_secs: u64,
     /// This node's name in the cluster (the importer election) [default: the host name].
     pub node_name: String,
+    /// Keep private images to pods whose pull credentials the registry accepts.
+    pub private_images: bool,
+    /// How long a verification of pull credentials (and a repository's privacy) is remembered.
+    pub private_images_ttl_secs: u64,
+    /// Private image, registry unreachable: `verified-before`, `deny` or `allow`.
+    pub private_images_offline: crate::cri::private::OfflinePolicy,
 }
 
 impl Default for Config {
@@ -231,6 +240,9 @@ impl Default for Config {
             etcd_key_file: None,
             etcd_lease_ttl_secs: DEFAULT_ETCD_LEASE_TTL_SECS,
             node_name: host_name(),
+            private_images: true,
+            private_images_ttl_secs: crate::cri::private::DEFAULT_TTL_SECS,
+            private_images_offline: crate::cri::private::OfflinePolicy::VerifiedBefore,
         }
     }
 }
@@ -290,6 +302,9 @@ impl Config {
             etcd_key_file,
             etcd_lease_ttl_secs,
             node_name,
+            private_images,
+            private_images_ttl_secs,
+            private_images_offline,
         } = f;
         set(&mut self.state_dir, state_dir);
         set(&mut self.cri_socket, cri_socket);
@@ -328,6 +343,9 @@ impl Config {
         self.etcd_key_file = etcd_key_file.or(self.etcd_key_file.take());
         set(&mut self.etcd_lease_ttl_secs, etcd_lease_ttl_secs);
         set(&mut self.node_name, node_name);
+        set(&mut self.private_images, private_images);
+        set(&mut self.private_images_ttl_secs, private_images_ttl_secs);
+        set(&mut self.private_images_offline, private_images_offline);
     }
 
     fn apply_overrides(&mut self, o: Overrides) {

@@ -7,6 +7,7 @@ use crate::admin::{AdminApi, AdminServer};
 use crate::cache::{Cache, CacheError, CacheSettings};
 use crate::config::Config;
 use crate::config::StoreKind;
+use crate::cri::private::{PrivateGate, PrivateSettings};
 use crate::cri::{CriProxy, Upstream};
 use crate::mirror::{Mirror, Upstreams};
 use crate::registry::auth::Credentials;
@@ -206,6 +207,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         streams.view(),
         config.stream_host.clone(),
         policy,
+        config.private_images.then(|| {
+            Arc::new(PrivateGate::new(PrivateSettings {
+                enabled: true,
+                ttl: std::time::Duration::from_secs(config.private_images_ttl_secs),
+                offline: config.private_images_offline,
+                insecure_registries: plain_http.clone(),
+            }))
+        }),
         stopped(stop_rx.clone()),
         grace,
     )
@@ -358,6 +367,7 @@ fn spawn_cri_thread(
     view: crate::stream::resolve::View,
     stream_host: String,
     policy: crate::cri::policy::PullPolicy,
+    private: Option<Arc<PrivateGate>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: std::time::Duration,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<Result<(), String>>> {
@@ -375,7 +385,11 @@ fn spawn_cri_thread(
                     let listener =
                         tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
                     let upstream = Upstream::new(&runtime_endpoint)?;
-                    let proxy = Arc::new(CriProxy::new(upstream, view, stream_host, policy));
+                    let mut proxy = CriProxy::new(upstream, view, stream_host, policy);
+                    if let Some(gate) = private {
+                        proxy = proxy.with_private_gate(gate);
+                    }
+                    let proxy = Arc::new(proxy);
                     crate::cri::serve(listener, proxy, shutdown, grace).await;
                     Ok(())
                 })

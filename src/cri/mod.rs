@@ -1,6 +1,7 @@
 //! The CRI proxy: serves CRI v1 `RuntimeService` and `ImageService` (and any other gRPC path)
 //! on the CRI socket, forwarding to the real runtime ([`upstream`]) and rewriting stream
-//! references to pinned digests in the four calls that carry them ([`proxy`]). Every call is
+//! references to pinned digests in the four calls that carry them ([`proxy`]), and keeping
+//! private images to the pods that hold their pull secrets ([`private`]). Every call is
 //! counted, by method and gRPC status, with its duration, in the CRI call metrics
 //! ([`proxy::CallBody`], [`crate::metrics`]).
 //!
@@ -8,6 +9,7 @@
 //! in-flight calls for at most the grace period.
 
 pub mod policy;
+pub mod private;
 pub mod proxy;
 pub mod upstream;
 

@@ -134,6 +134,7 @@ pub struct CriProxy {
     view: View,
     stream_host: String,
     policy: PullPolicy,
+    private: Option<Arc<super::private::PrivateGate>>,
 }
 
 impl CriProxy {
@@ -143,7 +144,14 @@ impl CriProxy {
             view,
             stream_host,
             policy,
+            private: None,
         }
+    }
+
+    /// Keeps private images to pods with valid pull credentials (see [`super::private`]).
+    pub fn with_private_gate(mut self, gate: Arc<super::private::PrivateGate>) -> Self {
+        self.private = Some(gate);
+        self
     }
 
     /// Handles one HTTP/2 request from a CRI client. The answer's body records the call in
@@ -292,6 +300,7 @@ impl CriProxy {
         async move {
             let (metadata, _, mut msg) = req.into_parts();
             let namespace = pod_namespace(&msg.sandbox_config);
+            let pod_uid = pod_uid(&msg.sandbox_config);
             let Some(spec) = msg.image.as_mut() else {
                 return self.images().pull_image(Request::from_parts(metadata, Default::default(), msg)).await;
             };
@@ -310,6 +319,26 @@ impl CriProxy {
                         self.stream_host
                     )));
                 }
+                Resolution::Pinned(_) => {}
+            }
+            // A private image needs the pod's credentials, verified, even when the runtime
+            // holds it already.
+            let private = match &self.private {
+                Some(gate) => {
+                    let auth = msg.auth.as_ref().and_then(super::private::PullAuth::from_cri);
+                    gate.check_pull(&spec.image, auth.as_ref()).await?
+                }
+                None => super::private::PullDecision::Public,
+            };
+            let granted = |image_ref: &str| {
+                if let (Some(gate), super::private::PullDecision::Private { repo }) =
+                    (&self.private, &private)
+                {
+                    gate.granted(pod_uid.as_deref(), repo, image_ref);
+                }
+            };
+            match resolution {
+                Resolution::PassThrough | Resolution::NeedsNamespace { .. } => {}
                 Resolution::Pinned(_) => {
                     // The runtime may hold the pinned digest already: answer without a pull.
                     let status = self
@@ -322,13 +351,17 @@ impl CriProxy {
                         .into_inner();
                     if let Some(image) = status.image {
                         tracing::debug!(image_ref = %image.id, "pinned image already present");
+                        granted(&image.id);
                         return Ok(Response::new(PullImageResponse { image_ref: image.id }));
                     }
                 }
             }
-            self.images()
+            let resp = self
+                .images()
                 .pull_image(Request::from_parts(metadata, Default::default(), msg))
-                .await
+                .await?;
+            granted(&resp.get_ref().image_ref);
+            Ok(resp)
         }
         .instrument(span)
         .await
@@ -346,7 +379,16 @@ impl CriProxy {
                 // so "present" would let the kubelet skip PullImage and with it the stream's
                 // access check. PullImage answers at once when the runtime holds the digest.
                 match self.rewrite(spec, None) {
-                    Ok(Resolution::PassThrough) => {}
+                    Ok(Resolution::PassThrough) => {
+                        if self
+                            .private
+                            .as_ref()
+                            .is_some_and(|g| g.hide_status(&spec.image))
+                        {
+                            // Private: the kubelet must pull with the pod's credentials.
+                            return Ok(Response::new(ImageStatusResponse::default()));
+                        }
+                    }
                     Ok(Resolution::Pinned(_) | Resolution::NeedsNamespace { .. }) => {
                         return Ok(Response::new(ImageStatusResponse::default()))
                     }
@@ -417,6 +459,14 @@ impl CriProxy {
                         "image {original:?} is a short name of an image stream and needs the pod's namespace (sandbox_config.metadata.namespace) to resolve"
                     )));
                 }
+                if let Some(gate) = &self.private {
+                    let uid = pod_uid(&msg.sandbox_config);
+                    let named = match self.resolve(&spec.user_specified_image, namespace.as_deref()) {
+                        Ok(Resolution::Pinned(p)) => p.reference,
+                        _ => spec.user_specified_image.clone(),
+                    };
+                    gate.check_create(&[&spec.image, &named], uid.as_deref())?;
+                }
             }
             self.runtime()
                 .create_container(Request::from_parts(metadata, Default::default(), msg))
@@ -425,6 +475,15 @@ impl CriProxy {
         .instrument(span)
         .await
     }
+}
+
+/// The pod's sandbox uid, from the request's sandbox config.
+fn pod_uid(config: &Option<k8s_cri::v1::PodSandboxConfig>) -> Option<String> {
+    config
+        .as_ref()
+        .and_then(|c| c.metadata.as_ref())
+        .map(|m| m.uid.clone())
+        .filter(|u| !u.is_empty())
 }
 
 /// The pod's namespace, from the request's sandbox config.
