@@ -201,20 +201,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.require_pinned,
         config.policy_dry_run,
     );
+    let private = config.private_images.then(|| {
+        Arc::new(PrivateGate::new(PrivateSettings {
+            enabled: true,
+            ttl: std::time::Duration::from_secs(config.private_images_ttl_secs),
+            offline: config.private_images_offline,
+            insecure_registries: plain_http.clone(),
+        }))
+    });
+    let (view, stream_host) = (streams.view(), config.stream_host.clone());
+    let make_proxy = move |upstream| {
+        let proxy = CriProxy::new(upstream, view, stream_host, policy);
+        match private {
+            Some(gate) => proxy.with_private_gate(gate),
+            None => proxy,
+        }
+    };
     let cri_task = spawn_cri_thread(
         cri_listener,
         config.runtime_endpoint.clone(),
-        streams.view(),
-        config.stream_host.clone(),
-        policy,
-        config.private_images.then(|| {
-            Arc::new(PrivateGate::new(PrivateSettings {
-                enabled: true,
-                ttl: std::time::Duration::from_secs(config.private_images_ttl_secs),
-                offline: config.private_images_offline,
-                insecure_registries: plain_http.clone(),
-            }))
-        }),
+        make_proxy,
         stopped(stop_rx.clone()),
         grace,
     )
@@ -360,14 +366,12 @@ async fn scrub_loop(
 /// Runs the CRI proxy on its own thread with a single-threaded runtime. A CRI call is a short
 /// chain of tasks (client connection, request, runtime connection); on one thread they hand
 /// over without cross-thread wake-ups, which dominate the proxy's added latency (see
-/// `benches/image_status.rs`). Returns a receiver that completes when the proxy has drained.
+/// `benches/image_status.rs`). `make_proxy` builds the proxy around the runtime connection
+/// (made on that thread). Returns a receiver that completes when the proxy has drained.
 fn spawn_cri_thread(
     listener: tokio::net::UnixListener,
     runtime_endpoint: String,
-    view: crate::stream::resolve::View,
-    stream_host: String,
-    policy: crate::cri::policy::PullPolicy,
-    private: Option<Arc<PrivateGate>>,
+    make_proxy: impl FnOnce(Upstream) -> CriProxy + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: std::time::Duration,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<Result<(), String>>> {
@@ -385,11 +389,7 @@ fn spawn_cri_thread(
                     let listener =
                         tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
                     let upstream = Upstream::new(&runtime_endpoint)?;
-                    let mut proxy = CriProxy::new(upstream, view, stream_host, policy);
-                    if let Some(gate) = private {
-                        proxy = proxy.with_private_gate(gate);
-                    }
-                    let proxy = Arc::new(proxy);
+                    let proxy = Arc::new(make_proxy(upstream));
                     crate::cri::serve(listener, proxy, shutdown, grace).await;
                     Ok(())
                 })
