@@ -14,6 +14,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::auth::{docker_config_json, HtpasswdRegistry};
 use common::daemon::Daemon;
 use common::hostile::*;
 use common::mirror::{http_fetch, verify_store, HttpResponse};

@@ -4,105 +4,17 @@
 
 mod common;
 
+use common::auth::{docker_config_json, HtpasswdRegistry};
 use common::daemon::Daemon;
 use common::*;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const USER: &str = "puller";
 const PASSWORD: &str = "s3cret-Pa55word";
 
-/// A second docker-registry process on the same storage as `origin`, requiring basic auth.
-struct AuthRegistry {
-    addr: String,
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl AuthRegistry {
-    fn start(origin: &Registry) -> AuthRegistry {
-        require_binary("htpasswd", "apache2-utils");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = Command::new("htpasswd")
-            .args(["-Bbn", USER, PASSWORD])
-            .output()
-            .expect("htpasswd");
-        assert!(out.status.success(), "htpasswd failed");
-        let htpasswd = dir.path().join("htpasswd");
-        std::fs::write(&htpasswd, &out.stdout).expect("write htpasswd");
-        for _ in 0..5 {
-            let addr = format!("127.0.0.1:{}", free_port());
-            let config = dir.path().join("config.yml");
-            std::fs::write(
-                &config,
-                format!(
-                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
-                     storage:\n  filesystem:\n    rootdirectory: {data}\n\
-                     auth:\n  htpasswd:\n    realm: imagestream-test\n    path: {htpasswd}\n\
-                     http:\n  addr: {addr}\n  secret: imagestream-test-secret\n",
-                    data = origin.dir.join("data").display(),
-                    htpasswd = htpasswd.display()
-                ),
-            )
-            .expect("write config");
-            let mut child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn docker-registry");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if http_get_status(&addr, "/v2/") == Some(401) {
-                    return AuthRegistry {
-                        addr,
-                        child,
-                        _dir: dir,
-                    };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("authenticated docker-registry did not come up");
-    }
-}
-
-impl Drop for AuthRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// `docker config.json` with the test user's credentials for `host`.
 fn config_json(host: &str) -> String {
-    use std::fmt::Write as _;
-    // base64 of "puller:s3cret-Pa55word", computed here to keep the test dependency-free.
-    let raw = format!("{USER}:{PASSWORD}");
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::new();
-    for chunk in raw.as_bytes().chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut out = String::new();
-    let _ = write!(out, r#"{{"auths":{{"{host}":{{"auth":"{b64}"}}}}}}"#);
-    out
+    docker_config_json(host, USER, PASSWORD)
 }
 
 #[test]
@@ -110,7 +22,7 @@ fn the_mirror_uses_configured_credentials_and_never_logs_them() {
     require_root("the mirror auth test");
     let origin = Registry::start();
     let digest = push_image_to(&origin.addr, "private/app", "v1", "v1", &["/bin/sh"]);
-    let auth = AuthRegistry::start(&origin);
+    let auth = HtpasswdRegistry::start(&origin.dir.join("data"), USER, PASSWORD);
     assert_eq!(
         http_get_status(&auth.addr, &format!("/v2/private/app/manifests/{digest}")),
         Some(401),

@@ -8,8 +8,8 @@
 
 mod common;
 
+use common::auth::{docker_config_json, HtpasswdRegistry};
 use common::daemon::Daemon;
-use common::hostile::{docker_config_json, HtpasswdRegistry};
 use common::*;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;

@@ -19,19 +19,12 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(streams: impl IntoIterator<Item = Stream>) -> Self {
-        let streams: HashMap<_, _> = streams
-            .into_iter()
-            .map(|s| (s.key(), Arc::new(s)))
-            .collect();
-        let local_names = streams
-            .values()
-            .filter(|s| s.lookup_local)
-            .map(|s| s.name.clone())
-            .collect();
-        Self {
-            streams,
-            local_names,
-        }
+        Self::from_arcs(
+            streams
+                .into_iter()
+                .map(|s| (s.key(), Arc::new(s)))
+                .collect(),
+        )
     }
 
     fn from_arcs(streams: HashMap<StreamKey, Arc<Stream>>) -> Self {
