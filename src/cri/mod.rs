@@ -7,6 +7,7 @@
 //! [`serve`] runs the HTTP/2 server on a listener until `shutdown` completes, then drains
 //! in-flight calls for at most the grace period.
 
+pub mod io;
 pub mod policy;
 pub mod proxy;
 pub mod upstream;
@@ -35,6 +36,13 @@ pub async fn serve(
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req).await) }
         });
+        let stream = match io::ProxyStream::new(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register a CRI connection");
+                return;
+            }
+        };
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
