@@ -1,6 +1,8 @@
 //! The CRI proxy: serves CRI v1 `RuntimeService` and `ImageService` (and any other gRPC path)
 //! on the CRI socket, forwarding to the real runtime ([`upstream`]) and rewriting stream
-//! references to pinned digests in the four calls that carry them ([`proxy`]). Every call is
+//! references to pinned digests in the four calls that carry them ([`proxy`]). Both sides run
+//! over [`io::ProxyStream`], unix streams tuned to wake the proxy thread only when there is
+//! something to read. Every call is
 //! counted, by method and gRPC status, with its duration, in the CRI call metrics
 //! ([`proxy::CallBody`], [`crate::metrics`]).
 //!
