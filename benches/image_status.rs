@@ -5,6 +5,13 @@
 //! holds: resolved, access-checked, answered after one runtime ImageStatus) against ImageStatus
 //! of the pinned reference direct. Target: added p50 at most 50 µs.
 //!
+//! Each series also measures the same calls through a byte relay: a unix socket in front of
+//! containerd served by a separate process (this bench binary started again with
+//! `IMAGESTREAM_BENCH_RELAY` set) that copies bytes both ways on a single-threaded tokio runtime
+//! (`copy_bidirectional`), with no HTTP/2 or gRPC work at all. Its added latency is the floor of
+//! any proxy on a unix socket on this machine: one more process hop, two more wake-ups, two
+//! reads and two writes per call.
+//!
 //! Run: `cargo bench --bench image_status` (root; the Debian packages of the test harness).
 //! `IMAGESTREAM_BENCH_CALLS` sets the number of measured calls per series (default 2000).
 
@@ -15,6 +22,7 @@ use common::daemon::Daemon;
 use common::*;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::{ImageStatusRequest, PullImageRequest};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -81,41 +89,138 @@ fn stats(mut v: Vec<Duration>) -> Stats {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Set in the relay process: `<listen socket>\n<upstream socket>`.
+const RELAY_ENV: &str = "IMAGESTREAM_BENCH_RELAY";
+
+/// The relay process: copies bytes between each client of the listen socket and a connection
+/// of its own to the upstream socket, on a single-threaded runtime (as the proxy runs), until
+/// killed.
+fn run_relay(spec: &str) -> ! {
+    let (socket, upstream) = spec.split_once('\n').expect("relay spec");
+    let upstream = PathBuf::from(upstream);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("relay runtime");
+    rt.block_on(async move {
+        let listener = tokio::net::UnixListener::bind(socket)
+            .unwrap_or_else(|e| panic!("bind relay socket {socket}: {e}"));
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut runtime) = tokio::net::UnixStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut runtime).await;
+                }
+            });
+        }
+    })
+}
+
+/// The relay process, killed when dropped.
+struct Relay(std::process::Child);
+
+impl Relay {
+    fn start(socket: &Path, upstream: &Path) -> Self {
+        let exe = std::env::current_exe().expect("bench executable");
+        let child = std::process::Command::new(exe)
+            .env(
+                RELAY_ENV,
+                format!("{}\n{}", socket.display(), upstream.display()),
+            )
+            .spawn()
+            .expect("start relay process");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "relay socket did not appear");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Relay(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+/// The clients of one series: direct to containerd, through the relay, through imagestream.
+struct Clients {
+    direct: ImageServiceClient<Channel>,
+    relay: ImageServiceClient<Channel>,
+    proxy: ImageServiceClient<Channel>,
+}
+
+impl Clients {
+    async fn connect(containerd: &Path, relay: &Path, proxy: &Path) -> Self {
+        Self {
+            direct: image_client(containerd).await,
+            relay: image_client(relay).await,
+            proxy: image_client(proxy).await,
+        }
+    }
+}
+
+fn print_series(name: &str, s: &Stats) {
+    println!(
+        "  {name:<22} p50 {:>8.1} µs   p99 {:>8.1} µs",
+        us(s.p50),
+        us(s.p99)
+    );
+}
+
 async fn compare(
     daemon_pid: u32,
+    relay_pid: u32,
     label: &str,
-    proxy: &mut ImageServiceClient<Channel>,
+    clients: &mut Clients,
     proxy_image: &str,
-    direct: &mut ImageServiceClient<Channel>,
     direct_image: &str,
     calls: usize,
 ) {
+    let Clients {
+        direct,
+        relay,
+        proxy,
+    } = clients;
     let mut scratch = Vec::new();
     sample(proxy, proxy_image, WARMUP, &mut scratch).await;
+    sample(relay, direct_image, WARMUP, &mut scratch).await;
     sample(direct, direct_image, WARMUP, &mut scratch).await;
-    let (mut via, mut dir) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+    let mut via = Vec::with_capacity(calls);
+    let mut dir = Vec::with_capacity(calls);
+    let mut rel = Vec::with_capacity(calls);
     let mut done = 0;
     let mut daemon_cpu = Duration::ZERO;
+    let mut relay_cpu = Duration::ZERO;
     while done < calls {
         let n = ROUND.min(calls - done);
         sample(direct, direct_image, n, &mut dir).await;
+        let before = process_cpu_time(relay_pid);
+        sample(relay, direct_image, n, &mut rel).await;
+        relay_cpu += process_cpu_time(relay_pid).saturating_sub(before);
         let before = process_cpu_time(daemon_pid);
         sample(proxy, proxy_image, n, &mut via).await;
         daemon_cpu += process_cpu_time(daemon_pid).saturating_sub(before);
         done += n;
     }
-    let (v, d) = (stats(via), stats(dir));
+    let (v, d, r) = (stats(via), stats(dir), stats(rel));
     println!("{label}");
+    print_series("direct to containerd", &d);
+    print_series("through a byte relay", &r);
+    print_series("through imagestream", &v);
     println!(
-        "  direct to containerd   p50 {:>8.1} µs   p99 {:>8.1} µs",
-        us(d.p50),
-        us(d.p99)
-    );
-    println!(
-        "  through imagestream    p50 {:>8.1} µs   p99 {:>8.1} µs",
-        us(v.p50),
-        us(v.p99)
+        "  relay (floor)          added p50 {:.1} µs, ratio p50 {:.2}, relay CPU time per call {:.1} µs",
+        us(r.p50) - us(d.p50),
+        us(r.p50) / us(d.p50),
+        us(relay_cpu) / calls as f64
     );
     println!(
         "  ratio (proxy/direct)   p50 {:>8.2}      p99 {:>8.2}       added p50 {:.1} µs (target <= 50 µs)",
@@ -129,8 +234,19 @@ async fn compare(
     );
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
+    if let Ok(spec) = std::env::var(RELAY_ENV) {
+        run_relay(&spec);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("bench runtime")
+        .block_on(bench());
+}
+
+async fn bench() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let calls: usize = std::env::var("IMAGESTREAM_BENCH_CALLS")
         .ok()
@@ -153,9 +269,12 @@ async fn main() {
     let plain = registry.image_ref("app:v1");
     let pinned = format!("{}/app@{digest}", registry.addr);
     let stream_ref = "imagestream.local/bench/app:prod";
-    let mut direct = image_client(&ctd.socket).await;
-    let mut proxy = image_client(&daemon.cri_socket).await;
-    direct
+    let relay_dir = tempfile::tempdir().expect("relay dir");
+    let relay_socket = relay_dir.path().join("relay.sock");
+    let relay_process = Relay::start(&relay_socket, &ctd.socket);
+    let mut clients = Clients::connect(&ctd.socket, &relay_socket, &daemon.cri_socket).await;
+    clients
+        .direct
         .pull_image(PullImageRequest {
             image: Some(image_spec(&plain)),
             ..Default::default()
@@ -164,25 +283,25 @@ async fn main() {
         .expect("PullImage");
 
     println!(
-        "ImageStatus latency, {calls} calls per series, one connection each, sequential calls"
+        "ImageStatus latency, {calls} calls per series, one connection each, sequential calls, rounds of {ROUND} alternating direct, relay, proxy"
     );
     let pid = daemon.pid().expect("daemon pid");
     compare(
         pid,
-        "plain reference (forwarded as raw HTTP/2)",
-        &mut proxy,
+        relay_process.pid(),
+        "plain reference (checked, then forwarded as raw HTTP/2)",
+        &mut clients,
         &plain,
-        &mut direct,
         &plain,
         calls,
     )
     .await;
     compare(
         pid,
+        relay_process.pid(),
         "stream reference: PullImage of a held digest (resolve, access check, one runtime ImageStatus) vs ImageStatus of the pinned reference direct",
-        &mut proxy,
+        &mut clients,
         stream_ref,
-        &mut direct,
         &pinned,
         calls,
     )

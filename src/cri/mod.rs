@@ -1,13 +1,16 @@
 //! The CRI proxy: serves CRI v1 `RuntimeService` and `ImageService` (and any other gRPC path)
 //! on the CRI socket, forwarding to the real runtime ([`upstream`]) and rewriting stream
-//! references to pinned digests in the four calls that carry them ([`proxy`]), and keeping
-//! private images to the pods that hold their pull secrets ([`private`]). Every call is
+//! references to pinned digests in the four calls that carry them ([`proxy`]), keeping private
+//! images to the pods that hold their pull secrets ([`private`]). Both sides run
+//! over [`io::ProxyStream`], unix streams tuned to wake the proxy thread only when there is
+//! something to read. Every call is
 //! counted, by method and gRPC status, with its duration, in the CRI call metrics
 //! ([`proxy::CallBody`], [`crate::metrics`]).
 //!
 //! [`serve`] runs the HTTP/2 server on a listener until `shutdown` completes, then drains
 //! in-flight calls for at most the grace period.
 
+pub mod io;
 pub mod policy;
 pub mod private;
 pub mod proxy;
@@ -37,6 +40,13 @@ pub async fn serve(
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req).await) }
         });
+        let stream = match io::ProxyStream::new(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register a CRI connection");
+                return;
+            }
+        };
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
         tokio::spawn(async move {
             if let Err(e) = conn.await {

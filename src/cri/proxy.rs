@@ -1,30 +1,28 @@
-//! The CRI request router. Four methods carry image references that may name stream tags and
-//! are decoded, rewritten and re-sent as typed calls: `ImageService/PullImage`, `ImageStatus`,
-//! `RemoveImage` and `RuntimeService/CreateContainer`. Every other request, whatever its path,
-//! streaming or not, and including methods newer than our CRI bindings, is forwarded to the
-//! runtime as raw HTTP/2 (headers, message frames and trailers untouched).
+//! The CRI request router. Four methods carry image references that may name stream tags:
+//! `ImageService/PullImage`, `ImageStatus`, `RemoveImage` and `RuntimeService/CreateContainer`.
+//! Their request is collected and decoded; the proxy then answers it itself (a stream reference
+//! that is absent, a refusal, a pinned image the runtime already holds), or forwards it: as
+//! received if nothing was rewritten, else re-encoded with the pinned reference. Either way the
+//! request keeps its headers and the runtime's answer comes back untouched. Every other request,
+//! whatever its path, streaming or not, and including methods newer than our CRI bindings, is
+//! forwarded to the runtime as raw HTTP/2 (headers, message frames and trailers untouched).
 
 use super::policy::PullPolicy;
-use super::upstream::Upstream;
+use super::upstream::{decode_message, encode_message, RequestBody, Upstream};
 use crate::registry::MAX_REFERENCE_LEN;
 use crate::stream::reference::{is_image_id, TagRef};
 use crate::stream::resolve::{resolve, Resolution, ResolveError, View};
 use bytes::Bytes;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    CreateContainerRequest, CreateContainerResponse, ImageSpec, ImageStatusRequest,
-    ImageStatusResponse, PullImageRequest, PullImageResponse, RemoveImageRequest,
-    RemoveImageResponse,
+    CreateContainerRequest, ImageSpec, ImageStatusRequest, ImageStatusResponse, PullImageRequest,
+    PullImageResponse, RemoveImageRequest, RemoveImageResponse,
 };
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tonic::body::Body;
-use tonic::{Request, Response, Status};
-use tower::ServiceExt;
+use tonic::Status;
 use tracing::Instrument;
 
 pub const PULL_IMAGE: &str = "/runtime.v1.ImageService/PullImage";
@@ -163,64 +161,83 @@ impl CriProxy {
     {
         let call = Call::start(req.uri().path());
         let resp = match req.uri().path() {
-            PULL_IMAGE => unary(req, move |r| self.clone().pull_image(r)).await,
-            IMAGE_STATUS => unary(req, move |r| self.clone().image_status(r)).await,
-            REMOVE_IMAGE => unary(req, move |r| self.clone().remove_image(r)).await,
-            CREATE_CONTAINER => unary(req, move |r| self.clone().create_container(r)).await,
+            PULL_IMAGE => self.rewritten(req, "PullImage", Self::pull_image).await,
+            IMAGE_STATUS => self.rewritten(req, "ImageStatus", Self::image_status).await,
+            REMOVE_IMAGE => self.rewritten(req, "RemoveImage", Self::remove_image).await,
+            CREATE_CONTAINER => {
+                self.rewritten(req, "CreateContainer", Self::create_container)
+                    .await
+            }
             _ => {
                 let path = req.uri().path();
                 let unary = CRI_METHODS
                     .get(call.method)
                     .is_some_and(|m| m.unary && m.path == path);
-                self.forward(req, unary).await
+                let (parts, body) = req.into_parts();
+                if unary {
+                    match collect(&parts, body).await {
+                        Ok(body) => {
+                            self.upstream
+                                .forward(parts, RequestBody::<B>::Full(body))
+                                .await
+                        }
+                        Err(status) => status.into_http(),
+                    }
+                } else {
+                    self.upstream
+                        .forward(parts, RequestBody::Stream(body))
+                        .await
+                }
             }
         };
         CallBody::new(resp, call)
     }
 
-    async fn forward<B>(&self, req: http::Request<B>, unary: bool) -> http::Response<Body>
+    /// One of the four calls that may carry a stream reference: collects and decodes the
+    /// request, lets `decide` look at it (in the call's span), then answers, refuses or forwards.
+    async fn rewritten<Req, B, F>(
+        self: Arc<Self>,
+        req: http::Request<B>,
+        method: &'static str,
+        decide: F,
+    ) -> http::Response<Body>
     where
+        Req: prost::Message + Default,
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError> + Send,
+        F: AsyncFn(&Self, Req) -> Result<Decision, Status>,
     {
-        let (parts, body) = req.into_parts();
-        let body = if unary {
-            // gRPC framing adds 5 bytes to the message.
-            match http_body_util::BodyExt::collect(http_body_util::Limited::new(
-                body,
-                MAX_CRI_MESSAGE_BYTES + 5,
-            ))
-            .await
-            {
-                Ok(collected) => Body::new(http_body_util::Full::new(collected.to_bytes())),
-                Err(e) => {
-                    return crate::audit::status(
-                        tonic::Code::ResourceExhausted,
-                        format!("request to {} not forwarded: {e}", parts.uri.path()),
-                    )
-                    .into_http()
+        let span = cri_span(method);
+        async move {
+            let (mut parts, body) = req.into_parts();
+            let body = match collect(&parts, body).await {
+                Ok(body) => body,
+                Err(status) => return status.into_http(),
+            };
+            let decision = match decode_message::<Req>(&body) {
+                Ok(msg) => decide(&self, msg).await,
+                Err(status) => Err(status),
+            };
+            match decision {
+                Ok(Decision::Forward) => {
+                    self.upstream
+                        .forward(parts, RequestBody::<B>::Full(body))
+                        .await
                 }
+                Ok(Decision::ForwardRewritten(body)) => {
+                    // The message changed length; gRPC clients send no content-length, but
+                    // one that did would now be wrong.
+                    parts.headers.remove(http::header::CONTENT_LENGTH);
+                    self.upstream
+                        .forward(parts, RequestBody::<B>::Full(body))
+                        .await
+                }
+                Ok(Decision::Answer(message)) => answer(message),
+                Err(status) => status.into_http(),
             }
-        } else {
-            Body::new(body)
-        };
-        let req = http::Request::from_parts(parts, body);
-        match self.upstream.clone().oneshot(req).await {
-            Ok(resp) => resp,
-            Err(never) => match never {},
         }
-    }
-
-    fn images(&self) -> ImageServiceClient<Upstream> {
-        ImageServiceClient::new(self.upstream.clone())
-            .max_decoding_message_size(MAX_CRI_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_CRI_MESSAGE_BYTES)
-    }
-
-    fn runtime(&self) -> RuntimeServiceClient<Upstream> {
-        RuntimeServiceClient::new(self.upstream.clone())
-            .max_decoding_message_size(MAX_CRI_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_CRI_MESSAGE_BYTES)
+        .instrument(span)
+        .await
     }
 
     fn resolve(&self, reference: &str, namespace: Option<&str>) -> Result<Resolution, Status> {
@@ -292,189 +309,215 @@ impl CriProxy {
         Ok(resolution)
     }
 
-    async fn pull_image(
-        self: Arc<Self>,
-        req: Request<PullImageRequest>,
-    ) -> Result<Response<PullImageResponse>, Status> {
-        let span = cri_span("PullImage");
-        async move {
-            let (metadata, _, mut msg) = req.into_parts();
-            let namespace = pod_namespace(&msg.sandbox_config);
-            let pod_uid = pod_uid(&msg.sandbox_config);
-            let Some(spec) = msg.image.as_mut() else {
-                return self.images().pull_image(Request::from_parts(metadata, Default::default(), msg)).await;
-            };
-            let original = spec.image.clone();
-            let resolution = self.rewrite(spec, namespace.as_deref())?;
+    async fn pull_image(&self, mut msg: PullImageRequest) -> Result<Decision, Status> {
+        let namespace = pod_namespace(&msg.sandbox_config);
+        let Some(spec) = msg.image.as_mut() else {
+            return Ok(Decision::Forward);
+        };
+        let original = spec.image.clone();
+        let resolution = self.rewrite(spec, namespace.as_deref())?;
+        self.policy.check(
+            &spec.image,
+            matches!(resolution, Resolution::Pinned(_)),
+            namespace.as_deref(),
+        )?;
+        if let Resolution::NeedsNamespace { name, tag } = &resolution {
+            return Err(crate::audit::status(tonic::Code::InvalidArgument, format!(
+                "image {original:?} is a short name of image stream {name:?} and needs the pod's namespace (sandbox_config.metadata.namespace) to resolve; name the stream explicitly as {}/<namespace>/{name}:{tag}",
+                self.stream_host
+            )));
+        }
+        let spec = spec.clone();
+        // A private image needs the pod's credentials, verified, even when the runtime holds
+        // it already; the pull then grants the pod the image (see `super::private`).
+        let private = match &self.private {
+            Some(gate) => {
+                let auth = msg
+                    .auth
+                    .as_ref()
+                    .and_then(super::private::PullAuth::from_cri);
+                match gate.check_pull(&spec.image, auth.as_ref()).await? {
+                    super::private::PullDecision::Private { repo } => {
+                        Some((gate, repo, pod_uid(&msg.sandbox_config)))
+                    }
+                    super::private::PullDecision::Public => None,
+                }
+            }
+            None => None,
+        };
+        if let Resolution::Pinned(_) = resolution {
+            // The runtime may hold the pinned digest already: answer without a pull.
+            let status: ImageStatusResponse = self
+                .upstream
+                .unary(
+                    IMAGE_STATUS,
+                    &ImageStatusRequest {
+                        image: Some(spec),
+                        verbose: false,
+                    },
+                )
+                .await?;
+            if let Some(image) = status.image {
+                tracing::debug!(image_ref = %image.id, "pinned image already present");
+                if let Some((gate, repo, uid)) = &private {
+                    gate.granted(uid.as_deref(), repo, &image.id);
+                }
+                return Ok(Decision::Answer(encode_message(&PullImageResponse {
+                    image_ref: image.id,
+                })));
+            }
+        }
+        match private {
+            // The answer's image id is needed for the grant: pull as a typed call.
+            Some((gate, repo, uid)) => {
+                let resp: PullImageResponse = self.upstream.unary(PULL_IMAGE, &msg).await?;
+                gate.granted(uid.as_deref(), &repo, &resp.image_ref);
+                Ok(Decision::Answer(encode_message(&resp)))
+            }
+            None if matches!(resolution, Resolution::Pinned(_)) => {
+                Ok(Decision::ForwardRewritten(encode_message(&msg)))
+            }
+            None => Ok(Decision::Forward),
+        }
+    }
+
+    async fn image_status(&self, mut msg: ImageStatusRequest) -> Result<Decision, Status> {
+        let Some(spec) = msg.image.as_mut() else {
+            return Ok(Decision::Forward);
+        };
+        // A stream reference is never reported present: ImageStatus carries no namespace, so
+        // "present" would let the kubelet skip PullImage and with it the stream's access check.
+        // PullImage answers at once when the runtime holds the digest.
+        match self.rewrite(spec, None) {
+            // A private image is never reported present either: the kubelet must pull it with
+            // the pod's credentials (see `super::private`).
+            Ok(Resolution::PassThrough)
+                if self
+                    .private
+                    .as_ref()
+                    .is_some_and(|g| g.hide_status(&spec.image)) =>
+            {
+                Ok(Decision::Answer(encode_message(
+                    &ImageStatusResponse::default(),
+                )))
+            }
+            Ok(Resolution::PassThrough) => Ok(Decision::Forward),
+            Ok(Resolution::Pinned(_) | Resolution::NeedsNamespace { .. }) => Ok(Decision::Answer(
+                encode_message(&ImageStatusResponse::default()),
+            )),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(Decision::Answer(
+                encode_message(&ImageStatusResponse::default()),
+            )),
+            Err(status) => Err(status),
+        }
+    }
+
+    async fn remove_image(&self, mut msg: RemoveImageRequest) -> Result<Decision, Status> {
+        let Some(spec) = msg.image.as_mut() else {
+            return Ok(Decision::Forward);
+        };
+        let original = spec.image.clone();
+        if !self.rewrite_or_absent(spec)? {
+            // Removing what is not there succeeds (CRI: RemoveImage is idempotent).
+            return Ok(Decision::Answer(encode_message(
+                &RemoveImageResponse::default(),
+            )));
+        }
+        Ok(if spec.image == original {
+            Decision::Forward
+        } else {
+            Decision::ForwardRewritten(encode_message(&msg))
+        })
+    }
+
+    async fn create_container(&self, mut msg: CreateContainerRequest) -> Result<Decision, Status> {
+        let namespace = pod_namespace(&msg.sandbox_config);
+        let Some(spec) = msg.config.as_mut().and_then(|c| c.image.as_mut()) else {
+            return Ok(Decision::Forward);
+        };
+        // The kubelet passes the pulled image id and keeps what the pod named in
+        // `user_specified_image`: the access check applies to that too.
+        if !spec.user_specified_image.is_empty() && namespace.is_some() {
+            let used = self.resolve(&spec.user_specified_image, namespace.as_deref())?;
+            if let Resolution::PassThrough = used {
+                self.policy
+                    .check(&spec.user_specified_image, false, namespace.as_deref())?;
+            }
+        }
+        let original = spec.image.clone();
+        let resolution = self.rewrite(spec, namespace.as_deref())?;
+        if !is_image_id(&spec.image) {
             self.policy.check(
                 &spec.image,
                 matches!(resolution, Resolution::Pinned(_)),
                 namespace.as_deref(),
             )?;
-            match resolution {
-                Resolution::PassThrough => {}
-                Resolution::NeedsNamespace { name, tag } => {
-                    return Err(crate::audit::status(tonic::Code::InvalidArgument, format!(
-                        "image {original:?} is a short name of image stream {name:?} and needs the pod's namespace (sandbox_config.metadata.namespace) to resolve; name the stream explicitly as {}/<namespace>/{name}:{tag}",
-                        self.stream_host
-                    )));
-                }
-                Resolution::Pinned(_) => {}
-            }
-            // A private image needs the pod's credentials, verified, even when the runtime
-            // holds it already.
-            let private = match &self.private {
-                Some(gate) => {
-                    let auth = msg.auth.as_ref().and_then(super::private::PullAuth::from_cri);
-                    gate.check_pull(&spec.image, auth.as_ref()).await?
-                }
-                None => super::private::PullDecision::Public,
+        }
+        if let Some(gate) = &self.private {
+            let named = match self.resolve(&spec.user_specified_image, namespace.as_deref()) {
+                Ok(Resolution::Pinned(p)) => p.reference,
+                _ => spec.user_specified_image.clone(),
             };
-            let granted = |image_ref: &str| {
-                if let (Some(gate), super::private::PullDecision::Private { repo }) =
-                    (&self.private, &private)
-                {
-                    gate.granted(pod_uid.as_deref(), repo, image_ref);
-                }
-            };
-            match resolution {
-                Resolution::PassThrough | Resolution::NeedsNamespace { .. } => {}
-                Resolution::Pinned(_) => {
-                    // The runtime may hold the pinned digest already: answer without a pull.
-                    let status = self
-                        .images()
-                        .image_status(Request::new(ImageStatusRequest {
-                            image: Some(spec.clone()),
-                            verbose: false,
-                        }))
-                        .await?
-                        .into_inner();
-                    if let Some(image) = status.image {
-                        tracing::debug!(image_ref = %image.id, "pinned image already present");
-                        granted(&image.id);
-                        return Ok(Response::new(PullImageResponse { image_ref: image.id }));
-                    }
-                }
-            }
-            let resp = self
-                .images()
-                .pull_image(Request::from_parts(metadata, Default::default(), msg))
-                .await?;
-            granted(&resp.get_ref().image_ref);
-            Ok(resp)
+            let image = spec.image.clone();
+            gate.check_create(&[&image, &named], pod_uid(&msg.sandbox_config).as_deref())?;
         }
-        .instrument(span)
-        .await
+        match resolution {
+            Resolution::NeedsNamespace { .. } => Err(crate::audit::status(tonic::Code::InvalidArgument, format!(
+                "image {original:?} is a short name of an image stream and needs the pod's namespace (sandbox_config.metadata.namespace) to resolve"
+            ))),
+            Resolution::Pinned(_) => Ok(Decision::ForwardRewritten(encode_message(&msg))),
+            Resolution::PassThrough => Ok(Decision::Forward),
+        }
     }
+}
 
-    async fn image_status(
-        self: Arc<Self>,
-        req: Request<ImageStatusRequest>,
-    ) -> Result<Response<ImageStatusResponse>, Status> {
-        let span = cri_span("ImageStatus");
-        async move {
-            let (metadata, _, mut msg) = req.into_parts();
-            if let Some(spec) = msg.image.as_mut() {
-                // A stream reference is never reported present: ImageStatus carries no namespace,
-                // so "present" would let the kubelet skip PullImage and with it the stream's
-                // access check. PullImage answers at once when the runtime holds the digest.
-                match self.rewrite(spec, None) {
-                    Ok(Resolution::PassThrough) => {
-                        if self
-                            .private
-                            .as_ref()
-                            .is_some_and(|g| g.hide_status(&spec.image))
-                        {
-                            // Private: the kubelet must pull with the pod's credentials.
-                            return Ok(Response::new(ImageStatusResponse::default()));
-                        }
-                    }
-                    Ok(Resolution::Pinned(_) | Resolution::NeedsNamespace { .. }) => {
-                        return Ok(Response::new(ImageStatusResponse::default()))
-                    }
-                    Err(status) if status.code() == tonic::Code::NotFound => {
-                        return Ok(Response::new(ImageStatusResponse::default()))
-                    }
-                    Err(status) => return Err(status),
-                }
-            }
-            self.images()
-                .image_status(Request::from_parts(metadata, Default::default(), msg))
-                .await
-        }
-        .instrument(span)
-        .await
-    }
+/// What the proxy does with one of the four calls that may carry a stream reference.
+enum Decision {
+    /// Forward the request as received.
+    Forward,
+    /// Forward this request message (a gRPC frame) instead: the reference was rewritten.
+    ForwardRewritten(Bytes),
+    /// Answer with this message (a gRPC frame) without asking the runtime.
+    Answer(Bytes),
+}
 
-    async fn remove_image(
-        self: Arc<Self>,
-        req: Request<RemoveImageRequest>,
-    ) -> Result<Response<RemoveImageResponse>, Status> {
-        let span = cri_span("RemoveImage");
-        async move {
-            let (metadata, _, mut msg) = req.into_parts();
-            if let Some(spec) = msg.image.as_mut() {
-                if !self.rewrite_or_absent(spec)? {
-                    // Removing what is not there succeeds (CRI: RemoveImage is idempotent).
-                    return Ok(Response::new(RemoveImageResponse::default()));
-                }
-            }
-            self.images()
-                .remove_image(Request::from_parts(metadata, Default::default(), msg))
-                .await
-        }
-        .instrument(span)
-        .await
+/// The whole body of a unary request, at most one CRI message.
+async fn collect<B>(parts: &http::request::Parts, body: B) -> Result<Bytes, Status>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    // gRPC framing adds 5 bytes to the message.
+    match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+        body,
+        MAX_CRI_MESSAGE_BYTES + 5,
+    ))
+    .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(crate::audit::status(
+            tonic::Code::ResourceExhausted,
+            format!("request to {} not forwarded: {e}", parts.uri.path()),
+        )),
     }
+}
 
-    async fn create_container(
-        self: Arc<Self>,
-        req: Request<CreateContainerRequest>,
-    ) -> Result<Response<CreateContainerResponse>, Status> {
-        let span = cri_span("CreateContainer");
-        async move {
-            let (metadata, _, mut msg) = req.into_parts();
-            let namespace = pod_namespace(&msg.sandbox_config);
-            if let Some(spec) = msg.config.as_mut().and_then(|c| c.image.as_mut()) {
-                // The kubelet passes the pulled image id and keeps what the pod named in
-                // `user_specified_image`: the access check applies to that too.
-                if !spec.user_specified_image.is_empty() && namespace.is_some() {
-                    let used = self.resolve(&spec.user_specified_image, namespace.as_deref())?;
-                    if let Resolution::PassThrough = used {
-                        self.policy
-                            .check(&spec.user_specified_image, false, namespace.as_deref())?;
-                    }
-                }
-                let original = spec.image.clone();
-                let resolution = self.rewrite(spec, namespace.as_deref())?;
-                if !is_image_id(&spec.image) {
-                    self.policy.check(
-                        &spec.image,
-                        matches!(resolution, Resolution::Pinned(_)),
-                        namespace.as_deref(),
-                    )?;
-                }
-                if let Resolution::NeedsNamespace { .. } = resolution {
-                    return Err(crate::audit::status(tonic::Code::InvalidArgument, format!(
-                        "image {original:?} is a short name of an image stream and needs the pod's namespace (sandbox_config.metadata.namespace) to resolve"
-                    )));
-                }
-                if let Some(gate) = &self.private {
-                    let uid = pod_uid(&msg.sandbox_config);
-                    let named = match self.resolve(&spec.user_specified_image, namespace.as_deref()) {
-                        Ok(Resolution::Pinned(p)) => p.reference,
-                        _ => spec.user_specified_image.clone(),
-                    };
-                    gate.check_create(&[&spec.image, &named], uid.as_deref())?;
-                }
-            }
-            self.runtime()
-                .create_container(Request::from_parts(metadata, Default::default(), msg))
-                .await
-        }
-        .instrument(span)
-        .await
-    }
+/// A gRPC answer made here: `message` (a gRPC frame), then status OK in the trailers.
+fn answer(message: Bytes) -> http::Response<Body> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
+    let frames = [
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(message)),
+        Ok(http_body::Frame::trailers(trailers)),
+    ];
+    let mut resp = http::Response::new(Body::new(http_body_util::StreamBody::new(
+        futures_util::stream::iter(frames),
+    )));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    resp
 }
 
 /// The pod's sandbox uid, from the request's sandbox config.
@@ -509,39 +552,6 @@ fn record(tag: &TagRef, digest: &str) {
     span.record("stream", format!("{}/{}", tag.namespace, tag.name));
     span.record("tag", tag.tag.as_str());
     span.record("digest", digest);
-}
-
-/// A closure as a tonic unary service.
-struct UnaryFn<F>(F);
-
-impl<Req, Resp, F, Fut> tonic::server::UnaryService<Req> for UnaryFn<F>
-where
-    F: FnMut(Request<Req>) -> Fut,
-    Fut: Future<Output = Result<Response<Resp>, Status>> + Send + 'static,
-{
-    type Response = Resp;
-    type Future = Fut;
-
-    fn call(&mut self, request: Request<Req>) -> Fut {
-        (self.0)(request)
-    }
-}
-
-/// Decodes a unary request of type `Req`, runs `f`, encodes its answer or status.
-async fn unary<Req, Resp, B, F, Fut>(req: http::Request<B>, f: F) -> http::Response<Body>
-where
-    Req: prost::Message + Default + Send + 'static,
-    Resp: prost::Message + Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError> + Send,
-    F: FnMut(Request<Req>) -> Fut,
-    Fut: Future<Output = Result<Response<Resp>, Status>> + Send + 'static,
-{
-    let codec = tonic_prost::ProstCodec::<Resp, Req>::default();
-    let mut grpc = tonic::server::Grpc::new(codec)
-        .max_decoding_message_size(MAX_CRI_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_CRI_MESSAGE_BYTES);
-    grpc.unary(UnaryFn(f), req).await
 }
 
 /// One CRI call being answered, for the call metrics: recorded once, with the first status
