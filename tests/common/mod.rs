@@ -24,6 +24,7 @@
 //! busybox-static; a missing piece panics with a message naming it.
 #![allow(dead_code)]
 
+pub mod crash;
 pub mod daemon;
 pub mod etcd;
 pub mod hostile;
