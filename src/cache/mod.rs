@@ -11,6 +11,14 @@
 //! included, streams along from the temporary file as it grows, and the last byte is released
 //! only once size and digest have been checked, so a client never receives a complete body
 //! whose digest is wrong (its response is cut short instead).
+//!
+//! Stored bytes are checked again when served: a whole stored blob is hashed as it is read and
+//! its last chunk is held back until the digest matches; a stored manifest is hashed before it
+//! is served. Bytes that changed on disk (a flipped bit) cut the response short (a manifest is
+//! fetched again instead), count in `imagestream_digest_mismatches_total`, and the blob is
+//! evicted, so the next request fetches it from upstream. Range requests are not checked (the
+//! scrub, [`Cache::verify`], finds those blobs). A full disk is [`CacheError::NoSpace`] (HTTP
+//! 507 at the mirror); a blob whose size is known reserves its space before it is downloaded.
 
 pub mod pins;
 pub mod store;
@@ -19,6 +27,7 @@ use crate::registry::{Digest, RegistryClient, RegistryError};
 use crate::stream::resolve::View;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
+use sha2::{Digest as _, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
@@ -90,6 +99,13 @@ pub enum CacheError {
     BadManifest { reference: String, message: String },
     #[error("{digest} is pinned by {by}; move or remove the tag first")]
     Pinned { digest: Digest, by: String },
+    /// ENOSPC (or EDQUOT) on the cache's disk; the temporary is removed, nothing is stored.
+    #[error("no space left on the cache's disk writing {path}: {source}; nothing was cached")]
+    NoSpace {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CacheError {
@@ -153,6 +169,8 @@ pub struct Blob {
     pub from_cache: bool,
     file: Arc<File>,
     fill: Option<watch::Receiver<FillState>>,
+    /// For a stored blob: where to evict it from should its bytes no longer match.
+    store: Option<Arc<ContentStore>>,
 }
 
 /// A manifest with its digest and media type.
@@ -210,6 +228,7 @@ impl Cache {
         view: View,
     ) -> Result<Arc<Self>, CacheError> {
         let store = Arc::new(ContentStore::open(state_dir)?);
+        remove_stale_temporaries(&settings.tags_file);
         let tags = std::fs::read(&settings.tags_file)
             .ok()
             .and_then(|b| serde_json::from_slice::<HashMap<String, String>>(&b).ok())
@@ -279,6 +298,7 @@ impl Cache {
                 from_cache: true,
                 file: Arc::new(file),
                 fill: None,
+                store: Some(self.store.clone()),
             });
         }
         let Some(origin) = origin else {
@@ -300,6 +320,7 @@ impl Cache {
                         from_cache: false,
                         file: fill.file.clone(),
                         fill: Some(rx),
+                        store: None,
                     })
                 }
                 FillState::Done { size } => {
@@ -309,6 +330,7 @@ impl Cache {
                         from_cache: false,
                         file: fill.file.clone(),
                         fill: None,
+                        store: None,
                     })
                 }
                 FillState::Failed(cause) => {
@@ -426,6 +448,15 @@ impl Cache {
             .fetch_blob(&origin.host, &origin.repository, digest)
             .await?;
         let size = upstream.content_length;
+        if let Some(size) = size {
+            // A blob that cannot fit fails now, before the response starts.
+            ingest = tokio::task::spawn_blocking(move || ingest.reserve(size).map(|()| ingest))
+                .await
+                .map_err(|e| CacheError::FillFailed {
+                    digest: digest.clone(),
+                    message: e.to_string(),
+                })??;
+        }
         // A body without a length may be endless: it may not outgrow the cache (the limit is
         // otherwise soft: pinned blobs may exceed it).
         let limit = self.settings.max_bytes.max(MIN_UNSIZED_BLOB_LIMIT);
@@ -595,16 +626,29 @@ impl Cache {
         })
     }
 
+    /// A stored manifest, hashed before it is served; one whose bytes no longer match is
+    /// evicted and reported as not stored.
     async fn read_manifest(&self, digest: &Digest) -> Result<Option<Vec<u8>>, CacheError> {
         let d = digest.clone();
-        self.blocking(move |store| {
-            let bytes = store.read_small(&d, MAX_MANIFEST_BYTES)?;
-            if bytes.is_some() {
+        let bytes = self
+            .blocking(move |store| {
+                let Some(bytes) = store.read_small(&d, MAX_MANIFEST_BYTES)? else {
+                    return Ok(None);
+                };
+                if Digest::of(&bytes) != d {
+                    tracing::error!(digest = %d, "cached manifest no longer matches its digest; evicting it");
+                    metrics().digest_mismatches.inc();
+                    if store.remove(&d)?.is_some() {
+                        metrics().cache_evictions.inc();
+                    }
+                    return Ok(None);
+                }
                 store.open_read(&d)?; // records the use
-            }
-            Ok(bytes)
-        })
-        .await
+                Ok(Some(bytes))
+            })
+            .await;
+        self.update_size_gauge();
+        bytes
     }
 
     fn remember_tag(&self, key: String, digest: &Digest) {
@@ -869,7 +913,11 @@ impl Blob {
                 source: source.to_string(),
             })
             .clone();
-        let mut fill = self.fill;
+        let mut fill = self.fill.clone();
+        // A whole stored blob is hashed as it is read; its last chunk waits for the digest.
+        let whole = self.from_cache && pos == 0 && end.is_none_or(|e| Some(e) >= self.size);
+        let mut hasher = whole.then(Sha256::new);
+        let mut held: Option<Bytes> = None;
         loop {
             let (available, complete) = match fill.as_ref().map(|rx| rx.borrow().clone()) {
                 None => (self.size.unwrap_or(0), true),
@@ -885,19 +933,42 @@ impl Blob {
             while pos < limit {
                 let n = (limit - pos).min(READ_CHUNK_BYTES as u64) as usize;
                 let file = self.file.clone();
-                let chunk = tokio::task::spawn_blocking(move || {
+                let h = hasher.take();
+                let (chunk, h) = tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0u8; n];
-                    file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                    file.read_exact_at(&mut buf, pos)?;
+                    let h = h.map(|mut h| {
+                        h.update(&buf);
+                        h
+                    });
+                    Ok::<_, std::io::Error>((Bytes::from(buf), h))
                 })
                 .await
                 .map_err(std::io::Error::other)??;
+                hasher = h;
                 pos += n as u64;
                 served.inc_by(n as u64);
-                if tx.send(Ok(chunk)).await.is_err() {
-                    return Ok(()); // the client went away
+                let out = if hasher.is_some() {
+                    held.replace(chunk)
+                } else {
+                    Some(chunk)
+                };
+                if let Some(chunk) = out {
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return Ok(()); // the client went away
+                    }
                 }
             }
             if complete || end.is_some_and(|e| pos >= e) {
+                if let Some(h) = hasher {
+                    let computed = Digest::from_hasher(h);
+                    if computed != self.digest {
+                        return Err(self.evict_corrupt(computed).await);
+                    }
+                }
+                if let Some(chunk) = held {
+                    let _ = tx.send(Ok(chunk)).await;
+                }
                 return Ok(());
             }
             let Some(rx) = fill.as_mut() else {
@@ -910,6 +981,67 @@ impl Blob {
                     "{}: the download was abandoned",
                     self.digest
                 )));
+            }
+        }
+    }
+}
+
+impl Blob {
+    /// A stored blob read back with other bytes than its name: evicted (unless a good copy
+    /// replaced it meanwhile) and counted; the error that cuts the response short.
+    async fn evict_corrupt(&self, computed: Digest) -> std::io::Error {
+        let digest = self.digest.clone();
+        tracing::error!(%digest, %computed, "cached blob no longer matches its digest; response cut short, evicting it");
+        metrics().digest_mismatches.inc();
+        if let Some(store) = self.store.clone() {
+            let (d, file) = (digest.clone(), self.file.clone());
+            let removed = tokio::task::spawn_blocking(move || {
+                let r = store.remove_if_same(&d, &file);
+                metrics()
+                    .cache_size_bytes
+                    .set(i64::try_from(store.total()).unwrap_or(i64::MAX));
+                r
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+            match removed {
+                Ok(Some(_)) => {
+                    metrics().cache_evictions.inc();
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%digest, error = %e, "cannot evict the corrupt blob"),
+            }
+        }
+        std::io::Error::other(format!(
+            "{digest}: the cached bytes hash to {computed}; evicted, the next request fetches it again"
+        ))
+    }
+}
+
+/// Removes temporaries [`write_atomically`] left for `path` (a crash between create and
+/// rename): `<stem>.tmp.<pid>` beside it.
+fn remove_stale_temporaries(path: &std::path::Path) {
+    let (Some(dir), Some(stem)) = (path.parent(), path.file_stem().and_then(|s| s.to_str())) else {
+        return;
+    };
+    let prefix = format!("{stem}.tmp.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix))
+        {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %entry.path().display(), "removed a stale temporary")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove a stale temporary")
+                }
             }
         }
     }

@@ -2,7 +2,9 @@
 //! `blobs/sha256/<hex>`, temporaries under `ingest/`. An [`Ingest`] hashes while it writes,
 //! and [`Ingest::commit`] fsyncs, checks size and digest, renames into place and fsyncs the
 //! directory; anything else (an error, a dropped ingest, a crash) leaves nothing under `blobs/`,
-//! and [`ContentStore::open`] removes stale temporaries. An in-memory index keeps each blob's
+//! and [`ContentStore::open`] removes stale temporaries. A full disk is
+//! [`CacheError::NoSpace`]; an ingest of known size reserves its space first
+//! ([`Ingest::reserve`]), so a blob that cannot fit fails before any byte is written. An in-memory index keeps each blob's
 //! size and last use for eviction; the last use is also written to the file's mtime (at most
 //! once a minute per blob) so it survives restarts.
 
@@ -44,10 +46,22 @@ pub struct ContentStore {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io {
-        path: path.display().to_string(),
-        source,
+    move |source| {
+        let path = path.display().to_string();
+        if is_no_space(&source) {
+            CacheError::NoSpace { path, source }
+        } else {
+            CacheError::Io { path, source }
+        }
     }
+}
+
+/// ENOSPC or EDQUOT.
+fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 fn make_dir(path: &Path) -> Result<(), CacheError> {
@@ -195,6 +209,22 @@ impl ContentStore {
         Ok(removed.map(|e| e.size))
     }
 
+    /// Removes a stored blob only if the file under its name is still `file` (same inode): a
+    /// reader that found `file` corrupt must not remove a good copy fetched since.
+    pub fn remove_if_same(&self, digest: &Digest, file: &File) -> Result<Option<u64>, CacheError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let path = self.path(digest);
+        let ours = file.metadata().map_err(io_err(&path))?;
+        match std::fs::metadata(&path) {
+            Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => self.remove(digest),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(self.forget(digest).map(|e| e.size))
+            }
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
     /// Starts writing `digest` into a fresh temporary.
     pub fn begin(&self, digest: &Digest) -> Result<Ingest, CacheError> {
         let n = self.next_ingest.fetch_add(1, Ordering::Relaxed);
@@ -330,6 +360,23 @@ impl Ingest {
 
     pub fn written(&self) -> u64 {
         self.written
+    }
+
+    /// Reserves `size` bytes of disk for the temporary (its length is unchanged), so that a blob
+    /// that cannot fit fails with [`CacheError::NoSpace`] before anything is written.
+    /// Filesystems without `fallocate` skip the reservation.
+    pub fn reserve(&self, size: u64) -> Result<(), CacheError> {
+        if size == 0 {
+            return Ok(());
+        }
+        match rustix::fs::fallocate(&*self.file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, size) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::DQUOT => {
+                Err(io_err(&self.path)(e.into()))
+            }
+            // Not supported here (EOPNOTSUPP, ENOSYS, …): written as it comes.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Appends `buf` and hashes it.

@@ -9,7 +9,9 @@
 //! - `HEAD`/`GET /v2/<name>/blobs/<digest>`: from the cache or pulled through while streaming,
 //!   with single `Range` requests (206) on cached blobs. A blob the upstream sends without a
 //!   length is downloaded and verified before the response starts, so every streamed response
-//!   has a `Content-Length` and a cut-short body is always visible as such.
+//!   has a `Content-Length` and a cut-short body is always visible as such. A whole cached blob
+//!   is re-hashed while it is served; bytes changed on disk cut the body short and evict it.
+//!   A full cache disk is `507 Insufficient Storage` (when known before the response starts).
 //! - Anything that writes is refused (`405 UNSUPPORTED`).
 
 pub mod hosts_toml;
@@ -84,6 +86,7 @@ impl MirrorError {
                     (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
                 }
                 CacheError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+                CacheError::NoSpace { .. } => (StatusCode::INSUFFICIENT_STORAGE, "UNKNOWN"),
                 // The upstream failed or sent bad bytes: a gateway error, so that containerd
                 // falls back to its next host.
                 _ => (StatusCode::BAD_GATEWAY, "UNKNOWN"),

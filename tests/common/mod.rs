@@ -25,6 +25,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod crash;
 pub mod daemon;
 pub mod etcd;
 pub mod hostile;
