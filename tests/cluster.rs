@@ -11,7 +11,8 @@
 //!   off (its only member down) catches up once the member is back;
 //! - TLS: a node with a client certificate reaches an etcd that requires one, a node without
 //!   is refused and says so;
-//! - a watch that must start from a compacted revision lists again.
+//! - a watch that must start from a compacted revision lists again;
+//! - a tag moved on one node is prefetched into the layer cache of another.
 
 mod common;
 
@@ -554,4 +555,52 @@ fn a_watch_from_a_compacted_revision_lists_again() {
             .exists(),
         "the listed view is saved"
     );
+}
+
+#[test]
+fn every_node_prefetches_a_tag_moved_on_another_node() {
+    let etcd = Etcd::start();
+    let registry = Registry::start();
+    let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
+    let eps = etcd.endpoints_toml(&[0]);
+    let config = |name: &str| {
+        format!(
+            "store = \"etcd\"\n{eps}node_name = \"{name}\"\nmirror_upstreams = [\"http://{}\"]\n",
+            registry.addr
+        )
+    };
+    let n1 = Daemon::start_with_config(
+        "unix:///nonexistent.sock",
+        &[&registry.addr],
+        &[],
+        &config("node1"),
+    );
+    let n2 = Daemon::start_with_config(
+        "unix:///nonexistent.sock",
+        &[&registry.addr],
+        &[],
+        &config("node2"),
+    );
+    n1.cli_ok(&["stream", "create", "team-a/app"]);
+    n1.cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v1"),
+    ]);
+    // Node 2 learns of the move only through etcd, and fills its own cache.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ls = n2.cli_json(&["cache", "ls"]);
+        let text = ls.to_string();
+        if text.contains(v1.as_str()) && ls.as_array().is_some_and(|a| a.len() >= 3) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 2 did not prefetch the image: {ls}\n{}",
+            n2.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
