@@ -167,6 +167,8 @@ pub struct Blob {
     /// Known for stored blobs, and for fills whose upstream sent a length.
     pub size: Option<u64>,
     pub from_cache: bool,
+    /// A stored blob unchanged since it last hashed to its name: served without hashing.
+    verified: bool,
     file: Arc<File>,
     fill: Option<watch::Receiver<FillState>>,
     /// For a stored blob: where to evict it from should its bytes no longer match.
@@ -290,12 +292,13 @@ impl Cache {
         digest: &Digest,
         origin: Option<&Origin>,
     ) -> Result<Blob, CacheError> {
-        if let Some((file, size)) = self.store.open_read(digest)? {
+        if let Some((file, size, verified)) = self.store.open_read(digest)? {
             metrics().cache_hits.inc();
             return Ok(Blob {
                 digest: digest.clone(),
                 size: Some(size),
                 from_cache: true,
+                verified,
                 file: Arc::new(file),
                 fill: None,
                 store: Some(self.store.clone()),
@@ -318,6 +321,8 @@ impl Cache {
                         digest: digest.clone(),
                         size,
                         from_cache: false,
+                        // Checked by the fill itself.
+                        verified: true,
                         file: fill.file.clone(),
                         fill: Some(rx),
                         store: None,
@@ -328,6 +333,8 @@ impl Cache {
                         digest: digest.clone(),
                         size: Some(size),
                         from_cache: false,
+                        // Checked by the fill itself.
+                        verified: true,
                         file: fill.file.clone(),
                         fill: None,
                         store: None,
@@ -914,8 +921,12 @@ impl Blob {
             })
             .clone();
         let mut fill = self.fill.clone();
-        // A whole stored blob is hashed as it is read; its last chunk waits for the digest.
-        let whole = self.from_cache && pos == 0 && end.is_none_or(|e| Some(e) >= self.size);
+        // A whole stored blob changed since it last hashed to its name (or never hashed by
+        // this process) is hashed as it is read; its last chunk waits for the digest.
+        let whole = self.from_cache
+            && !self.verified
+            && pos == 0
+            && end.is_none_or(|e| Some(e) >= self.size);
         let mut hasher = whole.then(Sha256::new);
         let mut held: Option<Bytes> = None;
         loop {
@@ -964,6 +975,9 @@ impl Blob {
                     let computed = Digest::from_hasher(h);
                     if computed != self.digest {
                         return Err(self.evict_corrupt(computed).await);
+                    }
+                    if let Some(store) = &self.store {
+                        store.mark_verified(&self.digest, &self.file);
                     }
                 }
                 if let Some(chunk) = held {

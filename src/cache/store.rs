@@ -30,6 +30,30 @@ pub const TOUCH_EVERY: Duration = Duration::from_secs(60);
 pub struct Entry {
     pub size: u64,
     pub last_used: SystemTime,
+    /// The file as it was when its bytes last hashed to its name (at commit, on a serve or by
+    /// the scrub). While the file still looks like that, a read need not hash it again.
+    verified: Option<Stamp>,
+}
+
+/// What identifies a file's contents as unchanged: inode, length and mtime. A write to the
+/// file (a flipped byte included) changes its mtime; silent bit rot does not, and is the
+/// scrub's to find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    len: u64,
+    mtime: SystemTime,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        Some(Self {
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: meta.modified().ok()?,
+        })
+    }
 }
 
 #[derive(Default)]
@@ -115,6 +139,8 @@ impl ContentStore {
                 Entry {
                     size: meta.len(),
                     last_used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    // Not hashed by this process yet: the first read hashes it.
+                    verified: None,
                 },
             );
         }
@@ -158,12 +184,14 @@ impl ContentStore {
     }
 
     /// Opens a stored blob for reading and records the use. `None` when it is not stored.
-    pub fn open_read(&self, digest: &Digest) -> Result<Option<(File, u64)>, CacheError> {
+    /// The flag says whether the file is unchanged since its bytes last hashed to its name
+    /// (then a reader need not hash it again; see [`ContentStore::mark_verified`]).
+    pub fn open_read(&self, digest: &Digest) -> Result<Option<(File, u64, bool)>, CacheError> {
         let now = SystemTime::now();
-        let previous = {
+        let (previous, stamp) = {
             let mut index = self.index();
             match index.entries.get_mut(digest) {
-                Some(e) => std::mem::replace(&mut e.last_used, now),
+                Some(e) => (std::mem::replace(&mut e.last_used, now), e.verified),
                 None => return Ok(None),
             }
         };
@@ -176,16 +204,32 @@ impl ContentStore {
             }
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let size = file.metadata().map_err(io_err(&path))?.len();
+        let meta = file.metadata().map_err(io_err(&path))?;
+        let size = meta.len();
+        let trusted = stamp.is_some() && stamp == Stamp::of(&meta);
         if now
             .duration_since(previous)
             .map(|d| d >= TOUCH_EVERY)
             .unwrap_or(true)
         {
             // Best effort: the in-memory index is authoritative while the daemon runs.
-            let _ = file.set_modified(now);
+            if file.set_modified(now).is_ok() && trusted {
+                // Our own touch does not make the bytes suspect.
+                self.set_stamp(digest, file.metadata().ok().and_then(|m| Stamp::of(&m)));
+            }
         }
-        Ok(Some((file, size)))
+        Ok(Some((file, size, trusted)))
+    }
+
+    /// Records that `file`, the stored blob `digest`, just hashed to its name.
+    pub fn mark_verified(&self, digest: &Digest, file: &File) {
+        self.set_stamp(digest, file.metadata().ok().and_then(|m| Stamp::of(&m)));
+    }
+
+    fn set_stamp(&self, digest: &Digest, stamp: Option<Stamp>) {
+        if let Some(e) = self.index().entries.get_mut(digest) {
+            e.verified = stamp;
+        }
     }
 
     fn forget(&self, digest: &Digest) -> Option<Entry> {
@@ -286,6 +330,9 @@ impl ContentStore {
         std::fs::rename(&ingest.path, &target).map_err(io_err(&target))?;
         ingest.done = true;
         sync_dir(&self.blobs).map_err(io_err(&self.blobs))?;
+        let verified = std::fs::metadata(&target)
+            .ok()
+            .and_then(|m| Stamp::of(&m));
         let mut index = self.index();
         let size = ingest.written;
         if let Some(old) = index.entries.insert(
@@ -293,6 +340,7 @@ impl ContentStore {
             Entry {
                 size,
                 last_used: SystemTime::now(),
+                verified,
             },
         ) {
             index.total -= old.size;
@@ -309,9 +357,15 @@ impl ContentStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
             Err(e) => return Err(io_err(&path)(e)),
         };
+        let before = file.metadata().ok().and_then(|m| Stamp::of(&m));
         let mut hasher = Sha256::new();
         std::io::copy(&mut file, &mut HashWriter(&mut hasher)).map_err(io_err(&path))?;
-        Ok(Digest::from_hasher(hasher) == *digest)
+        let ok = Digest::from_hasher(hasher) == *digest;
+        // Unchanged while it was read: what was hashed is what is stored.
+        if ok && before.is_some() && before == file.metadata().ok().and_then(|m| Stamp::of(&m)) {
+            self.set_stamp(digest, before);
+        }
+        Ok(ok)
     }
 
     /// Reads a whole stored blob if it is at most `max` bytes (manifests).
