@@ -54,7 +54,10 @@ pub fn assert_safe_name(what: &str, s: &str) {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')),
         "{what}: {s:?} accepted"
     );
-    assert!(s != "." && s != ".." && !s.starts_with('.'), "{what}: {s:?} accepted");
+    assert!(
+        s != "." && s != ".." && !s.starts_with('.'),
+        "{what}: {s:?} accepted"
+    );
 }
 
 pub fn assert_tag_ref(t: &TagRef) {
@@ -70,7 +73,9 @@ pub fn assert_pinned(snapshot: &Snapshot, p: &Pinned, namespace: Option<&str>) {
     let stream = snapshot
         .get(&StreamKey::new(&p.tag.namespace, &p.tag.name))
         .expect("pinned to a stream that does not exist");
-    let current = stream.tags[&p.tag.tag].current().expect("a current generation");
+    let current = stream.tags[&p.tag.tag]
+        .current()
+        .expect("a current generation");
     assert_eq!(p.digest, current.digest);
     assert_eq!(p.reference, current.reference);
     if let Some(ns) = namespace.filter(|n| !n.is_empty()) {

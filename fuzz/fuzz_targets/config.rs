@@ -17,7 +17,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert!(config.history_limit >= 1 && config.cache_max_bytes > 0);
-    config.mirror_addr().expect("a valid config has a mirror address");
+    config
+        .mirror_addr()
+        .expect("a valid config has a mirror address");
     let printed = toml::to_string(&config)
         .unwrap_or_else(|e| panic!("a valid config does not print: {e}: {config:?}"));
     let file = parse(&printed).unwrap_or_else(|e| panic!("printed config {printed:?}: {e}"));

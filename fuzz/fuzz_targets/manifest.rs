@@ -26,12 +26,18 @@ fuzz_target!(|data: &[u8]| {
             }
             assert_eq!(mine.blobs, all.blobs);
             if !all.manifests.is_empty() {
-                assert!(!mine.manifests.is_empty(), "an index yields at least one manifest");
+                assert!(
+                    !mine.manifests.is_empty(),
+                    "an index yields at least one manifest"
+                );
             }
             // Every child is a valid digest: safe as a file name in the content store.
             for d in all.manifests.iter().chain(&all.blobs) {
                 assert_eq!(d.hex().len(), 64);
-                assert!(d.hex().bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+                assert!(d
+                    .hex()
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
             }
             // (Not asserted: that `data` is valid JSON. serde_json skips ignored fields without
             // checking their UTF-8, and the bytes are served as they are, verified by digest.)

@@ -79,7 +79,10 @@ fn check(method: &Method, path: &str, query: &str, range: Option<&str>) {
 fn assert_name(name: &str) {
     assert!(!name.is_empty() && name.len() <= 255);
     for c in name.split('/') {
-        assert!(!c.is_empty() && c != "." && c != ".." && !c.contains(".."), "{name:?}");
+        assert!(
+            !c.is_empty() && c != "." && c != ".." && !c.contains(".."),
+            "{name:?}"
+        );
         assert!(
             c.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)),

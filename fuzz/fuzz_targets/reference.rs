@@ -27,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
         Ok(Classified::Stream(t)) => {
             common::assert_tag_ref(&t);
             let again = format!("{H}/{t}");
-            assert_eq!(classify(&again, H), Ok(Classified::Stream(t.clone())), "{again}");
+            assert_eq!(
+                classify(&again, H),
+                Ok(Classified::Stream(t.clone())),
+                "{again}"
+            );
             // The host is case-insensitive; the rest is not.
             let upper = format!("{}/{t}", H.to_ascii_uppercase());
             assert_eq!(classify(&upper, H), Ok(Classified::Stream(t)));
@@ -35,7 +39,10 @@ fuzz_target!(|data: &[u8]| {
         Ok(Classified::ShortName { name, tag }) => {
             common::assert_safe_name("stream", &name);
             common::assert_safe_name("tag", &tag);
-            assert!(!s.contains('/') && !s.contains('@'), "{s:?} is a short name");
+            assert!(
+                !s.contains('/') && !s.contains('@'),
+                "{s:?} is a short name"
+            );
             assert_eq!(
                 classify(&format!("{name}:{tag}"), H),
                 Ok(Classified::ShortName { name, tag })
@@ -80,7 +87,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(d.as_str(), s);
             assert_eq!(d.to_string(), s);
             assert_eq!(d.hex().len(), 64);
-            assert!(d.hex().bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+            assert!(d
+                .hex()
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
             assert!(is_image_id(s));
         }
         Err(e) => {
@@ -107,7 +117,13 @@ fuzz_target!(|data: &[u8]| {
     // Resolution, as the CRI proxy does it for a pod of a namespace (or none).
     static SNAPSHOT: OnceLock<imagestream::stream::resolve::Snapshot> = OnceLock::new();
     let snapshot = SNAPSHOT.get_or_init(common::snapshot);
-    for ns in [None, Some("team-a"), Some("team-b"), Some("team-x"), Some("other")] {
+    for ns in [
+        None,
+        Some("team-a"),
+        Some("team-b"),
+        Some("team-x"),
+        Some("other"),
+    ] {
         match resolve(snapshot, H, s, ns) {
             Ok(Resolution::Pinned(p)) => common::assert_pinned(snapshot, &p, ns),
             Ok(Resolution::PassThrough) => {
