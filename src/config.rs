@@ -257,6 +257,11 @@ impl Config {
             }
             None => None,
         };
+        Self::build(file, overrides)
+    }
+
+    /// Defaults, then `file` (already parsed, see [`parse`]), then `overrides`, validated.
+    pub fn build(file: Option<FileConfig>, overrides: Overrides) -> Result<Self, ConfigError> {
         let mut config = Config::default();
         if let Some(f) = file {
             config.apply_file(f);
@@ -555,6 +560,23 @@ mod tests {
         assert_eq!(c.cri_socket, PathBuf::from("/tmp/flag.sock"));
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
         assert_eq!(c.insecure_registries, vec!["r:5000", "s:1"]);
+    }
+
+    #[test]
+    fn built_from_text_and_printed_config_reads_back() {
+        let file = parse("state_dir = \"/srv/is\"\nmirror_upstreams = [\"https://r.example\"]\n")
+            .expect("parses");
+        let c = Config::build(Some(file), Overrides::default()).expect("valid");
+        assert_eq!(c.state_dir, PathBuf::from("/srv/is"));
+        let printed = toml::to_string(&c).expect("prints");
+        let again = Config::build(
+            Some(parse(&printed).expect("reparses")),
+            Overrides::default(),
+        )
+        .expect("valid");
+        assert_eq!(again, c);
+        let bad = parse("history_limit = 0").expect("parses");
+        assert!(Config::build(Some(bad), Overrides::default()).is_err());
     }
 
     #[test]

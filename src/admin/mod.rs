@@ -157,7 +157,13 @@ fn key(namespace: String, name: String) -> StreamKey {
     StreamKey::new(namespace, name)
 }
 
-fn tag_ref(namespace: String, name: String, tag: String) -> Result<TagRef, Status> {
+// The checks of admin requests made before anything is looked up, stored or fetched. They are
+// pure, so that the fuzz target `admin_request` runs them on arbitrary requests; the stream
+// service then checks the names again ([`crate::stream::service::validate_key`]) and the source.
+
+/// A tag named by a request: the tag is checked here, the stream's namespace and name by the
+/// stream service.
+pub fn tag_ref(namespace: String, name: String, tag: String) -> Result<TagRef, Status> {
     crate::stream::names::validate_tag(&tag)
         .map_err(|e| crate::audit::status(tonic::Code::InvalidArgument, e.to_string()))?;
     Ok(TagRef {
@@ -165,6 +171,91 @@ fn tag_ref(namespace: String, name: String, tag: String) -> Result<TagRef, Statu
         name,
         tag,
     })
+}
+
+/// An optional namespace filter (empty: none), checked.
+pub fn namespace_filter(namespace: &str) -> Result<Option<&str>, Status> {
+    let ns = Some(namespace).filter(|n| !n.is_empty());
+    if let Some(ns) = ns {
+        crate::stream::names::validate_namespace(ns)
+            .map_err(|e| crate::audit::status(tonic::Code::InvalidArgument, e.to_string()))?;
+    }
+    Ok(ns)
+}
+
+/// A `Watch` request: a stream name needs its namespace.
+pub fn check_watch(r: &pb::WatchRequest) -> Result<(), Status> {
+    if r.namespace.is_empty() && !r.name.is_empty() {
+        return Err(crate::audit::status(
+            tonic::Code::InvalidArgument,
+            "a stream name needs its namespace",
+        ));
+    }
+    Ok(())
+}
+
+/// A `SetTag` request: the tag, a non-empty source, and the schedule (an interval of 0 is the
+/// default; shorter than `min_import_interval_secs` is refused).
+pub fn check_set_tag(
+    r: &pb::SetTagRequest,
+    min_import_interval_secs: u64,
+) -> Result<(TagRef, Option<crate::stream::model::Schedule>), Status> {
+    let t = tag_ref(r.namespace.clone(), r.name.clone(), r.tag.clone())?;
+    if r.source.is_empty() {
+        return Err(crate::audit::status(
+            tonic::Code::InvalidArgument,
+            "source reference must not be empty",
+        ));
+    }
+    let schedule = if r.scheduled {
+        let interval = if r.interval_secs == 0 {
+            crate::importer::DEFAULT_INTERVAL_SECS
+        } else {
+            r.interval_secs
+        };
+        if interval < min_import_interval_secs {
+            return Err(crate::audit::status(
+                tonic::Code::InvalidArgument,
+                format!(
+                    "interval {interval}s is shorter than the minimum of {min_import_interval_secs}s (import_min_interval_secs)"
+                ),
+            ));
+        }
+        Some(crate::stream::model::Schedule {
+            interval_secs: interval,
+        })
+    } else {
+        None
+    };
+    Ok((t, schedule))
+}
+
+/// A `Resolve` request: a non-empty reference of at most
+/// [`crate::registry::MAX_REFERENCE_LEN`] characters, and the optional namespace.
+pub fn check_resolve(r: &pb::ResolveRequest) -> Result<Option<&str>, Status> {
+    if r.reference.len() > crate::registry::MAX_REFERENCE_LEN {
+        return Err(crate::audit::status(
+            tonic::Code::InvalidArgument,
+            format!(
+                "reference {:?} is longer than {} characters",
+                r.reference,
+                crate::registry::MAX_REFERENCE_LEN
+            ),
+        ));
+    }
+    if r.reference.is_empty() {
+        return Err(crate::audit::status(
+            tonic::Code::InvalidArgument,
+            "reference must not be empty",
+        ));
+    }
+    namespace_filter(&r.namespace)
+}
+
+/// The digest of a `RemoveCacheBlob` request.
+pub fn check_cache_digest(digest: &str) -> Result<crate::registry::Digest, Status> {
+    crate::registry::Digest::parse(digest)
+        .map_err(|e| crate::audit::status(tonic::Code::InvalidArgument, e))
 }
 
 impl From<crate::stream::events::TagEvent> for pb::TagEvent {
@@ -198,12 +289,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.read(&req, "watch")?;
         let r = req.into_inner();
-        if r.namespace.is_empty() && !r.name.is_empty() {
-            return Err(crate::audit::status(
-                tonic::Code::InvalidArgument,
-                "a stream name needs its namespace",
-            ));
-        }
+        check_watch(&r)?;
         let mut events = self.streams.view().events();
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_QUEUE);
         tokio::spawn(async move {
@@ -262,11 +348,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::ListStreamsResponse>, Status> {
         self.read(&req, "list streams")?;
         let r = req.into_inner();
-        let ns = Some(r.namespace.as_str()).filter(|n| !n.is_empty());
-        if let Some(ns) = ns {
-            crate::stream::names::validate_namespace(ns)
-                .map_err(|e| crate::audit::status(tonic::Code::InvalidArgument, e.to_string()))?;
-        }
+        let ns = namespace_filter(&r.namespace)?;
         let streams = self.streams.list(ns).into_iter().map(Into::into).collect();
         Ok(Response::new(pb::ListStreamsResponse { streams }))
     }
@@ -335,34 +417,7 @@ impl Admin for AdminApi {
     async fn set_tag(&self, req: Request<pb::SetTagRequest>) -> Result<Response<pb::Tag>, Status> {
         let caller = self.write(&req, "set tag")?;
         let r = req.into_inner();
-        let t = tag_ref(r.namespace, r.name, r.tag)?;
-        if r.source.is_empty() {
-            return Err(crate::audit::status(
-                tonic::Code::InvalidArgument,
-                "source reference must not be empty",
-            ));
-        }
-        let schedule = if r.scheduled {
-            let interval = if r.interval_secs == 0 {
-                crate::importer::DEFAULT_INTERVAL_SECS
-            } else {
-                r.interval_secs
-            };
-            if interval < self.min_import_interval_secs {
-                return Err(crate::audit::status(
-                    tonic::Code::InvalidArgument,
-                    format!(
-                        "interval {interval}s is shorter than the minimum of {}s (import_min_interval_secs)",
-                        self.min_import_interval_secs
-                    ),
-                ));
-            }
-            Some(crate::stream::model::Schedule {
-                interval_secs: interval,
-            })
-        } else {
-            None
-        };
+        let (t, schedule) = check_set_tag(&r, self.min_import_interval_secs)?;
         let before = self.current(&t);
         let tag = self
             .streams
@@ -551,8 +606,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::RemoveCacheBlobResponse>, Status> {
         let caller = self.write(&req, "remove cached blob")?;
         let r = req.into_inner();
-        let digest = crate::registry::Digest::parse(&r.digest)
-            .map_err(|e| crate::audit::status(tonic::Code::InvalidArgument, e))?;
+        let digest = check_cache_digest(&r.digest)?;
         let freed = self.cache.remove(&digest).await?;
         auth::record(
             &caller,
@@ -593,27 +647,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::ResolveResponse>, Status> {
         self.read(&req, "resolve")?;
         let r = req.into_inner();
-        if r.reference.len() > crate::registry::MAX_REFERENCE_LEN {
-            return Err(crate::audit::status(
-                tonic::Code::InvalidArgument,
-                format!(
-                    "reference {:?} is longer than {} characters",
-                    r.reference,
-                    crate::registry::MAX_REFERENCE_LEN
-                ),
-            ));
-        }
-        if r.reference.is_empty() {
-            return Err(crate::audit::status(
-                tonic::Code::InvalidArgument,
-                "reference must not be empty",
-            ));
-        }
-        let ns = Some(r.namespace.as_str()).filter(|n| !n.is_empty());
-        if let Some(ns) = ns {
-            crate::stream::names::validate_namespace(ns)
-                .map_err(|e| crate::audit::status(tonic::Code::InvalidArgument, e.to_string()))?;
-        }
+        let ns = check_resolve(&r)?;
         let resolution = self
             .streams
             .resolve(&r.reference, ns)
@@ -687,5 +721,62 @@ impl From<Generation> for pb::Generation {
             source: g.source,
             held: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_checks() {
+        let set =
+            |tag: &str, source: &str, scheduled: bool, interval_secs: u64| pb::SetTagRequest {
+                namespace: "team-a".into(),
+                name: "app".into(),
+                tag: tag.into(),
+                source: source.into(),
+                scheduled,
+                interval_secs,
+            };
+        let (t, schedule) = check_set_tag(&set("prod", "nginx", false, 0), 30).expect("ok");
+        assert_eq!(t.to_string(), "team-a/app:prod");
+        assert_eq!(schedule, None);
+        let (_, schedule) = check_set_tag(&set("prod", "nginx", true, 0), 30).expect("ok");
+        assert_eq!(
+            schedule.map(|s| s.interval_secs),
+            Some(crate::importer::DEFAULT_INTERVAL_SECS)
+        );
+        for bad in [
+            set("", "nginx", false, 0),
+            set("a/b", "nginx", false, 0),
+            set("prod", "", false, 0),
+            set("prod", "nginx", true, 5),
+        ] {
+            let e = check_set_tag(&bad, 30).expect_err("refused");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        }
+        assert_eq!(namespace_filter("").expect("ok"), None);
+        assert_eq!(namespace_filter("team-a").expect("ok"), Some("team-a"));
+        assert!(namespace_filter("Team").is_err());
+        let resolve = |reference: &str, namespace: &str| pb::ResolveRequest {
+            reference: reference.into(),
+            namespace: namespace.into(),
+        };
+        assert_eq!(
+            check_resolve(&resolve("app:prod", "team-a")).expect("ok"),
+            Some("team-a")
+        );
+        assert!(check_resolve(&resolve("", "")).is_err());
+        assert!(check_resolve(&resolve(&"a".repeat(5000), "")).is_err());
+        let watch = |namespace: &str, name: &str| pb::WatchRequest {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        assert!(check_watch(&watch("", "")).is_ok());
+        assert!(check_watch(&watch("team-a", "app")).is_ok());
+        assert!(check_watch(&watch("", "app")).is_err());
+        assert!(check_cache_digest(&format!("sha256:{}", "a".repeat(64))).is_ok());
+        assert!(check_cache_digest("sha256:../x").is_err());
     }
 }

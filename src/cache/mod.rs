@@ -326,7 +326,7 @@ impl Cache {
                         file: fill.file.clone(),
                         fill: Some(rx),
                         store: None,
-                    })
+                    });
                 }
                 FillState::Done { size } => {
                     return Ok(Blob {
@@ -338,7 +338,7 @@ impl Cache {
                         file: fill.file.clone(),
                         fill: None,
                         store: None,
-                    })
+                    });
                 }
                 FillState::Failed(cause) => {
                     return Err(CacheError::Fill {

@@ -178,7 +178,9 @@ pub fn pinned(
                 continue;
             }
             if let Ok(Some(bytes)) = store.read_small(&d, super::MAX_MANIFEST_BYTES) {
-                if let Ok(c) = children(&bytes, false) {
+                // An index whose entry for another platform is unusable (a sha512 digest) is
+                // still this node's image: pin at least what `holds` and prefetch follow.
+                if let Ok(c) = children(&bytes, false).or_else(|_| children(&bytes, true)) {
                     queue.extend(c.manifests);
                     reached.extend(c.blobs);
                 }
@@ -221,5 +223,60 @@ mod tests {
         let c = children(manifest.as_bytes(), true).expect("manifest");
         assert_eq!(c.blobs.len(), 2);
         assert!(children(br#"{"layers":[{"digest":"sha256:../x"}]}"#, true).is_err());
+    }
+
+    /// Found by the `manifest` fuzz target: an index with an entry for another platform that
+    /// has no sha256 digest yields this platform's children, but pinned nothing, so the node's
+    /// current image could be evicted although `holds` said it was complete.
+    #[test]
+    fn index_with_an_unusable_foreign_entry_still_pins_this_platform() {
+        use crate::stream::model::{NewGeneration, Stream, StreamKey, Tag};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ContentStore::open(dir.path()).expect("open");
+        let (os, arch) = node_platform();
+        let (config, layer) = (b"{}".to_vec(), b"layer".to_vec());
+        let manifest = format!(
+            r#"{{"config":{{"digest":"{}"}},"layers":[{{"digest":"{}"}}]}}"#,
+            Digest::of(&config),
+            Digest::of(&layer)
+        );
+        let index = format!(
+            r#"{{"manifests":[{{"digest":"{}","platform":{{"os":"{os}","architecture":"{arch}"}}}},{{"digest":"sha512:{}","platform":{{"os":"windows","architecture":"{arch}"}}}}]}}"#,
+            Digest::of(manifest.as_bytes()),
+            "a".repeat(128)
+        );
+        for bytes in [
+            &config,
+            &layer,
+            &manifest.clone().into_bytes(),
+            &index.clone().into_bytes(),
+        ] {
+            store.put(&Digest::of(bytes), bytes).expect("put");
+        }
+        let root = Digest::of(index.as_bytes());
+        assert!(holds(&store, &root));
+        let mut stream = Stream::new(&StreamKey::new("team-a", "app"), false);
+        let mut tag = Tag {
+            name: "prod".into(),
+            source: "r.example/app:v1".into(),
+            generations: Vec::new(),
+            schedule: None,
+            condition: None,
+        };
+        tag.push(
+            NewGeneration {
+                digest: root.to_string(),
+                reference: format!("r.example/app@{root}"),
+                created: "now".into(),
+                cause: "set".into(),
+                source: tag.source.clone(),
+            },
+            20,
+        );
+        stream.tags.insert("prod".into(), tag);
+        let pins = pinned(&Snapshot::new([stream]), 3, &store);
+        for bytes in [&config, &layer, &manifest.into_bytes(), &index.into_bytes()] {
+            assert!(pins.contains_key(&Digest::of(bytes)), "not pinned");
+        }
     }
 }

@@ -330,9 +330,7 @@ impl ContentStore {
         std::fs::rename(&ingest.path, &target).map_err(io_err(&target))?;
         ingest.done = true;
         sync_dir(&self.blobs).map_err(io_err(&self.blobs))?;
-        let verified = std::fs::metadata(&target)
-            .ok()
-            .and_then(|m| Stamp::of(&m));
+        let verified = std::fs::metadata(&target).ok().and_then(|m| Stamp::of(&m));
         let mut index = self.index();
         let size = ingest.written;
         if let Some(old) = index.entries.insert(

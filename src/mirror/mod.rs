@@ -208,13 +208,40 @@ fn check_tag(tag: &str) -> Result<(), MirrorError> {
     }
 }
 
+/// Checks a manifest request: the repository name, and the reference (a digest when it contains
+/// `:`, else a tag).
+pub fn check_manifest_request(name: &str, reference: &str) -> Result<(), MirrorError> {
+    check_name(name)?;
+    if reference.contains(':') {
+        Digest::parse(reference)
+            .map_err(|_| MirrorError::DigestInvalid(reference.chars().take(200).collect()))?;
+    } else {
+        check_tag(reference)?;
+    }
+    Ok(())
+}
+
+/// Checks a blob request: the repository name and the digest.
+pub fn check_blob_request(name: &str, digest: &str) -> Result<Digest, MirrorError> {
+    check_name(name)?;
+    Digest::parse(digest)
+        .map_err(|_| MirrorError::DigestInvalid(digest.chars().take(200).collect()))
+}
+
+/// The upstream registry named by the `ns` query parameter, lowercased.
+pub fn ns_param(query: &str) -> Option<String> {
+    query_param(query, "ns").map(|v| v.to_ascii_lowercase())
+}
+
 /// The mirror's request handler.
 pub struct Mirror {
     cache: Arc<Cache>,
     upstreams: Upstreams,
 }
 
-enum Route<'a> {
+/// What a request path asks for ([`route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
     Base,
     Metrics,
     Manifest { name: &'a str, reference: &'a str },
@@ -223,7 +250,9 @@ enum Route<'a> {
     Unknown,
 }
 
-fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
+/// Routes a request by method and URL path (not yet checked: see [`check_manifest_request`] and
+/// [`check_blob_request`]).
+pub fn route<'a>(method: &Method, path: &'a str) -> Route<'a> {
     if path == "/metrics" {
         return Route::Metrics;
     }
@@ -389,8 +418,7 @@ impl Mirror {
 
     /// The upstream named by `ns` (or the only one configured), checked against the allowed set.
     fn origin(&self, name: &str, query: &str) -> Result<Option<Origin>, MirrorError> {
-        let ns = query_param(query, "ns").map(|v| v.to_ascii_lowercase());
-        let host = match ns {
+        let host = match ns_param(query) {
             Some(h) => h,
             None => match self.upstreams.single() {
                 Some(h) => h.to_string(),
@@ -416,13 +444,7 @@ impl Mirror {
         query: &str,
         head: bool,
     ) -> Result<Response<Body>, MirrorError> {
-        check_name(name)?;
-        if reference.contains(':') {
-            Digest::parse(reference)
-                .map_err(|_| MirrorError::DigestInvalid(reference.chars().take(200).collect()))?;
-        } else {
-            check_tag(reference)?;
-        }
+        check_manifest_request(name, reference)?;
         let origin = self.origin(name, query)?;
         let m = self.cache.manifest(origin.as_ref(), reference).await?;
         let len = m.bytes.len();
@@ -448,9 +470,7 @@ impl Mirror {
         head: bool,
         range: Option<&str>,
     ) -> Result<Response<Body>, MirrorError> {
-        check_name(name)?;
-        let digest = Digest::parse(digest)
-            .map_err(|_| MirrorError::DigestInvalid(digest.chars().take(200).collect()))?;
+        let digest = check_blob_request(name, digest)?;
         let origin = self.origin(name, query)?;
         let mut blob = self.cache.blob(&digest, origin.as_ref()).await?;
         if (range.is_some() || blob.size.is_none()) && !blob.from_cache {
@@ -540,6 +560,39 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_and_request_checks() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let path = format!("/v2/library/busybox/manifests/{d}");
+        assert_eq!(
+            route(&Method::GET, &path),
+            Route::Manifest {
+                name: "library/busybox",
+                reference: &d
+            }
+        );
+        assert_eq!(
+            route(&Method::HEAD, "/v2/a/b/blobs/x"),
+            Route::Blob {
+                name: "a/b",
+                digest: "x"
+            }
+        );
+        assert_eq!(route(&Method::PUT, "/v2/a/manifests/t"), Route::Write);
+        assert_eq!(route(&Method::GET, "/v2/a/blobs/uploads/"), Route::Write);
+        assert_eq!(route(&Method::GET, "/v2"), Route::Base);
+        assert_eq!(route(&Method::GET, "/x"), Route::Unknown);
+        assert!(check_manifest_request("library/busybox", "1.36").is_ok());
+        assert!(check_manifest_request("library/busybox", &d).is_ok());
+        assert!(check_manifest_request("library/busybox", "sha256:abc").is_err());
+        assert!(check_manifest_request("library/busybox", ".x").is_err());
+        assert!(check_manifest_request("../etc", "v1").is_err());
+        assert_eq!(check_blob_request("a", &d).expect("ok").as_str(), d);
+        assert!(check_blob_request("a", "sha256:../../x").is_err());
+        assert_eq!(ns_param("ns=Docker.IO").as_deref(), Some("docker.io"));
+        assert_eq!(ns_param("x=1"), None);
+    }
 
     #[test]
     fn names_ranges_and_upstreams() {

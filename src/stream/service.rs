@@ -655,7 +655,8 @@ fn tag_key(t: &TagRef) -> StreamKey {
     StreamKey::new(&t.namespace, &t.name)
 }
 
-fn validate_key(key: &StreamKey) -> Result<(), NameError> {
+/// Checks a stream's namespace and name.
+pub fn validate_key(key: &StreamKey) -> Result<(), NameError> {
     validate_namespace(&key.namespace)?;
     super::names::validate_stream_name(&key.name)
 }
