@@ -4,7 +4,8 @@
 //! image; pod B (no secret, a wrong one) is refused at PullImage and at CreateContainer,
 //! although containerd holds the image; ImageStatus hides it so the kubelet always pulls with
 //! the pod's credentials. With the registry down, credentials verified before are accepted,
-//! others refused with `RegistryUnavailable`. The password never reaches the log.
+//! others refused with `RegistryUnavailable`; so is a runtime pull from a registry that refuses
+//! connections. The password never reaches the log.
 
 mod common;
 
@@ -200,10 +201,22 @@ async fn a_private_image_in_the_node_cache_runs_only_for_pods_with_its_pull_secr
     let offline = pull(&mut img, &image, auth("someone", "else"), &pod_d)
         .await
         .expect_err("unverifiable credentials");
-    assert_eq!(offline.code(), tonic::Code::Unavailable, "{offline:?}");
+    assert_eq!(offline.code(), tonic::Code::Unknown, "{offline:?}");
     assert!(
         offline.message().starts_with("RegistryUnavailable"),
         "{offline:?}"
+    );
+
+    // A pull that fails in the runtime because the registry is unreachable carries the
+    // kubelet's RegistryUnavailable convention too (containerd's own message does not).
+    let dead = format!("127.0.0.1:{}/nothing/here:v1", free_port());
+    let refused = pull(&mut img, &dead, None, &pod_d)
+        .await
+        .expect_err("a registry that refuses connections");
+    assert_eq!(refused.code(), tonic::Code::Unknown, "{refused:?}");
+    assert!(
+        refused.message().starts_with("RegistryUnavailable: "),
+        "{refused:?}"
     );
 
     remove_pod(&mut rt, &pod_a_id).await;

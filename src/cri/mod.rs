@@ -1,7 +1,8 @@
 //! The CRI proxy: serves CRI v1 `RuntimeService` and `ImageService` (and any other gRPC path)
 //! on the CRI socket, forwarding to the real runtime ([`upstream`]) and rewriting stream
 //! references to pinned digests in the four calls that carry them ([`proxy`]), keeping private
-//! images to the pods that hold their pull secrets ([`private`]). Both sides run
+//! images to the pods that hold their pull secrets ([`private`]), and marking pull errors that
+//! are the registry's fault the way the kubelet expects ([`pull_errors`]). Both sides run
 //! over [`io::ProxyStream`], unix streams tuned to wake the proxy thread only when there is
 //! something to read. Every call is
 //! counted, by method and gRPC status, with its duration, in the CRI call metrics
@@ -14,6 +15,7 @@ pub mod io;
 pub mod policy;
 pub mod private;
 pub mod proxy;
+pub mod pull_errors;
 pub mod upstream;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};

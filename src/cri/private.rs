@@ -78,7 +78,9 @@ pub enum PrivateError {
 impl From<PrivateError> for tonic::Status {
     fn from(e: PrivateError) -> Self {
         let code = match e {
-            PrivateError::Unverifiable { .. } => tonic::Code::Unavailable,
+            // The kubelet's convention for "the registry is down": code Unknown and a message
+            // starting with RegistryUnavailable (see `super::pull_errors`).
+            PrivateError::Unverifiable { .. } => tonic::Code::Unknown,
             _ => tonic::Code::PermissionDenied,
         };
         crate::audit::status(code, e.to_string())

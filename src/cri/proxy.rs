@@ -161,7 +161,9 @@ impl CriProxy {
     {
         let call = Call::start(req.uri().path());
         let resp = match req.uri().path() {
-            PULL_IMAGE => self.rewritten(req, "PullImage", Self::pull_image).await,
+            PULL_IMAGE => {
+                super::pull_errors::mark(self.rewritten(req, "PullImage", Self::pull_image).await)
+            }
             IMAGE_STATUS => self.rewritten(req, "ImageStatus", Self::image_status).await,
             REMOVE_IMAGE => self.rewritten(req, "RemoveImage", Self::remove_image).await,
             CREATE_CONTAINER => {
