@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::daemon::{spawn_watch, Daemon};
+use common::daemon::{dense_generations, spawn_watch, Daemon};
 use common::etcd::Etcd;
 use common::mirror::cri_pull_image;
 use common::*;
@@ -73,18 +73,6 @@ fn history(d: &Daemon) -> Vec<serde_json::Value> {
         .as_array()
         .cloned()
         .unwrap_or_default()
-}
-
-/// Generation numbers must be strictly decreasing by one from the newest (append-only, none
-/// lost).
-fn assert_dense(h: &[serde_json::Value]) {
-    let gens: Vec<u64> = h
-        .iter()
-        .map(|g| g["generation"].as_u64().expect("generation number"))
-        .collect();
-    for w in gens.windows(2) {
-        assert_eq!(w[0], w[1] + 1, "generations {gens:?} are not dense");
-    }
 }
 
 fn set_tag(d: &Daemon, source: &str) -> std::process::Output {
@@ -170,7 +158,7 @@ fn a_tag_set_on_one_node_is_what_every_node_resolves_and_runs() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(h.len(), expected, "node 3 sees every generation: {h:?}");
-    assert_dense(&h);
+    dense_generations(&h, "history");
     assert_eq!(h[0]["generation"].as_u64(), Some(expected as u64));
     let v2_sets = h.iter().filter(|g| g["digest"] == v2.as_str()).count();
     assert_eq!(v2_sets, rounds, "every set of v2 is in the history: {h:?}");
@@ -283,7 +271,7 @@ fn scheduled_imports_run_on_one_node_and_move_on_when_it_dies() {
     let h = history(&nodes[other]);
     assert_eq!(h.len(), 3, "{h:?}");
     assert_eq!(h[0]["cause"], "import");
-    assert_dense(&h);
+    dense_generations(&h, "history");
 }
 
 #[test]
@@ -442,7 +430,7 @@ fn a_three_member_etcd_loses_members_and_a_cut_off_node_catches_up() {
     eprintln!("node 3 caught up {took:?} after its member was back");
     let h = history(&n3);
     assert_eq!(h.len(), 3, "{h:?}");
-    assert_dense(&h);
+    dense_generations(&h, "history");
 }
 
 #[test]

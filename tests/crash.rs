@@ -321,14 +321,7 @@ fn kill_9_during_tag_updates() {
             "history length {}",
             gens.len()
         );
-        let numbers: Vec<u64> = gens
-            .iter()
-            .map(|g| g["generation"].as_u64().expect("generation number"))
-            .collect();
-        assert!(
-            numbers.windows(2).all(|w| w[0] == w[1] + 1),
-            "round {i}: generations not dense: {numbers:?}"
-        );
+        let numbers = common::daemon::dense_generations(gens, &format!("round {i}"));
         assert!(
             numbers[0] >= last_generation,
             "round {i}: history went backwards: {} < {last_generation}",

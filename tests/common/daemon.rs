@@ -328,6 +328,21 @@ pub fn cli_with_socket(admin_socket: &Path, args: &[&str]) -> Output {
         .expect("run imagestream CLI")
 }
 
+/// The generation numbers of a `tag history -o json` answer's `generations`, newest first;
+/// panics (naming `context`) unless each is one less than the one before: append-only, none
+/// lost.
+pub fn dense_generations(generations: &[serde_json::Value], context: &str) -> Vec<u64> {
+    let numbers: Vec<u64> = generations
+        .iter()
+        .map(|g| g["generation"].as_u64().expect("generation number"))
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0] == w[1] + 1),
+        "{context}: generations not dense: {numbers:?}"
+    );
+    numbers
+}
+
 pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{sig}"))
