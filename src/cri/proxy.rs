@@ -17,9 +17,7 @@ use k8s_cri::v1::{
     CreateContainerRequest, ImageSpec, ImageStatusRequest, ImageStatusResponse, PullImageRequest,
     PullImageResponse, RemoveImageRequest, RemoveImageResponse,
 };
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 use tonic::body::Body;
 use tonic::Status;
@@ -108,8 +106,6 @@ pub fn method_index(path: &str) -> usize {
 /// Largest CRI message accepted or sent on the rewritten calls (the kubelet's own limit).
 pub const MAX_CRI_MESSAGE_BYTES: usize = 16 << 20;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// Resolution errors as the kubelet sees them.
 impl From<ResolveError> for Status {
     fn from(e: ResolveError) -> Self {
@@ -152,90 +148,77 @@ impl CriProxy {
         self
     }
 
-    /// Handles one HTTP/2 request from a CRI client. The answer's body records the call in
-    /// the CRI call metrics when its gRPC status passes (see [`CallBody`]).
-    pub async fn handle<B>(self: Arc<Self>, req: http::Request<B>) -> http::Response<CallBody>
-    where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError> + Send,
-    {
-        let call = Call::start(req.uri().path());
-        let resp = match req.uri().path() {
-            PULL_IMAGE => {
-                super::pull_errors::mark(self.rewritten(req, "PullImage", Self::pull_image).await)
-            }
-            IMAGE_STATUS => self.rewritten(req, "ImageStatus", Self::image_status).await,
-            REMOVE_IMAGE => self.rewritten(req, "RemoveImage", Self::remove_image).await,
-            CREATE_CONTAINER => {
-                self.rewritten(req, "CreateContainer", Self::create_container)
-                    .await
-            }
-            _ => {
-                let path = req.uri().path();
-                let unary = CRI_METHODS
-                    .get(call.method)
-                    .is_some_and(|m| m.unary && m.path == path);
-                let (parts, body) = req.into_parts();
-                if unary {
-                    match collect(&parts, body).await {
-                        Ok(body) => {
-                            self.upstream
-                                .forward(parts, RequestBody::<B>::Full(body))
-                                .await
-                        }
-                        Err(status) => status.into_http(),
-                    }
-                } else {
-                    self.upstream
-                        .forward(parts, RequestBody::Stream(body))
-                        .await
-                }
-            }
-        };
-        CallBody::new(resp, call)
+    /// The runtime connection the proxy's own calls use.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
-    /// One of the four calls that may carry a stream reference: collects and decodes the
-    /// request, lets `decide` look at it (in the call's span), then answers, refuses or forwards.
-    async fn rewritten<Req, B, F>(
-        self: Arc<Self>,
-        req: http::Request<B>,
+    /// Decides on a complete request to one of the four methods that may carry a stream
+    /// reference (`parts` and `body` as the client sent them): forward it as received, or
+    /// answer it here (an answer made here, a refusal, or the runtime's answer to a rewritten
+    /// request). Any other path is forwarded.
+    pub async fn decide(self: Arc<Self>, parts: http::request::Parts, body: Bytes) -> Verdict {
+        match parts.uri.path() {
+            PULL_IMAGE => match self
+                .rewritten(parts, body, "PullImage", Self::pull_image)
+                .await
+            {
+                // A pull is answered through the proxy's own runtime connection, so that a
+                // registry failure can be marked in its status (see `super::pull_errors`).
+                Rewritten::Forward(parts, body) => Verdict::Respond(super::pull_errors::mark(
+                    self.upstream.forward(parts, RequestBody::<Empty>::Full(body)).await,
+                )),
+                Rewritten::Respond(resp) => Verdict::Respond(super::pull_errors::mark(resp)),
+            },
+            IMAGE_STATUS => self
+                .rewritten(parts, body, "ImageStatus", Self::image_status)
+                .await
+                .into(),
+            REMOVE_IMAGE => self
+                .rewritten(parts, body, "RemoveImage", Self::remove_image)
+                .await
+                .into(),
+            CREATE_CONTAINER => self
+                .rewritten(parts, body, "CreateContainer", Self::create_container)
+                .await
+                .into(),
+            _ => Verdict::Forward,
+        }
+    }
+
+    /// One of the four calls that may carry a stream reference: decodes the request, lets
+    /// `decide` look at it (in the call's span), then answers, refuses or forwards.
+    async fn rewritten<Req, F>(
+        self: &Arc<Self>,
+        mut parts: http::request::Parts,
+        body: Bytes,
         method: &'static str,
         decide: F,
-    ) -> http::Response<Body>
+    ) -> Rewritten
     where
         Req: prost::Message + Default,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError> + Send,
         F: AsyncFn(&Self, Req) -> Result<Decision, Status>,
     {
         let span = cri_span(method);
         async move {
-            let (mut parts, body) = req.into_parts();
-            let body = match collect(&parts, body).await {
-                Ok(body) => body,
-                Err(status) => return status.into_http(),
-            };
             let decision = match decode_message::<Req>(&body) {
-                Ok(msg) => decide(&self, msg).await,
+                Ok(msg) => decide(self, msg).await,
                 Err(status) => Err(status),
             };
             match decision {
-                Ok(Decision::Forward) => {
-                    self.upstream
-                        .forward(parts, RequestBody::<B>::Full(body))
-                        .await
-                }
+                Ok(Decision::Forward) => Rewritten::Forward(parts, body),
                 Ok(Decision::ForwardRewritten(body)) => {
                     // The message changed length; gRPC clients send no content-length, but
                     // one that did would now be wrong.
                     parts.headers.remove(http::header::CONTENT_LENGTH);
-                    self.upstream
-                        .forward(parts, RequestBody::<B>::Full(body))
-                        .await
+                    Rewritten::Respond(
+                        self.upstream
+                            .forward(parts, RequestBody::<Empty>::Full(body))
+                            .await,
+                    )
                 }
-                Ok(Decision::Answer(message)) => answer(message),
-                Err(status) => status.into_http(),
+                Ok(Decision::Answer(message)) => Rewritten::Respond(answer(message)),
+                Err(status) => Rewritten::Respond(status.into_http()),
             }
         }
         .instrument(span)
@@ -483,26 +466,32 @@ enum Decision {
     Answer(Bytes),
 }
 
-/// The whole body of a unary request, at most one CRI message.
-async fn collect<B>(parts: &http::request::Parts, body: B) -> Result<Bytes, Status>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    // gRPC framing adds 5 bytes to the message.
-    match http_body_util::BodyExt::collect(http_body_util::Limited::new(
-        body,
-        MAX_CRI_MESSAGE_BYTES + 5,
-    ))
-    .await
-    {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(crate::audit::status(
-            tonic::Code::ResourceExhausted,
-            format!("request to {} not forwarded: {e}", parts.uri.path()),
-        )),
+/// What becomes of a request to one of the four methods (see [`CriProxy::decide`]).
+pub enum Verdict {
+    /// Forward the request to the runtime as received; its answer comes back untouched.
+    Forward,
+    /// Answer the client with this (made here, or the runtime's answer to a request the
+    /// proxy sent itself).
+    Respond(http::Response<Body>),
+}
+
+/// [`CriProxy::rewritten`]'s outcome: forward as received (`parts` and body kept for a caller
+/// that forwards itself), or this answer.
+enum Rewritten {
+    Forward(http::request::Parts, Bytes),
+    Respond(http::Response<Body>),
+}
+
+impl From<Rewritten> for Verdict {
+    fn from(r: Rewritten) -> Self {
+        match r {
+            Rewritten::Forward(..) => Verdict::Forward,
+            Rewritten::Respond(resp) => Verdict::Respond(resp),
+        }
     }
 }
+
+type Empty = http_body_util::Empty<Bytes>;
 
 /// A gRPC answer made here: `message` (a gRPC frame), then status OK in the trailers.
 fn answer(message: Bytes) -> http::Response<Body> {
@@ -558,7 +547,7 @@ fn record(tag: &TagRef, digest: &str) {
 
 /// One CRI call being answered, for the call metrics: recorded once, with the first status
 /// seen, or as `Cancelled` if the call is dropped (client gone) before its status.
-struct Call {
+pub(crate) struct Call {
     /// Index in [`CRI_METHODS`]; `CRI_METHODS.len()` for any other path.
     method: usize,
     start: Instant,
@@ -566,7 +555,7 @@ struct Call {
 }
 
 impl Call {
-    fn start(path: &str) -> Self {
+    pub(crate) fn start(path: &str) -> Self {
         Self {
             method: method_index(path),
             start: Instant::now(),
@@ -574,7 +563,7 @@ impl Call {
         }
     }
 
-    fn finish(&mut self, code: tonic::Code) {
+    pub(crate) fn finish(&mut self, code: tonic::Code) {
         if !self.done {
             self.done = true;
             crate::metrics::metrics().cri_call(self.method, code, self.start.elapsed());
@@ -591,7 +580,7 @@ impl Drop for Call {
 const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// The gRPC status in `headers` (response headers of a trailers-only answer, or trailers).
-fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
     headers
         .get(GRPC_STATUS)
         .map(|v| tonic::Code::from_bytes(v.as_bytes()))
@@ -599,7 +588,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
 
 /// The gRPC status of an HTTP answer that carries none (not from a gRPC server), as gRPC
 /// clients map it.
-fn http_status_code(status: http::StatusCode) -> tonic::Code {
+pub(crate) fn http_status_code(status: http::StatusCode) -> tonic::Code {
     match status.as_u16() {
         400 => tonic::Code::Internal,
         401 => tonic::Code::Unauthenticated,
@@ -607,68 +596,6 @@ fn http_status_code(status: http::StatusCode) -> tonic::Code {
         404 => tonic::Code::Unimplemented,
         429 | 502..=504 => tonic::Code::Unavailable,
         _ => tonic::Code::Unknown,
-    }
-}
-
-/// A CRI answer's body, passed through unchanged, that records the call's gRPC status and
-/// duration when the status passes: in the response headers (trailers-only answers, such as
-/// errors), else in the trailers at the end of the body (so a stream is recorded when it
-/// ends). A body that fails records the error's code; one that ends without a status,
-/// `Unknown`; one dropped before its end, `Cancelled`.
-pub struct CallBody {
-    inner: Body,
-    call: Call,
-}
-
-impl CallBody {
-    fn new(resp: http::Response<Body>, mut call: Call) -> http::Response<Self> {
-        if let Some(code) = grpc_status(resp.headers()) {
-            call.finish(code);
-        } else if resp.status() != http::StatusCode::OK {
-            call.finish(http_status_code(resp.status()));
-        }
-        resp.map(|inner| Self { inner, call })
-    }
-}
-
-impl http_body::Body for CallBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        let this = self.get_mut();
-        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    this.call
-                        .finish(grpc_status(trailers).unwrap_or(tonic::Code::Unknown));
-                }
-            }
-            Some(Err(status)) => this.call.finish(status.code()),
-            None => this.call.finish(tonic::Code::Unknown),
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for CallBody {
-    fn drop(&mut self) {
-        // Dropped at its end without a status: not a cancellation. (Else `Call` records one.)
-        if http_body::Body::is_end_stream(&self.inner) {
-            self.call.finish(tonic::Code::Unknown);
-        }
     }
 }
 
@@ -749,124 +676,4 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn records_status_from_trailers_once() {
-        let before = calls("ReopenContainerLog", "NotFound");
-        let resp = http::Response::new(body(vec![
-            Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
-            Ok(Frame::trailers(trailers("5"))),
-        ]));
-        let resp = CallBody::new(
-            resp,
-            Call::start("/runtime.v1.RuntimeService/ReopenContainerLog"),
-        );
-        assert_eq!(calls("ReopenContainerLog", "NotFound"), before);
-        let collected = resp.into_body().collect().await.unwrap();
-        assert_eq!(
-            collected.trailers().and_then(grpc_status),
-            Some(tonic::Code::NotFound)
-        );
-        assert_eq!(calls("ReopenContainerLog", "NotFound"), before + 1);
-    }
-
-    #[tokio::test]
-    async fn records_trailers_only_errors_and_drops() {
-        // Trailers-only answer: recorded from the headers, before the body is read.
-        let before = calls("other", "Unavailable");
-        let resp = tonic::Status::unavailable("down").into_http::<Body>();
-        let resp = CallBody::new(resp, Call::start("/some.Unknown/Method"));
-        assert_eq!(calls("other", "Unavailable"), before + 1);
-        drop(resp);
-        assert_eq!(calls("other", "Unavailable"), before + 1);
-
-        // A body that fails: the error's code.
-        let before = calls("PortForward", "DataLoss");
-        let resp = http::Response::new(body(vec![Err(Status::data_loss("reset"))]));
-        let resp = CallBody::new(resp, Call::start("/runtime.v1.RuntimeService/PortForward"));
-        assert!(resp.into_body().collect().await.is_err());
-        assert_eq!(calls("PortForward", "DataLoss"), before + 1);
-
-        // A body that ends without a status.
-        let before = calls("Attach", "Unknown");
-        let resp = http::Response::new(body(vec![Ok(Frame::data(Bytes::from_static(b"x")))]));
-        let resp = CallBody::new(resp, Call::start("/runtime.v1.RuntimeService/Attach"));
-        resp.into_body().collect().await.unwrap();
-        assert_eq!(calls("Attach", "Unknown"), before + 1);
-
-        // Dropped before its end (client gone): Cancelled.
-        let before = calls("GetContainerEvents", "Cancelled");
-        let resp = http::Response::new(body(vec![Ok(Frame::data(Bytes::from_static(b"x")))]));
-        let resp = CallBody::new(
-            resp,
-            Call::start("/runtime.v1.RuntimeService/GetContainerEvents"),
-        );
-        drop(resp);
-        assert_eq!(calls("GetContainerEvents", "Cancelled"), before + 1);
-    }
-
-    fn grpc_request<M: prost::Message>(
-        path: &str,
-        msg: &M,
-    ) -> http::Request<http_body_util::Full<Bytes>> {
-        let mut buf = vec![0u8];
-        buf.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
-        msg.encode(&mut buf).unwrap();
-        http::Request::builder()
-            .method("POST")
-            .uri(path)
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(http_body_util::Full::new(Bytes::from(buf)))
-            .unwrap()
-    }
-
-    #[tokio::test]
-    async fn records_calls_the_proxy_answers() {
-        let dir = tempfile::tempdir().unwrap();
-        let endpoint = format!("unix://{}/absent.sock", dir.path().display());
-        let proxy = Arc::new(CriProxy::new(
-            Upstream::new(&endpoint).unwrap(),
-            View::default(),
-            "imagestream.local".into(),
-            PullPolicy::new(&[], false, false),
-        ));
-        let image = |r: &str| ImageSpec {
-            image: r.into(),
-            ..Default::default()
-        };
-
-        // Rewritten and answered here: a stream reference that names no stream is absent.
-        let before = calls("ImageStatus", "OK");
-        let req = ImageStatusRequest {
-            image: Some(image("imagestream.local/ns/app:prod")),
-            verbose: false,
-        };
-        let resp = proxy.clone().handle(grpc_request(IMAGE_STATUS, &req)).await;
-        resp.into_body().collect().await.unwrap();
-        assert_eq!(calls("ImageStatus", "OK"), before + 1);
-
-        // Refused here: trailers-only error.
-        let before = calls("PullImage", "NotFound");
-        let req = PullImageRequest {
-            image: Some(image("imagestream.local/ns/app:prod")),
-            ..Default::default()
-        };
-        let resp = proxy.clone().handle(grpc_request(PULL_IMAGE, &req)).await;
-        drop(resp);
-        assert_eq!(calls("PullImage", "NotFound"), before + 1);
-
-        // Forwarded to a runtime that is not there.
-        let before = calls("ListImages", "Unavailable");
-        let req = k8s_cri::v1::ListImagesRequest::default();
-        let resp = proxy
-            .clone()
-            .handle(grpc_request("/runtime.v1.ImageService/ListImages", &req))
-            .await;
-        resp.into_body().collect().await.unwrap();
-        assert_eq!(calls("ListImages", "Unavailable"), before + 1);
-        let text = metrics().encode();
-        assert!(
-            text.contains(r#"imagestream_cri_call_duration_seconds_count{method="ListImages"}"#)
-        );
-    }
 }

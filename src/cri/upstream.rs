@@ -52,6 +52,8 @@ pub enum UpstreamError {
     Http2(#[source] h2::Error),
     #[error("invalid request URI: {0}")]
     Uri(#[source] http::Error),
+    #[error("HTTP/2 protocol error: {0}")]
+    Protocol(String),
 }
 
 /// A request's body on its way to the runtime.
@@ -91,6 +93,11 @@ impl Upstream {
 
     pub fn endpoint(&self) -> &str {
         &self.inner.endpoint
+    }
+
+    /// The runtime's unix socket.
+    pub fn socket_path(&self) -> &std::path::Path {
+        &self.inner.path
     }
 
     /// The gRPC answer for a call that did not reach the runtime.
