@@ -191,6 +191,10 @@ impl<K: std::hash::Hash + Eq + Clone> Table<K> {
     fn seen(&self, k: &K) -> bool {
         self.entries.contains_key(k)
     }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -368,6 +372,11 @@ impl PrivateGate {
         let s = self.state();
         if let Some(repo) = s.private_ids.get(image) {
             return Some(repo.clone());
+        }
+        if s.private.is_empty() {
+            // No private repository known: nothing to parse (the common case, on every
+            // ImageStatus).
+            return None;
         }
         let (repo, _) = Self::repo_of(image)?;
         s.private.seen(&repo).then_some(repo)

@@ -166,7 +166,9 @@ impl CriProxy {
                 // A pull is answered through the proxy's own runtime connection, so that a
                 // registry failure can be marked in its status (see `super::pull_errors`).
                 Rewritten::Forward(parts, body) => Verdict::Respond(super::pull_errors::mark(
-                    self.upstream.forward(parts, RequestBody::<Empty>::Full(body)).await,
+                    self.upstream
+                        .forward(parts, RequestBody::<Empty>::Full(body))
+                        .await,
                 )),
                 Rewritten::Respond(resp) => Verdict::Respond(super::pull_errors::mark(resp)),
             },
@@ -675,5 +677,4 @@ mod tests {
             tonic::Code::Unknown
         );
     }
-
 }

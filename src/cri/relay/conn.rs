@@ -16,6 +16,7 @@
 //! and frames that still would are queued until the window opens.
 
 use super::frame::{self, Head};
+use super::hpack::Decoder;
 use crate::cri::io::ProxyStream;
 use crate::cri::proxy::{
     grpc_status, http_status_code, Call, CriProxy, Verdict, CREATE_CONTAINER, IMAGE_STATUS,
@@ -23,7 +24,6 @@ use crate::cri::proxy::{
 };
 use crate::cri::upstream::UpstreamError;
 use bytes::{Bytes, BytesMut};
-use loona_hpack::Decoder;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -160,13 +160,14 @@ enum State {
 
 #[derive(Default)]
 struct Held {
-    headers: Fields,
+    /// The request's header block, re-encoded as literals (see [`reencode`]).
+    headers: Bytes,
     frames: Vec<Bytes>,
     /// Flow-controlled bytes in `frames`.
     flow: i64,
     body: BytesMut,
     ended: bool,
-    trailers: Option<Fields>,
+    trailers: Option<Bytes>,
     /// The relay has given the client window for this request.
     credited: bool,
     deciding: bool,
@@ -207,8 +208,8 @@ struct Relay {
     /// The runtime connection was lost once: reset the client's header table on the next
     /// header block from a new one.
     reset_client_table: bool,
-    client_dec: Decoder<'static>,
-    up_dec: Decoder<'static>,
+    client_dec: Decoder,
+    up_dec: Decoder,
     block: Option<Block>,
     client_settings: BTreeMap<u16, u32>,
     client_initial_window: i64,
@@ -237,10 +238,8 @@ struct Relay {
 impl Relay {
     fn new(client: ProxyStream, proxy: Arc<CriProxy>, drain: CancellationToken) -> Self {
         let (verdict_tx, verdicts) = mpsc::unbounded_channel();
-        let mut up_dec = Decoder::new();
-        up_dec.set_max_allowed_table_size(frame::DEFAULT_HEADER_TABLE as usize);
-        let mut client_dec = Decoder::new();
-        client_dec.set_max_allowed_table_size(frame::DEFAULT_HEADER_TABLE as usize);
+        let up_dec = Decoder::new(frame::DEFAULT_HEADER_TABLE as usize);
+        let client_dec = Decoder::new(frame::DEFAULT_HEADER_TABLE as usize);
         Self {
             proxy,
             client,
@@ -522,11 +521,7 @@ impl Relay {
         };
         let mut out = Outbox::default();
         out.buf.extend_from_slice(frame::PREFACE);
-        let settings: Vec<_> = self
-            .client_settings
-            .iter()
-            .map(|(&k, &v)| (k, v))
-            .collect();
+        let settings: Vec<_> = self.client_settings.iter().map(|(&k, &v)| (k, v)).collect();
         frame::put_settings(&mut out.buf, &settings);
         let mut up = UpConn {
             io,
@@ -565,9 +560,7 @@ impl Relay {
         };
         tracing::debug!(error = %e, "runtime connection lost");
         self.reset_client_table = true;
-        self.up_dec = Decoder::new();
-        self.up_dec
-            .set_max_allowed_table_size(self.client_table_size);
+        self.up_dec = Decoder::new(self.client_table_size);
         let status = self.proxy.upstream().unavailable(&e);
         let mut ids: Vec<u32> = up.by_id.values().copied().collect();
         ids.sort_unstable();
@@ -632,7 +625,10 @@ impl Relay {
                 }
                 block.bytes.extend_from_slice(payload);
                 if block.bytes.len() > MAX_HEADER_BLOCK {
-                    return Err(conn_error(frame::ENHANCE_YOUR_CALM, "header block too large"));
+                    return Err(conn_error(
+                        frame::ENHANCE_YOUR_CALM,
+                        "header block too large",
+                    ));
                 }
                 if head.has(frame::END_HEADERS) {
                     self.client_headers(block)
@@ -707,8 +703,7 @@ impl Relay {
                 }
                 frame::SETTINGS_HEADER_TABLE_SIZE => {
                     self.client_table_size = self.client_table_size.max(value as usize);
-                    self.up_dec
-                        .set_max_allowed_table_size(self.client_table_size);
+                    self.up_dec.set_allowed(self.client_table_size);
                 }
                 _ => {}
             }
@@ -748,7 +743,7 @@ impl Relay {
     }
 
     fn client_headers(&mut self, block: Block) -> Result<(), ConnError> {
-        let fields = decode_block(&mut self.client_dec, &block.bytes)?;
+        let (literal, path) = reencode(&mut self.client_dec, &block.bytes)?;
         let id = block.stream;
         if let Some(s) = self.streams.get_mut(&id) {
             // Trailers.
@@ -756,16 +751,12 @@ impl Relay {
             match &mut s.state {
                 State::Forwarded { up: up_id } => {
                     let up_id = *up_id;
-                    let mut hb = BytesMut::new();
-                    for (n, v) in &fields {
-                        frame::put_field(&mut hb, n, v);
-                    }
                     let mut f = BytesMut::new();
-                    frame::put_header_block(&mut f, up_id, &hb, true, self.up_max_frame);
+                    frame::put_header_block(&mut f, up_id, &literal, true, self.up_max_frame);
                     self.to_upstream(f.freeze(), None);
                 }
                 State::Held(h) => {
-                    h.trailers = Some(fields);
+                    h.trailers = Some(literal);
                     h.ended = true;
                     self.held_progress(id);
                 }
@@ -787,18 +778,14 @@ impl Relay {
             self.to_client(f.freeze(), None);
             return Ok(());
         }
-        let path = fields
-            .iter()
-            .find(|(n, _)| &n[..] == b":path")
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_default();
+        let path = path.unwrap_or_default();
         let inspect = matches!(
             path.as_str(),
             PULL_IMAGE | IMAGE_STATUS | REMOVE_IMAGE | CREATE_CONTAINER
         );
         let stream = Stream {
             state: State::Held(Held {
-                headers: fields,
+                headers: literal,
                 ended: block.end_stream,
                 forward: !inspect,
                 ..Held::default()
@@ -854,8 +841,7 @@ impl Relay {
                 h.frames.push(f);
                 h.flow += flow;
                 h.ended |= end;
-                let (credited, too_large) =
-                    (h.credited, h.body.len() > MAX_CRI_MESSAGE_BYTES + 5);
+                let (credited, too_large) = (h.credited, h.body.len() > MAX_CRI_MESSAGE_BYTES + 5);
                 s.queued_up += flow;
                 self.queued_up += flow;
                 if credited {
@@ -878,7 +864,10 @@ impl Relay {
             }
         }
         if self.queued_up + self.out.queued > MAX_BUFFERED {
-            return Err(conn_error(frame::ENHANCE_YOUR_CALM, "too much buffered data"));
+            return Err(conn_error(
+                frame::ENHANCE_YOUR_CALM,
+                "too much buffered data",
+            ));
         }
         Ok(())
     }
@@ -1071,13 +1060,9 @@ impl Relay {
         up.by_id.insert(up_id, id);
         s.state = State::Forwarded { up: up_id };
         s.up_win = self.up_initial_window;
-        let mut hb = BytesMut::new();
-        for (n, v) in &h.headers {
-            frame::put_field(&mut hb, n, v);
-        }
         let end_on_headers = h.ended && h.frames.is_empty() && h.trailers.is_none();
         let mut f = BytesMut::new();
-        frame::put_header_block(&mut f, up_id, &hb, end_on_headers, self.up_max_frame);
+        frame::put_header_block(&mut f, up_id, &h.headers, end_on_headers, self.up_max_frame);
         self.to_upstream(f.freeze(), None);
         for data in h.frames {
             let flow = Head::parse(&data).map_or(0, |d| d.len as i64);
@@ -1086,12 +1071,8 @@ impl Relay {
             self.to_upstream(g.freeze(), Some((id, flow)));
         }
         if let Some(trailers) = h.trailers {
-            let mut hb = BytesMut::new();
-            for (n, v) in &trailers {
-                frame::put_field(&mut hb, n, v);
-            }
             let mut f = BytesMut::new();
-            frame::put_header_block(&mut f, up_id, &hb, true, self.up_max_frame);
+            frame::put_header_block(&mut f, up_id, &trailers, true, self.up_max_frame);
             self.to_upstream(f.freeze(), None);
         }
     }
@@ -1321,7 +1302,7 @@ impl Relay {
                             );
                         }
                         frame::SETTINGS_HEADER_TABLE_SIZE => {
-                            self.client_dec.set_max_allowed_table_size(
+                            self.client_dec.set_allowed(
                                 (value as usize).max(frame::DEFAULT_HEADER_TABLE as usize),
                             );
                         }
@@ -1404,16 +1385,16 @@ impl Relay {
         let mut status: Option<tonic::Code> = None;
         let mut http_status: Option<u16> = None;
         let mut size = 0usize;
-        let decoded = self.up_dec.decode_with_cb(&block.bytes, |n, v| {
+        let decoded = self.up_dec.decode(&block.bytes, |n, v| {
             size += n.len() + v.len() + 32;
-            if &n[..] == b"grpc-status" {
-                status = Some(tonic::Code::from_bytes(&v));
-            } else if &n[..] == b":status" {
-                http_status = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok());
+            if n == b"grpc-status" {
+                status = Some(tonic::Code::from_bytes(v));
+            } else if n == b":status" {
+                http_status = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
             }
         });
         if let Err(e) = decoded {
-            return Err(protocol(format!("bad header block from the runtime: {e:?}")));
+            return Err(protocol(format!("bad header block from the runtime: {e}")));
         }
         if size > MAX_HEADER_BLOCK {
             return Err(protocol("header list too large from the runtime"));
@@ -1628,43 +1609,69 @@ fn reset_code(code: u32) -> tonic::Code {
     }
 }
 
-/// A header block decoded into its fields.
-fn decode_block(dec: &mut Decoder<'static>, block: &[u8]) -> Result<Fields, ConnError> {
-    let mut fields = Vec::new();
+/// A client's header block re-encoded as literals (see [`frame::put_field`]), which need no
+/// table to read, and its `:path`.
+fn reencode(dec: &mut Decoder, block: &[u8]) -> Result<(Bytes, Option<String>), ConnError> {
+    let mut literal = BytesMut::with_capacity(block.len() * 2 + 64);
+    let mut path = None;
     let mut size = 0usize;
-    dec.decode_with_cb(block, |n, v| {
+    dec.decode(block, |n, v| {
         size += n.len() + v.len() + 32;
         if size <= MAX_HEADER_BLOCK {
-            fields.push((Bytes::copy_from_slice(&n), Bytes::copy_from_slice(&v)));
+            frame::put_field(&mut literal, n, v);
+            if n == b":path" {
+                path = Some(String::from_utf8_lossy(v).into_owned());
+            }
         }
     })
-    .map_err(|e| conn_error(frame::COMPRESSION_ERROR, format!("{e:?}")))?;
+    .map_err(|e| conn_error(frame::COMPRESSION_ERROR, e.to_string()))?;
     if size > MAX_HEADER_BLOCK {
-        return Err(conn_error(frame::ENHANCE_YOUR_CALM, "header list too large"));
+        return Err(conn_error(
+            frame::ENHANCE_YOUR_CALM,
+            "header list too large",
+        ));
     }
-    Ok(fields)
+    Ok((literal.freeze(), path))
 }
 
-/// A request's method, path and headers, for [`CriProxy::decide`].
-fn request_parts(fields: &Fields) -> Result<http::request::Parts, String> {
+/// A request's method, path and headers, for [`CriProxy::decide`], from its header block as
+/// re-encoded by [`reencode`].
+fn request_parts(literal: &[u8]) -> Result<http::request::Parts, String> {
     let mut req = http::Request::new(());
     *req.method_mut() = http::Method::POST;
     *req.version_mut() = http::Version::HTTP_2;
-    for (n, v) in fields {
-        if n.first() == Some(&b':') {
-            if &n[..] == b":path" {
-                *req.uri_mut() = http::Uri::try_from(&v[..])
-                    .map_err(|e| format!("bad :path {:?}: {e}", String::from_utf8_lossy(v)))?;
+    let mut error = None;
+    Decoder::new(0)
+        .decode(literal, |n, v| {
+            if error.is_some() {
+                return;
             }
-            continue;
-        }
-        let name = http::HeaderName::from_bytes(n)
-            .map_err(|e| format!("bad header name {:?}: {e}", String::from_utf8_lossy(n)))?;
-        let value = http::HeaderValue::from_bytes(v)
-            .map_err(|e| format!("bad value of header {name}: {e}"))?;
-        req.headers_mut().append(name, value);
+            if n.first() == Some(&b':') {
+                if n == b":path" {
+                    match http::Uri::try_from(v) {
+                        Ok(uri) => *req.uri_mut() = uri,
+                        Err(e) => {
+                            error = Some(format!("bad :path {:?}: {e}", String::from_utf8_lossy(v)))
+                        }
+                    }
+                }
+                return;
+            }
+            match (
+                http::HeaderName::from_bytes(n),
+                http::HeaderValue::from_bytes(v),
+            ) {
+                (Ok(name), Ok(value)) => {
+                    req.headers_mut().append(name, value);
+                }
+                _ => error = Some(format!("bad header {:?}", String::from_utf8_lossy(n))),
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    match error {
+        Some(e) => Err(e),
+        None => Ok(req.into_parts().0),
     }
-    Ok(req.into_parts().0)
 }
 
 /// The gRPC status header fields (`grpc-status`, `grpc-message`, ...) of `status`.

@@ -308,7 +308,10 @@ mod tests {
             put_field(&mut block, n, v);
         }
         let got = decode(&block);
-        let want: Vec<_> = fields.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
+        let want: Vec<_> = fields
+            .iter()
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect();
         assert_eq!(got, want);
         // A table reset before the fields decodes the same.
         let mut reset = BytesMut::new();
@@ -329,7 +332,10 @@ mod tests {
             rest = &rest[HEADER_LEN + h.len..];
         }
         assert_eq!(
-            heads.iter().map(|h| (h.kind, h.flags, h.len)).collect::<Vec<_>>(),
+            heads
+                .iter()
+                .map(|h| (h.kind, h.flags, h.len))
+                .collect::<Vec<_>>(),
             vec![
                 (HEADERS, END_STREAM, 16_384),
                 (CONTINUATION, 0, 16_384),

@@ -24,6 +24,8 @@
 
 mod conn;
 pub mod frame;
+pub mod hpack;
+mod huffman_codes;
 
 use super::proxy::CriProxy;
 use std::future::Future;
@@ -60,14 +62,16 @@ pub async fn serve(
     }
     drop(listener);
     drain.cancel();
-    let drained = tokio::time::timeout(grace, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     match drained {
         Ok(()) => tracing::info!(what = "CRI", "in-flight calls drained"),
         Err(_) => {
-            tracing::warn!(what = "CRI", ?grace, "drain timed out; closing remaining calls");
+            tracing::warn!(
+                what = "CRI",
+                ?grace,
+                "drain timed out; closing remaining calls"
+            );
             conns.abort_all();
         }
     }
