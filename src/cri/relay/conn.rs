@@ -214,6 +214,7 @@ struct Relay {
     client_settings: BTreeMap<u16, u32>,
     client_initial_window: i64,
     client_max_frame: usize,
+    /// The largest header table size the client has allowed (its decoder's bound on ours).
     client_table_size: usize,
     up_initial_window: i64,
     up_max_frame: usize,
@@ -1418,7 +1419,11 @@ impl Relay {
             self.reset_client_table = false;
             let mut hb = BytesMut::new();
             frame::put_table_size_update(&mut hb, 0);
-            frame::put_table_size_update(&mut hb, self.client_table_size);
+            let size = self
+                .client_settings
+                .get(&frame::SETTINGS_HEADER_TABLE_SIZE)
+                .map_or(frame::DEFAULT_HEADER_TABLE as usize, |&v| v as usize);
+            frame::put_table_size_update(&mut hb, size);
             hb.extend_from_slice(&block.bytes);
             frame::put_header_block(&mut g, id, &hb, block.end_stream, self.client_max_frame);
         } else {
