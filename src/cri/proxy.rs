@@ -604,26 +604,10 @@ pub(crate) fn http_status_code(status: http::StatusCode) -> tonic::Code {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{metrics, CriCallLabels};
-    use http_body::Frame;
-    use http_body_util::BodyExt;
-
-    /// The current value of `imagestream_cri_calls_total{method,code}`.
-    fn calls(method: &'static str, code: &'static str) -> u64 {
-        metrics()
-            .cri_calls
-            .get(&CriCallLabels { method, code })
-            .map_or(0, |c| c.get())
-    }
-
     fn trailers(code: &str) -> http::HeaderMap {
         let mut t = http::HeaderMap::new();
         t.insert("grpc-status", code.parse().unwrap());
         t
-    }
-
-    fn body(frames: Vec<Result<Frame<Bytes>, Status>>) -> Body {
-        Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
     }
 
     #[test]

@@ -412,10 +412,7 @@ impl Relay {
             )));
         }
         up.input.extend_from_slice(&self.scratch[..n]);
-        loop {
-            let Up::Live(up) = &mut self.up else {
-                break;
-            };
+        while let Up::Live(up) = &mut self.up {
             let Some(head) = Head::parse(&up.input) else {
                 break;
             };
@@ -488,7 +485,7 @@ impl Relay {
         self.send_server_preface();
         let mut f = BytesMut::new();
         frame::put_goaway(&mut f, self.last_client_stream, frame::NO_ERROR, "");
-        self.to_client(f.freeze(), None);
+        self.queue_client(f.freeze(), None);
     }
 
     // ----- the runtime connection -----
@@ -650,7 +647,7 @@ impl Relay {
                 if !head.has(frame::ACK) {
                     let mut f = BytesMut::new();
                     frame::put_ping_ack(&mut f, payload.try_into().unwrap_or(&[0; 8]));
-                    self.to_client(f.freeze(), None);
+                    self.queue_client(f.freeze(), None);
                 }
                 Ok(())
             }
@@ -716,7 +713,7 @@ impl Relay {
             _ if self.server_preface_sent => {
                 let mut f = BytesMut::new();
                 frame::put_settings_ack(&mut f);
-                self.to_client(f.freeze(), None);
+                self.queue_client(f.freeze(), None);
             }
             _ => self.deferred_acks += 1,
         }
@@ -754,7 +751,7 @@ impl Relay {
                     let up_id = *up_id;
                     let mut f = BytesMut::new();
                     frame::put_header_block(&mut f, up_id, &literal, true, self.up_max_frame);
-                    self.to_upstream(f.freeze(), None);
+                    self.queue_upstream(f.freeze(), None);
                 }
                 State::Held(h) => {
                     h.trailers = Some(literal);
@@ -776,7 +773,7 @@ impl Relay {
         if self.draining {
             let mut f = BytesMut::new();
             frame::put_rst(&mut f, id, frame::REFUSED_STREAM);
-            self.to_client(f.freeze(), None);
+            self.queue_client(f.freeze(), None);
             return Ok(());
         }
         let path = path.unwrap_or_default();
@@ -830,7 +827,7 @@ impl Relay {
                 self.queued_up += flow;
                 let mut g = BytesMut::new();
                 frame::put_renumbered(&mut g, &f, up);
-                self.to_upstream(g.freeze(), Some((id, flow)));
+                self.queue_upstream(g.freeze(), Some((id, flow)));
             }
             State::Held(h) => {
                 let range = frame::content(&head, &f[frame::HEADER_LEN..])
@@ -920,7 +917,7 @@ impl Relay {
                 s.belief += flow;
             }
         }
-        self.to_client(f.freeze(), None);
+        self.queue_client(f.freeze(), None);
     }
 
     fn client_reset(&mut self, id: u32) {
@@ -1064,17 +1061,17 @@ impl Relay {
         let end_on_headers = h.ended && h.frames.is_empty() && h.trailers.is_none();
         let mut f = BytesMut::new();
         frame::put_header_block(&mut f, up_id, &h.headers, end_on_headers, self.up_max_frame);
-        self.to_upstream(f.freeze(), None);
+        self.queue_upstream(f.freeze(), None);
         for data in h.frames {
             let flow = Head::parse(&data).map_or(0, |d| d.len as i64);
             let mut g = BytesMut::new();
             frame::put_renumbered(&mut g, &data, up_id);
-            self.to_upstream(g.freeze(), Some((id, flow)));
+            self.queue_upstream(g.freeze(), Some((id, flow)));
         }
         if let Some(trailers) = h.trailers {
             let mut f = BytesMut::new();
             frame::put_header_block(&mut f, up_id, &trailers, true, self.up_max_frame);
-            self.to_upstream(f.freeze(), None);
+            self.queue_upstream(f.freeze(), None);
         }
     }
 
@@ -1110,7 +1107,7 @@ impl Relay {
             // Mid-response: the client can only be told by a reset.
             let mut f = BytesMut::new();
             frame::put_rst(&mut f, id, frame::INTERNAL_ERROR);
-            self.to_client(f.freeze(), None);
+            self.queue_client(f.freeze(), None);
         } else {
             let end_on_headers = a.data.is_empty() && a.trailers.is_none();
             self.client_block(id, &a.headers, end_on_headers);
@@ -1122,7 +1119,7 @@ impl Relay {
                     if let Some(s) = self.streams.get_mut(&id) {
                         s.queued_client += flow;
                     }
-                    self.to_client(f, Some((id, flow)));
+                    self.queue_client(f, Some((id, flow)));
                 }
             }
             if let Some(trailers) = &a.trailers {
@@ -1132,7 +1129,7 @@ impl Relay {
                 // A complete answer before the whole request: no need to send the rest.
                 let mut f = BytesMut::new();
                 frame::put_rst(&mut f, id, frame::NO_ERROR);
-                self.to_client(f.freeze(), None);
+                self.queue_client(f.freeze(), None);
             }
         }
         if let Some(s) = self.streams.get_mut(&id) {
@@ -1149,7 +1146,7 @@ impl Relay {
         }
         let mut f = BytesMut::new();
         frame::put_header_block(&mut f, id, &hb, end_stream, self.client_max_frame);
-        self.to_client(f.freeze(), None);
+        self.queue_client(f.freeze(), None);
     }
 
     /// Fails stream `id` with `status` (as a trailers-only answer, or a reset mid-response).
@@ -1217,7 +1214,7 @@ impl Relay {
                 s.queued_client += flow;
                 let mut g = BytesMut::new();
                 frame::put_renumbered(&mut g, &f, id);
-                self.to_client(g.freeze(), Some((id, flow)));
+                self.queue_client(g.freeze(), Some((id, flow)));
                 if head.has(frame::END_STREAM) {
                     self.response_ended(id, None);
                 }
@@ -1265,7 +1262,7 @@ impl Relay {
                     frame::put_rst(&mut g, id, code);
                     if let Some(s) = self.streams.get_mut(&id) {
                         s.client_done = true;
-                        self.to_client(g.freeze(), None);
+                        self.queue_client(g.freeze(), None);
                         self.response_ended(id, Some(reset_code(code)));
                     }
                 }
@@ -1278,7 +1275,7 @@ impl Relay {
                     } else {
                         let mut g = BytesMut::new();
                         frame::put_settings_ack(&mut g);
-                        self.to_client(g.freeze(), None);
+                        self.queue_client(g.freeze(), None);
                     }
                     return Ok(());
                 }
@@ -1312,7 +1309,7 @@ impl Relay {
                 }
                 let first = !self.server_preface_sent;
                 self.server_preface_sent = true;
-                self.to_client(payload_frame(head, payload), None);
+                self.queue_client(payload_frame(head, payload), None);
                 if first {
                     self.flush_deferred_acks();
                 }
@@ -1359,7 +1356,7 @@ impl Relay {
                         self.client_belief += pass;
                         let mut g = BytesMut::new();
                         frame::put_window_update(&mut g, 0, pass as u32);
-                        self.to_client(g.freeze(), None);
+                        self.queue_client(g.freeze(), None);
                     }
                 } else if let Some(&id) = up.by_id.get(&head.stream) {
                     if let Some(s) = self.streams.get_mut(&id) {
@@ -1370,7 +1367,7 @@ impl Relay {
                             s.belief += pass;
                             let mut g = BytesMut::new();
                             frame::put_window_update(&mut g, id, pass as u32);
-                            self.to_client(g.freeze(), None);
+                            self.queue_client(g.freeze(), None);
                         }
                     }
                 }
@@ -1431,7 +1428,7 @@ impl Relay {
                 frame::put_renumbered(&mut g, f, id);
             }
         }
-        self.to_client(g.freeze(), None);
+        self.queue_client(g.freeze(), None);
         if let Some(s) = self.streams.get_mut(&id) {
             let first = !s.headers_sent;
             s.headers_sent = true;
@@ -1479,12 +1476,12 @@ impl Relay {
         for _ in 0..std::mem::take(&mut self.deferred_acks) {
             let mut f = BytesMut::new();
             frame::put_settings_ack(&mut f);
-            self.to_client(f.freeze(), None);
+            self.queue_client(f.freeze(), None);
         }
     }
 
     /// Queues a frame for the client; DATA (`data` = stream and length) waits for window.
-    fn to_client(&mut self, f: Bytes, data: Option<(u32, i64)>) {
+    fn queue_client(&mut self, f: Bytes, data: Option<(u32, i64)>) {
         if let Some((_, flow)) = data {
             self.out.queued += flow;
         }
@@ -1520,7 +1517,7 @@ impl Relay {
 
     /// Queues a frame for the runtime; DATA (`data` = client stream and length) waits for
     /// window. Requires a live runtime connection (else the frame is dropped).
-    fn to_upstream(&mut self, f: Bytes, data: Option<(u32, i64)>) {
+    fn queue_upstream(&mut self, f: Bytes, data: Option<(u32, i64)>) {
         let Up::Live(up) = &mut self.up else {
             return;
         };

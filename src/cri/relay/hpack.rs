@@ -98,9 +98,12 @@ const STATIC: [(&[u8], &[u8]); 61] = [
 /// Bytes an entry counts for in the table's size (RFC 7541 §4.1).
 const ENTRY_OVERHEAD: usize = 32;
 
+/// A dynamic table entry: name and value.
+type Entry = (Box<[u8]>, Box<[u8]>);
+
 /// One direction's decoder: the dynamic table as the peer's encoder built it.
 pub struct Decoder {
-    table: VecDeque<(Box<[u8]>, Box<[u8]>)>,
+    table: VecDeque<Entry>,
     size: usize,
     max_size: usize,
     /// The largest size a size update may set (our SETTINGS_HEADER_TABLE_SIZE).
