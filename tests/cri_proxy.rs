@@ -7,6 +7,7 @@
 mod common;
 
 use common::daemon::Daemon;
+use common::mirror::metric_value;
 use common::*;
 use k8s_cri::v1::{
     ContainerState, ContainerStatsRequest, ContainerStatusRequest, CreateContainerRequest,
@@ -585,4 +586,15 @@ async fn large_and_concurrent_requests_match_containerd() {
     while let Some(done) = calls.join_next().await {
         done.expect("task").expect("call through the proxy");
     }
+
+    // Every call is counted, by method and status: relayed ones from the runtime's trailers,
+    // held ones from the relay's own answer.
+    let metrics = daemon.metrics();
+    let count = |labels: &str| {
+        metric_value(&metrics, &format!("imagestream_cri_calls_total{{{labels}}}"))
+            .unwrap_or_else(|| panic!("no calls with {labels} in /metrics:\n{metrics}"))
+    };
+    assert!(count(r#"method="Version",code="OK""#) >= 100.0);
+    assert!(count(r#"method="ImageStatus",code="OK""#) >= 100.0);
+    assert!(count(r#"method="ListContainers",code="OK""#) >= 3.0);
 }
