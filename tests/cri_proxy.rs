@@ -591,8 +591,11 @@ async fn large_and_concurrent_requests_match_containerd() {
     // held ones from the relay's own answer.
     let metrics = daemon.metrics();
     let count = |labels: &str| {
-        metric_value(&metrics, &format!("imagestream_cri_calls_total{{{labels}}}"))
-            .unwrap_or_else(|| panic!("no calls with {labels} in /metrics:\n{metrics}"))
+        metric_value(
+            &metrics,
+            &format!("imagestream_cri_calls_total{{{labels}}}"),
+        )
+        .unwrap_or_else(|| panic!("no calls with {labels} in /metrics:\n{metrics}"))
     };
     assert!(count(r#"method="Version",code="OK""#) >= 100.0);
     assert!(count(r#"method="ImageStatus",code="OK""#) >= 100.0);

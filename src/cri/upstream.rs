@@ -1,5 +1,8 @@
-//! The connection to the real runtime (containerd, CRI-O): one lazily connected HTTP/2
-//! connection over its unix socket, reconnected on demand, driven with the `h2` crate directly.
+//! The proxy's own connection to the real runtime (containerd, CRI-O), for the calls it makes
+//! itself: pulls, rewritten requests, the runtime `ImageStatus` behind a held digest, pre-pulls.
+//! (Client calls are relayed on a runtime connection per client connection, see
+//! [`super::relay`].) One lazily connected HTTP/2 connection over the runtime's unix socket,
+//! reconnected on demand, driven with the `h2` crate directly.
 //!
 //! Why not a tonic `Channel` (or a hyper client): both put two extra tasks in every call, a
 //! `tower::Buffer` worker and, for a request with a body, a task that waits for stream send
