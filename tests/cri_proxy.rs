@@ -531,36 +531,35 @@ async fn large_and_concurrent_requests_match_containerd() {
             ..Default::default()
         }),
     };
+    fn same<T: PartialEq + std::fmt::Debug>(
+        via: Result<tonic::Response<T>, tonic::Status>,
+        direct: Result<tonic::Response<T>, tonic::Status>,
+        what: &str,
+    ) {
+        let plain = |r: Result<tonic::Response<T>, tonic::Status>| {
+            r.map(|r| r.into_inner())
+                .map_err(|e| (e.code(), e.message().to_string()))
+        };
+        assert_eq!(plain(via), plain(direct), "{what}");
+    }
     for round in 0..3 {
-        let mut via_img = image_client(&daemon.cri_socket).await;
-        let mut direct_img = image_client(&ctd.socket).await;
-        let via = via_img.remove_image(remove()).await.map(|r| r.into_inner());
-        let direct = direct_img
-            .remove_image(remove())
-            .await
-            .map(|r| r.into_inner());
-        assert_eq!(
-            via.as_ref()
-                .map_err(|e| (e.code(), e.message().to_string())),
-            direct
-                .as_ref()
-                .map_err(|e| (e.code(), e.message().to_string())),
-            "RemoveImage of a 300 KB request, round {round}"
+        let (mut via, mut direct) = (
+            image_client(&daemon.cri_socket).await,
+            image_client(&ctd.socket).await,
         );
-        let mut via_rt = runtime_client(&daemon.cri_socket).await;
-        let mut direct_rt = runtime_client(&ctd.socket).await;
-        let via = via_rt.list_containers(list()).await.map(|r| r.into_inner());
-        let direct = direct_rt
-            .list_containers(list())
-            .await
-            .map(|r| r.into_inner());
-        assert_eq!(
-            via.as_ref()
-                .map_err(|e| (e.code(), e.message().to_string())),
-            direct
-                .as_ref()
-                .map_err(|e| (e.code(), e.message().to_string())),
-            "ListContainers of a 300 KB request, round {round}"
+        same(
+            via.remove_image(remove()).await,
+            direct.remove_image(remove()).await,
+            &format!("RemoveImage of a 300 KB request, round {round}"),
+        );
+        let (mut via, mut direct) = (
+            runtime_client(&daemon.cri_socket).await,
+            runtime_client(&ctd.socket).await,
+        );
+        same(
+            via.list_containers(list()).await,
+            direct.list_containers(list()).await,
+            &format!("ListContainers of a 300 KB request, round {round}"),
         );
     }
 

@@ -35,19 +35,13 @@ pub struct CriMethod {
     /// The method name (`ImageStatus`), its `method` label in the CRI call metrics. No two CRI
     /// services share a method name, so the service is left out.
     pub name: &'static str,
-    /// Whether the request is one small message (every method but the server-streaming
-    /// `GetContainerEvents`). A forwarded unary request is collected before forwarding, so
-    /// that the runtime receives headers and message in one write and wakes once. Anything
-    /// else (streams, methods newer than this list) is forwarded frame by frame as it arrives.
-    pub unary: bool,
 }
 
 macro_rules! cri_methods {
-    ($($service:literal $name:literal $unary:literal,)*) => {
+    ($($service:literal $name:literal,)*) => {
         &[$(CriMethod {
             path: concat!("/runtime.v1.", $service, "/", $name),
             name: $name,
-            unary: $unary,
         },)*]
     };
 }
@@ -56,41 +50,41 @@ macro_rules! cri_methods {
 /// `/runtime.v1alpha2.ImageService/ImageStatus` counts as `ImageStatus`); any path whose last
 /// segment is none of these method names counts as method `other`.
 pub const CRI_METHODS: &[CriMethod] = cri_methods![
-    "RuntimeService" "Version" true,
-    "RuntimeService" "RunPodSandbox" true,
-    "RuntimeService" "StopPodSandbox" true,
-    "RuntimeService" "RemovePodSandbox" true,
-    "RuntimeService" "PodSandboxStatus" true,
-    "RuntimeService" "ListPodSandbox" true,
-    "RuntimeService" "CreateContainer" true,
-    "RuntimeService" "StartContainer" true,
-    "RuntimeService" "StopContainer" true,
-    "RuntimeService" "RemoveContainer" true,
-    "RuntimeService" "ListContainers" true,
-    "RuntimeService" "ContainerStatus" true,
-    "RuntimeService" "UpdateContainerResources" true,
-    "RuntimeService" "ReopenContainerLog" true,
-    "RuntimeService" "ExecSync" true,
-    "RuntimeService" "Exec" true,
-    "RuntimeService" "Attach" true,
-    "RuntimeService" "PortForward" true,
-    "RuntimeService" "ContainerStats" true,
-    "RuntimeService" "ListContainerStats" true,
-    "RuntimeService" "PodSandboxStats" true,
-    "RuntimeService" "ListPodSandboxStats" true,
-    "RuntimeService" "UpdateRuntimeConfig" true,
-    "RuntimeService" "Status" true,
-    "RuntimeService" "CheckpointContainer" true,
-    "RuntimeService" "GetContainerEvents" false,
-    "RuntimeService" "ListMetricDescriptors" true,
-    "RuntimeService" "ListPodSandboxMetrics" true,
-    "RuntimeService" "RuntimeConfig" true,
-    "RuntimeService" "UpdatePodSandboxResources" true,
-    "ImageService" "ListImages" true,
-    "ImageService" "ImageStatus" true,
-    "ImageService" "PullImage" true,
-    "ImageService" "RemoveImage" true,
-    "ImageService" "ImageFsInfo" true,
+    "RuntimeService" "Version",
+    "RuntimeService" "RunPodSandbox",
+    "RuntimeService" "StopPodSandbox",
+    "RuntimeService" "RemovePodSandbox",
+    "RuntimeService" "PodSandboxStatus",
+    "RuntimeService" "ListPodSandbox",
+    "RuntimeService" "CreateContainer",
+    "RuntimeService" "StartContainer",
+    "RuntimeService" "StopContainer",
+    "RuntimeService" "RemoveContainer",
+    "RuntimeService" "ListContainers",
+    "RuntimeService" "ContainerStatus",
+    "RuntimeService" "UpdateContainerResources",
+    "RuntimeService" "ReopenContainerLog",
+    "RuntimeService" "ExecSync",
+    "RuntimeService" "Exec",
+    "RuntimeService" "Attach",
+    "RuntimeService" "PortForward",
+    "RuntimeService" "ContainerStats",
+    "RuntimeService" "ListContainerStats",
+    "RuntimeService" "PodSandboxStats",
+    "RuntimeService" "ListPodSandboxStats",
+    "RuntimeService" "UpdateRuntimeConfig",
+    "RuntimeService" "Status",
+    "RuntimeService" "CheckpointContainer",
+    "RuntimeService" "GetContainerEvents",
+    "RuntimeService" "ListMetricDescriptors",
+    "RuntimeService" "ListPodSandboxMetrics",
+    "RuntimeService" "RuntimeConfig",
+    "RuntimeService" "UpdatePodSandboxResources",
+    "ImageService" "ListImages",
+    "ImageService" "ImageStatus",
+    "ImageService" "PullImage",
+    "ImageService" "RemoveImage",
+    "ImageService" "ImageFsInfo",
 ];
 
 /// The index in [`CRI_METHODS`] of the method named by the last segment of `path`, or
@@ -636,9 +630,6 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), CRI_METHODS.len());
-        assert!(CRI_METHODS
-            .iter()
-            .all(|m| m.unary != (m.name == "GetContainerEvents")));
     }
 
     #[test]
