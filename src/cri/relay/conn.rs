@@ -93,6 +93,26 @@ struct Answer {
     code: tonic::Code,
 }
 
+impl Answer {
+    /// A trailers-only gRPC answer carrying `status`.
+    fn status(status: &Status) -> Self {
+        let mut headers = vec![
+            (Bytes::from_static(b":status"), Bytes::from_static(b"200")),
+            (
+                Bytes::from_static(b"content-type"),
+                Bytes::from_static(b"application/grpc"),
+            ),
+        ];
+        headers.extend(status_fields(status));
+        Answer {
+            headers,
+            data: Bytes::new(),
+            trailers: None,
+            code: status.code(),
+        }
+    }
+}
+
 type Fields = Vec<(Bytes, Bytes)>;
 
 /// A header block being received (HEADERS, then CONTINUATION frames).
@@ -1151,23 +1171,7 @@ impl Relay {
 
     /// Fails stream `id` with `status` (as a trailers-only answer, or a reset mid-response).
     fn fail_stream(&mut self, id: u32, status: &Status) {
-        let mut headers = vec![
-            (Bytes::from_static(b":status"), Bytes::from_static(b"200")),
-            (
-                Bytes::from_static(b"content-type"),
-                Bytes::from_static(b"application/grpc"),
-            ),
-        ];
-        headers.extend(status_fields(status));
-        self.answer(
-            id,
-            Answer {
-                headers,
-                data: Bytes::new(),
-                trailers: None,
-                code: status.code(),
-            },
-        );
+        self.answer(id, Answer::status(status));
     }
 
     fn maybe_remove(&mut self, id: u32) {
@@ -1732,20 +1736,7 @@ async fn collect_answer(resp: http::Response<tonic::body::Body>) -> Answer {
                 tonic::Code::Unavailable,
                 format!("the runtime's answer failed: {e}"),
             );
-            let mut headers = vec![
-                (Bytes::from_static(b":status"), Bytes::from_static(b"200")),
-                (
-                    Bytes::from_static(b"content-type"),
-                    Bytes::from_static(b"application/grpc"),
-                ),
-            ];
-            headers.extend(status_fields(&status));
-            Answer {
-                headers,
-                data: Bytes::new(),
-                trailers: None,
-                code: status.code(),
-            }
+            Answer::status(&status)
         }
     }
 }
