@@ -12,7 +12,17 @@
 //! any proxy on a unix socket on this machine: one more process hop, two more wake-ups, two
 //! reads and two writes per call.
 //!
-//! Run: `cargo bench --bench image_status` (root; the Debian packages of the test harness).
+//! Both series run twice, in two CPU layouts, each with its own baseline:
+//! - **spread**: the processes (this client, imagestream, containerd, the relay) run where the
+//!   scheduler puts them, on all the CPUs this bench may use;
+//! - **one CPU**: all of them pinned (`taskset`) to one CPU. Every call crosses processes four
+//!   times; spread out, a crossing is often a wake-up on the other CPU, which on a VM is an
+//!   inter-processor interrupt through the hypervisor. On the 2-vCPU CI VMs that alone costs a
+//!   byte relay 25-65 µs from run to run and most of the proxy's CPU time per call; on one CPU
+//!   what is left is the cost of the proxy's own work.
+//!
+//! Run: `cargo bench --bench image_status` (root; the Debian packages of the test harness, and
+//! `taskset` from util-linux).
 //! `IMAGESTREAM_BENCH_CALLS` sets the number of measured calls per series (default 2000).
 
 #[path = "../tests/common/mod.rs"]
@@ -234,6 +244,39 @@ async fn compare(
     );
 }
 
+/// Where the processes of the bench run (see the module doc).
+#[derive(Clone, Copy)]
+enum Layout {
+    Spread,
+    OneCpu,
+}
+
+/// The CPUs this process may run on, as `taskset` lists them (e.g. `0-1`).
+fn allowed_cpus() -> String {
+    let out = std::process::Command::new("taskset")
+        .args(["-c", "-p", &std::process::id().to_string()])
+        .output()
+        .expect("run taskset (util-linux)");
+    assert!(out.status.success(), "taskset -c -p failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.rsplit_once(':')
+        .map(|(_, list)| list.trim().to_string())
+        .expect("taskset output")
+}
+
+/// Puts every thread of `pids` (and of this process) on `cpus`.
+fn place(pids: &[u32], cpus: &str) {
+    let me = std::process::id();
+    for pid in pids.iter().chain([&me]) {
+        let status = std::process::Command::new("taskset")
+            .args(["-a", "-c", "-p", cpus, &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run taskset");
+        assert!(status.success(), "taskset -a -c -p {cpus} {pid} failed");
+    }
+}
+
 fn main() {
     if let Ok(spec) = std::env::var(RELAY_ENV) {
         run_relay(&spec);
@@ -282,28 +325,44 @@ async fn bench() {
         .await
         .expect("PullImage");
 
+    let spread = allowed_cpus();
+    let one = spread.split([',', '-']).next().unwrap_or("0").to_string();
+    let pid = daemon.pid().expect("daemon pid");
+    let pids = [pid, ctd.pid().expect("containerd pid"), relay_process.pid()];
     println!(
         "ImageStatus latency, {calls} calls per series, one connection each, sequential calls, rounds of {ROUND} alternating direct, relay, proxy"
     );
-    let pid = daemon.pid().expect("daemon pid");
-    compare(
-        pid,
-        relay_process.pid(),
-        "plain reference (checked, then forwarded as raw HTTP/2)",
-        &mut clients,
-        &plain,
-        &plain,
-        calls,
-    )
-    .await;
-    compare(
-        pid,
-        relay_process.pid(),
-        "stream reference: PullImage of a held digest (resolve, access check, one runtime ImageStatus) vs ImageStatus of the pinned reference direct",
-        &mut clients,
-        stream_ref,
-        &pinned,
-        calls,
-    )
-    .await;
+    for layout in [Layout::Spread, Layout::OneCpu] {
+        match layout {
+            Layout::Spread => {
+                place(&pids, &spread);
+                println!("\n== layout: spread (CPUs {spread}, placed by the scheduler)");
+            }
+            Layout::OneCpu => {
+                place(&pids, &one);
+                println!("\n== layout: one CPU (all processes pinned to CPU {one})");
+            }
+        }
+        compare(
+            pid,
+            relay_process.pid(),
+            "plain reference (checked, then forwarded as raw HTTP/2)",
+            &mut clients,
+            &plain,
+            &plain,
+            calls,
+        )
+        .await;
+        compare(
+            pid,
+            relay_process.pid(),
+            "stream reference: PullImage of a held digest (resolve, access check, one runtime ImageStatus) vs ImageStatus of the pinned reference direct",
+            &mut clients,
+            stream_ref,
+            &pinned,
+            calls,
+        )
+        .await;
+    }
+    place(&pids, &spread);
 }

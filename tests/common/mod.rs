@@ -1164,6 +1164,11 @@ disabled_plugins = [
         self.dir.join("certs.d").join(host).join("hosts.toml")
     }
 
+    /// The containerd process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Whether the containerd process is running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
