@@ -125,6 +125,58 @@ struct Block {
     frames: Vec<Bytes>,
 }
 
+/// Why a frame cannot start or continue a header block.
+#[derive(Debug, thiserror::Error)]
+enum BlockError {
+    #[error("bad HEADERS padding")]
+    Padding,
+    #[error("unexpected CONTINUATION")]
+    Unexpected,
+    #[error("CONTINUATION on another stream")]
+    OtherStream,
+    #[error("header block too large")]
+    TooLarge,
+}
+
+/// Feeds a HEADERS or CONTINUATION frame `f` to the block being received, `pending`; returns
+/// the block once it is complete. `keep_frames` keeps the frames as received (to forward them).
+fn assemble(
+    pending: &mut Option<Block>,
+    head: &Head,
+    f: Bytes,
+    keep_frames: bool,
+) -> Result<Option<Block>, BlockError> {
+    let payload = &f[frame::HEADER_LEN..];
+    let mut block = if head.kind == frame::HEADERS {
+        let range = frame::content(head, payload).ok_or(BlockError::Padding)?;
+        Block {
+            stream: head.stream,
+            end_stream: head.has(frame::END_STREAM),
+            bytes: BytesMut::from(&payload[range]),
+            frames: Vec::new(),
+        }
+    } else {
+        let mut block = pending.take().ok_or(BlockError::Unexpected)?;
+        if block.stream != head.stream {
+            return Err(BlockError::OtherStream);
+        }
+        block.bytes.extend_from_slice(payload);
+        if block.bytes.len() > MAX_HEADER_BLOCK {
+            return Err(BlockError::TooLarge);
+        }
+        block
+    };
+    if keep_frames {
+        block.frames.push(f);
+    }
+    if head.has(frame::END_HEADERS) {
+        Ok(Some(block))
+    } else {
+        *pending = Some(block);
+        Ok(None)
+    }
+}
+
 /// Frames for one side: bytes ready to write, then frames waiting for flow-control window.
 #[derive(Default)]
 struct Outbox {
@@ -618,41 +670,16 @@ impl Relay {
         let payload = &f[frame::HEADER_LEN..];
         match head.kind {
             frame::DATA => self.client_data(head, f),
-            frame::HEADERS => {
-                let range = frame::content(&head, payload)
-                    .ok_or_else(|| conn_error(frame::PROTOCOL_ERROR, "bad HEADERS padding"))?;
-                let block = Block {
-                    stream: head.stream,
-                    end_stream: head.has(frame::END_STREAM),
-                    bytes: BytesMut::from(&payload[range]),
-                    frames: Vec::new(),
-                };
-                if head.has(frame::END_HEADERS) {
-                    self.client_headers(block)
-                } else {
-                    self.block = Some(block);
-                    Ok(())
-                }
-            }
-            frame::CONTINUATION => {
-                let Some(mut block) = self.block.take() else {
-                    return Err(conn_error(frame::PROTOCOL_ERROR, "unexpected CONTINUATION"));
-                };
-                if block.stream != head.stream {
-                    return Err(conn_error(frame::PROTOCOL_ERROR, "CONTINUATION stream"));
-                }
-                block.bytes.extend_from_slice(payload);
-                if block.bytes.len() > MAX_HEADER_BLOCK {
-                    return Err(conn_error(
-                        frame::ENHANCE_YOUR_CALM,
-                        "header block too large",
-                    ));
-                }
-                if head.has(frame::END_HEADERS) {
-                    self.client_headers(block)
-                } else {
-                    self.block = Some(block);
-                    Ok(())
+            frame::HEADERS | frame::CONTINUATION => {
+                match assemble(&mut self.block, &head, f, false) {
+                    Ok(Some(block)) => self.client_headers(block),
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(match e {
+                        BlockError::TooLarge => {
+                            conn_error(frame::ENHANCE_YOUR_CALM, "header block too large")
+                        }
+                        e => conn_error(frame::PROTOCOL_ERROR, e.to_string()),
+                    }),
                 }
             }
             frame::RST_STREAM => {
@@ -1224,41 +1251,11 @@ impl Relay {
                 }
                 Ok(())
             }
-            frame::HEADERS => {
-                let range = frame::content(&head, payload)
-                    .ok_or_else(|| protocol("bad HEADERS padding from the runtime"))?;
-                let block = Block {
-                    stream: head.stream,
-                    end_stream: head.has(frame::END_STREAM),
-                    bytes: BytesMut::from(&payload[range]),
-                    frames: vec![f],
-                };
-                if head.has(frame::END_HEADERS) {
-                    self.upstream_headers(block)
-                } else {
-                    up.block = Some(block);
-                    Ok(())
-                }
-            }
-            frame::CONTINUATION => {
-                let Some(mut block) = up.block.take() else {
-                    return Err(protocol("unexpected CONTINUATION from the runtime"));
-                };
-                if block.stream != head.stream {
-                    return Err(protocol("CONTINUATION on another stream"));
-                }
-                block.bytes.extend_from_slice(payload);
-                block.frames.push(f.clone());
-                if block.bytes.len() > MAX_HEADER_BLOCK {
-                    return Err(protocol("header block too large from the runtime"));
-                }
-                if head.has(frame::END_HEADERS) {
-                    self.upstream_headers(block)
-                } else {
-                    up.block = Some(block);
-                    Ok(())
-                }
-            }
+            frame::HEADERS | frame::CONTINUATION => match assemble(&mut up.block, &head, f, true) {
+                Ok(Some(block)) => self.upstream_headers(block),
+                Ok(None) => Ok(()),
+                Err(e) => Err(protocol(format!("{e} from the runtime"))),
+            },
             frame::RST_STREAM => {
                 let code = window_increment(payload).unwrap_or(0) as u32;
                 if let Some(id) = up.by_id.remove(&head.stream) {
