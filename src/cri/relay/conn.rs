@@ -121,8 +121,6 @@ struct Block {
     end_stream: bool,
     /// The block's content (HPACK bytes).
     bytes: BytesMut,
-    /// The frames as received (forwarded as they are, from the runtime).
-    frames: Vec<Bytes>,
 }
 
 /// Why a frame cannot start or continue a header block.
@@ -139,21 +137,19 @@ enum BlockError {
 }
 
 /// Feeds a HEADERS or CONTINUATION frame `f` to the block being received, `pending`; returns
-/// the block once it is complete. `keep_frames` keeps the frames as received (to forward them).
+/// the block once it is complete.
 fn assemble(
     pending: &mut Option<Block>,
     head: &Head,
-    f: Bytes,
-    keep_frames: bool,
+    f: &[u8],
 ) -> Result<Option<Block>, BlockError> {
     let payload = &f[frame::HEADER_LEN..];
-    let mut block = if head.kind == frame::HEADERS {
+    let block = if head.kind == frame::HEADERS {
         let range = frame::content(head, payload).ok_or(BlockError::Padding)?;
         Block {
             stream: head.stream,
             end_stream: head.has(frame::END_STREAM),
             bytes: BytesMut::from(&payload[range]),
-            frames: Vec::new(),
         }
     } else {
         let mut block = pending.take().ok_or(BlockError::Unexpected)?;
@@ -166,9 +162,6 @@ fn assemble(
         }
         block
     };
-    if keep_frames {
-        block.frames.push(f);
-    }
     if head.has(frame::END_HEADERS) {
         Ok(Some(block))
     } else {
@@ -277,9 +270,6 @@ struct Relay {
     deferred_acks: u32,
     out: Outbox,
     up: Up,
-    /// The runtime connection was lost once: reset the client's header table on the next
-    /// header block from a new one.
-    reset_client_table: bool,
     client_dec: Decoder,
     up_dec: Decoder,
     block: Option<Block>,
@@ -323,7 +313,6 @@ impl Relay {
             deferred_acks: 0,
             out: Outbox::default(),
             up: Up::Down,
-            reset_client_table: false,
             client_dec,
             up_dec,
             block: None,
@@ -629,7 +618,6 @@ impl Relay {
             return;
         };
         tracing::debug!(error = %e, "runtime connection lost");
-        self.reset_client_table = true;
         self.up_dec = Decoder::new(self.client_table_size);
         let status = self.proxy.upstream().unavailable(&e);
         let mut ids: Vec<u32> = up.by_id.values().copied().collect();
@@ -671,7 +659,7 @@ impl Relay {
         match head.kind {
             frame::DATA => self.client_data(head, f),
             frame::HEADERS | frame::CONTINUATION => {
-                match assemble(&mut self.block, &head, f, false) {
+                match assemble(&mut self.block, &head, &f) {
                     Ok(Some(block)) => self.client_headers(block),
                     Ok(None) => Ok(()),
                     Err(e) => Err(match e {
@@ -1251,7 +1239,7 @@ impl Relay {
                 }
                 Ok(())
             }
-            frame::HEADERS | frame::CONTINUATION => match assemble(&mut up.block, &head, f, true) {
+            frame::HEADERS | frame::CONTINUATION => match assemble(&mut up.block, &head, &f) {
                 Ok(Some(block)) => self.upstream_headers(block),
                 Ok(None) => Ok(()),
                 Err(e) => Err(protocol(format!("{e} from the runtime"))),
@@ -1384,8 +1372,13 @@ impl Relay {
         let mut status: Option<tonic::Code> = None;
         let mut http_status: Option<u16> = None;
         let mut size = 0usize;
+        let mut literal = BytesMut::with_capacity(block.bytes.len() * 2 + 64);
         let decoded = self.up_dec.decode(&block.bytes, |n, v| {
             size += n.len() + v.len() + 32;
+            if size > MAX_HEADER_BLOCK {
+                return;
+            }
+            frame::put_field(&mut literal, n, v);
             if n == b"grpc-status" {
                 status = Some(tonic::Code::from_bytes(v));
             } else if n == b":status" {
@@ -1410,27 +1403,16 @@ impl Relay {
         if block.end_stream {
             up.by_id.remove(&block.stream);
         }
-        // Every block reaches the client, even for a stream it reset: its header table must
-        // see every insertion.
-        let mut g = BytesMut::new();
-        if self.reset_client_table {
-            self.reset_client_table = false;
-            let mut hb = BytesMut::new();
-            frame::put_table_size_update(&mut hb, 0);
-            let size = self
-                .client_settings
-                .get(&frame::SETTINGS_HEADER_TABLE_SIZE)
-                .map_or(frame::DEFAULT_HEADER_TABLE as usize, |&v| v as usize);
-            frame::put_table_size_update(&mut hb, size);
-            hb.extend_from_slice(&block.bytes);
-            frame::put_header_block(&mut g, id, &hb, block.end_stream, self.client_max_frame);
-        } else {
-            for f in &block.frames {
-                frame::put_renumbered(&mut g, f, id);
-            }
-        }
-        self.queue_client(g.freeze(), None);
-        if let Some(s) = self.streams.get_mut(&id) {
+        // Sent as literals, like the client's blocks to the runtime: the client's header
+        // table stays empty, so a new runtime connection, or a block the client does not
+        // get, never leaves it out of step.
+        if self.streams.contains_key(&id) {
+            let mut g = BytesMut::new();
+            frame::put_header_block(&mut g, id, &literal, block.end_stream, self.client_max_frame);
+            self.queue_client(g.freeze(), None);
+            let Some(s) = self.streams.get_mut(&id) else {
+                return Ok(());
+            };
             let first = !s.headers_sent;
             s.headers_sent = true;
             if let Some(code) = status {

@@ -6,10 +6,10 @@
 //! - **Requests** of the four methods that may carry a stream reference are held until
 //!   complete and handed to [`CriProxy::decide`]: forwarded as received, or answered by the
 //!   proxy (answers made here, refusals, the runtime's answer to a rewritten request).
-//! - **Header blocks** from the client are decoded (HPACK) and sent on as literals, so that a
-//!   held or answered request never leaves the runtime's header table out of step. Header
-//!   blocks from the runtime pass unchanged; they are decoded only to keep the client's table
-//!   in view and to read the gRPC status for the call metrics.
+//! - **Header blocks** are decoded (HPACK) and sent on as literals, both ways, so that a held
+//!   or answered request, a call the relay makes itself, or a new runtime connection never
+//!   leaves a peer's header table out of step. The runtime's are read for the gRPC status
+//!   (call metrics).
 //! - **Flow control.** Data the proxy consumes or makes up itself is accounted for on both
 //!   sides: the relay tracks the real windows of both peers and each peer's view of the
 //!   other's, credits what it consumed, and holds back window updates that would give a peer
