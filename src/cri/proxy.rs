@@ -8,7 +8,7 @@
 //! forwarded to the runtime as raw HTTP/2 (headers, message frames and trailers untouched).
 
 use super::policy::PullPolicy;
-use super::upstream::{decode_message, encode_message, RequestBody, Upstream};
+use super::upstream::{decode_message, encode_message, RelayCalls, RequestBody, Upstream};
 use crate::registry::MAX_REFERENCE_LEN;
 use crate::stream::reference::{is_image_id, TagRef};
 use crate::stream::resolve::{resolve, Resolution, ResolveError, View};
@@ -151,10 +151,17 @@ impl CriProxy {
     /// reference (`parts` and `body` as the client sent them): forward it as received, or
     /// answer it here (an answer made here, a refusal, or the runtime's answer to a rewritten
     /// request). Any other path is forwarded.
-    pub async fn decide(self: Arc<Self>, parts: http::request::Parts, body: Bytes) -> Verdict {
+    /// `via` makes the runtime calls a decision needs on the client connection's own runtime
+    /// connection, when the relay can.
+    pub async fn decide(
+        self: Arc<Self>,
+        parts: http::request::Parts,
+        body: Bytes,
+        via: Option<RelayCalls>,
+    ) -> Verdict {
         match parts.uri.path() {
             PULL_IMAGE => match self
-                .rewritten(parts, body, "PullImage", Self::pull_image)
+                .rewritten(parts, body, via, "PullImage", Self::pull_image)
                 .await
             {
                 // A pull is answered through the proxy's own runtime connection, so that a
@@ -167,15 +174,15 @@ impl CriProxy {
                 Rewritten::Respond(resp) => Verdict::Respond(super::pull_errors::mark(resp)),
             },
             IMAGE_STATUS => self
-                .rewritten(parts, body, "ImageStatus", Self::image_status)
+                .rewritten(parts, body, via, "ImageStatus", Self::image_status)
                 .await
                 .into(),
             REMOVE_IMAGE => self
-                .rewritten(parts, body, "RemoveImage", Self::remove_image)
+                .rewritten(parts, body, via, "RemoveImage", Self::remove_image)
                 .await
                 .into(),
             CREATE_CONTAINER => self
-                .rewritten(parts, body, "CreateContainer", Self::create_container)
+                .rewritten(parts, body, via, "CreateContainer", Self::create_container)
                 .await
                 .into(),
             _ => Verdict::Forward,
@@ -188,17 +195,18 @@ impl CriProxy {
         self: &Arc<Self>,
         mut parts: http::request::Parts,
         body: Bytes,
+        via: Option<RelayCalls>,
         method: &'static str,
         decide: F,
     ) -> Rewritten
     where
         Req: prost::Message + Default,
-        F: AsyncFn(&Self, Req) -> Result<Decision, Status>,
+        F: AsyncFn(&Self, Req, Option<RelayCalls>) -> Result<Decision, Status>,
     {
         let span = cri_span(method);
         async move {
             let decision = match decode_message::<Req>(&body) {
-                Ok(msg) => decide(self, msg).await,
+                Ok(msg) => decide(self, msg, via).await,
                 Err(status) => Err(status),
             };
             match decision {
@@ -290,7 +298,30 @@ impl CriProxy {
         Ok(resolution)
     }
 
-    async fn pull_image(&self, mut msg: PullImageRequest) -> Result<Decision, Status> {
+    /// A unary runtime call, through the relay when it can make it.
+    async fn runtime_unary<Req, Resp>(
+        &self,
+        via: Option<&RelayCalls>,
+        path: &'static str,
+        request: &Req,
+    ) -> Result<Resp, Status>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        if let Some(via) = via {
+            if let Some(answer) = via.unary(path, request).await {
+                return answer;
+            }
+        }
+        self.upstream.unary(path, request).await
+    }
+
+    async fn pull_image(
+        &self,
+        mut msg: PullImageRequest,
+        via: Option<RelayCalls>,
+    ) -> Result<Decision, Status> {
         let namespace = pod_namespace(&msg.sandbox_config);
         let Some(spec) = msg.image.as_mut() else {
             return Ok(Decision::Forward);
@@ -329,8 +360,8 @@ impl CriProxy {
         if let Resolution::Pinned(_) = resolution {
             // The runtime may hold the pinned digest already: answer without a pull.
             let status: ImageStatusResponse = self
-                .upstream
-                .unary(
+                .runtime_unary(
+                    via.as_ref(),
                     IMAGE_STATUS,
                     &ImageStatusRequest {
                         image: Some(spec),
@@ -362,7 +393,11 @@ impl CriProxy {
         }
     }
 
-    async fn image_status(&self, mut msg: ImageStatusRequest) -> Result<Decision, Status> {
+    async fn image_status(
+        &self,
+        mut msg: ImageStatusRequest,
+        _via: Option<RelayCalls>,
+    ) -> Result<Decision, Status> {
         let Some(spec) = msg.image.as_mut() else {
             return Ok(Decision::Forward);
         };
@@ -393,7 +428,11 @@ impl CriProxy {
         }
     }
 
-    async fn remove_image(&self, mut msg: RemoveImageRequest) -> Result<Decision, Status> {
+    async fn remove_image(
+        &self,
+        mut msg: RemoveImageRequest,
+        _via: Option<RelayCalls>,
+    ) -> Result<Decision, Status> {
         let Some(spec) = msg.image.as_mut() else {
             return Ok(Decision::Forward);
         };
@@ -411,7 +450,11 @@ impl CriProxy {
         })
     }
 
-    async fn create_container(&self, mut msg: CreateContainerRequest) -> Result<Decision, Status> {
+    async fn create_container(
+        &self,
+        mut msg: CreateContainerRequest,
+        _via: Option<RelayCalls>,
+    ) -> Result<Decision, Status> {
         let namespace = pod_namespace(&msg.sandbox_config);
         let Some(spec) = msg.config.as_mut().and_then(|c| c.image.as_mut()) else {
             return Ok(Decision::Forward);

@@ -1,7 +1,7 @@
 //! The proxy's own connection to the real runtime (containerd, CRI-O), for the calls it makes
-//! itself: pulls, rewritten requests, the runtime `ImageStatus` behind a held digest, pre-pulls.
-//! (Client calls are relayed on a runtime connection per client connection, see
-//! [`super::relay`].) One lazily connected HTTP/2 connection over the runtime's unix socket,
+//! itself: pulls, rewritten requests, pre-pulls, and the runtime `ImageStatus` behind a held
+//! digest when the client connection's relay cannot make it ([`RelayCalls`]). (Client calls
+//! are relayed on a runtime connection per client connection, see [`super::relay`].) One lazily connected HTTP/2 connection over the runtime's unix socket,
 //! reconnected on demand, driven with the `h2` crate directly.
 //!
 //! Why not a tonic `Channel` (or a hyper client): both put two extra tasks in every call, a
@@ -485,5 +485,49 @@ impl tower::Service<http::Request<Body>> for Upstream {
             let (parts, body) = req.into_parts();
             Ok(upstream.forward(parts, RequestBody::Stream(body)).await)
         })
+    }
+}
+
+/// A unary call for a client connection's relay to make on its own runtime connection (see
+/// [`super::relay`]): cheaper than a call on the proxy's connection here, and answered in the
+/// same task that relays the client's call. The reply is `None` when the relay cannot make it
+/// (no live runtime connection, or frames waiting for window): the caller then uses
+/// [`Upstream::unary`].
+pub struct RelayCall {
+    pub path: &'static str,
+    /// The request as a gRPC message frame.
+    pub message: Bytes,
+    /// The answer's message frame, or its gRPC status.
+    pub reply: tokio::sync::oneshot::Sender<Option<Result<Bytes, Status>>>,
+}
+
+/// Sends [`RelayCall`]s to one relay.
+#[derive(Clone)]
+pub struct RelayCalls(tokio::sync::mpsc::UnboundedSender<RelayCall>);
+
+impl RelayCalls {
+    pub fn new(tx: tokio::sync::mpsc::UnboundedSender<RelayCall>) -> Self {
+        Self(tx)
+    }
+
+    /// Makes the call through the relay; `None` when the relay cannot (see [`RelayCall`]).
+    pub async fn unary<Req, Resp>(
+        &self,
+        path: &'static str,
+        request: &Req,
+    ) -> Option<Result<Resp, Status>>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let call = RelayCall {
+            path,
+            message: encode_message(request),
+            reply,
+        };
+        self.0.send(call).ok()?;
+        let answer = answer.await.ok()??;
+        Some(answer.and_then(|message| decode_message(&message)))
     }
 }

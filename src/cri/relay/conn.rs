@@ -22,7 +22,7 @@ use crate::cri::proxy::{
     grpc_status, http_status_code, Call, CriProxy, Verdict, CREATE_CONTAINER, IMAGE_STATUS,
     MAX_CRI_MESSAGE_BYTES, PULL_IMAGE, REMOVE_IMAGE,
 };
-use crate::cri::upstream::UpstreamError;
+use crate::cri::upstream::{RelayCall, RelayCalls, UpstreamError};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
@@ -205,6 +205,18 @@ struct UpConn {
     block: Option<Block>,
     /// Runtime stream ids the client has left (see [`UpConn::retire`]).
     retired: VecDeque<u32>,
+    /// Calls the relay made itself, by runtime stream id (see [`RelayCall`]).
+    internal: HashMap<u32, Internal>,
+}
+
+/// A call the relay makes on its runtime connection for a decision, while its answer comes.
+struct Internal {
+    reply: tokio::sync::oneshot::Sender<Option<Result<Bytes, Status>>>,
+    path: &'static str,
+    http_status: Option<u16>,
+    /// `grpc-status`, `grpc-message` and `grpc-status-details-bin`, from headers or trailers.
+    grpc: http::HeaderMap,
+    data: BytesMut,
 }
 
 enum Up {
@@ -291,6 +303,8 @@ struct Relay {
     waiting: Vec<u32>,
     verdict_tx: mpsc::UnboundedSender<(u32, Outcome)>,
     verdicts: mpsc::UnboundedReceiver<(u32, Outcome)>,
+    calls_tx: mpsc::UnboundedSender<RelayCall>,
+    calls: mpsc::UnboundedReceiver<RelayCall>,
     drain: Pin<Box<WaitForCancellationFutureOwned>>,
     draining: bool,
     /// Closing: write what is queued, then end.
@@ -301,6 +315,7 @@ struct Relay {
 impl Relay {
     fn new(client: ProxyStream, proxy: Arc<CriProxy>, drain: CancellationToken) -> Self {
         let (verdict_tx, verdicts) = mpsc::unbounded_channel();
+        let (calls_tx, calls) = mpsc::unbounded_channel();
         let up_dec = Decoder::new(frame::DEFAULT_HEADER_TABLE as usize);
         let client_dec = Decoder::new(frame::DEFAULT_HEADER_TABLE as usize);
         Self {
@@ -331,6 +346,8 @@ impl Relay {
             waiting: Vec::new(),
             verdict_tx,
             verdicts,
+            calls_tx,
+            calls,
             drain: Box::pin(drain.cancelled_owned()),
             draining: false,
             closing: false,
@@ -355,6 +372,10 @@ impl Relay {
             }
             while let Poll::Ready(Some((id, outcome))) = self.verdicts.poll_recv(cx) {
                 self.on_outcome(id, outcome);
+                progress = true;
+            }
+            while let Poll::Ready(Some(call)) = self.calls.poll_recv(cx) {
+                self.start_internal(call);
                 progress = true;
             }
             if !self.closing && !self.client_eof {
@@ -594,6 +615,7 @@ impl Relay {
             goaway: None,
             block: None,
             retired: VecDeque::new(),
+            internal: HashMap::new(),
         };
         // Bring each side's view of the other up to the real window (a new connection starts
         // at the default; the client may have more, or less, from the last one).
@@ -618,6 +640,8 @@ impl Relay {
             return;
         };
         tracing::debug!(error = %e, "runtime connection lost");
+        // The relay's own calls are made again by the proxy's client (their replies drop).
+        drop(up.internal);
         self.up_dec = Decoder::new(self.client_table_size);
         let status = self.proxy.upstream().unavailable(&e);
         let mut ids: Vec<u32> = up.by_id.values().copied().collect();
@@ -658,18 +682,16 @@ impl Relay {
         let payload = &f[frame::HEADER_LEN..];
         match head.kind {
             frame::DATA => self.client_data(head, f),
-            frame::HEADERS | frame::CONTINUATION => {
-                match assemble(&mut self.block, &head, &f) {
-                    Ok(Some(block)) => self.client_headers(block),
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(match e {
-                        BlockError::TooLarge => {
-                            conn_error(frame::ENHANCE_YOUR_CALM, "header block too large")
-                        }
-                        e => conn_error(frame::PROTOCOL_ERROR, e.to_string()),
-                    }),
-                }
-            }
+            frame::HEADERS | frame::CONTINUATION => match assemble(&mut self.block, &head, &f) {
+                Ok(Some(block)) => self.client_headers(block),
+                Ok(None) => Ok(()),
+                Err(e) => Err(match e {
+                    BlockError::TooLarge => {
+                        conn_error(frame::ENHANCE_YOUR_CALM, "header block too large")
+                    }
+                    e => conn_error(frame::PROTOCOL_ERROR, e.to_string()),
+                }),
+            },
             frame::RST_STREAM => {
                 self.client_reset(head.stream);
                 Ok(())
@@ -1020,8 +1042,9 @@ impl Relay {
         };
         let body = std::mem::take(&mut h.body).freeze();
         let proxy = self.proxy.clone();
+        let via = RelayCalls::new(self.calls_tx.clone());
         let mut decision = Box::pin(async move {
-            match proxy.decide(parts, body).await {
+            match proxy.decide(parts, body, Some(via)).await {
                 Verdict::Forward => Outcome::Forward,
                 Verdict::Respond(resp) => Outcome::Answer(collect_answer(resp).await),
             }
@@ -1108,6 +1131,91 @@ impl Relay {
             frame::put_header_block(&mut f, up_id, &trailers, true, self.up_max_frame);
             self.queue_upstream(f.freeze(), None);
         }
+    }
+
+    /// Makes `call` on the runtime connection, or replies `None` when it cannot now (no live
+    /// connection, or frames for the runtime waiting for window, which a new stream must not
+    /// overtake): the proxy then makes it on its own connection.
+    fn start_internal(&mut self, call: RelayCall) {
+        let Up::Live(up) = &mut self.up else {
+            let _ = call.reply.send(None);
+            return;
+        };
+        let len = call.message.len();
+        let fits = (len as i64) <= up.window.min(self.up_initial_window);
+        if up.goaway.is_some() || !up.out.queue.is_empty() || !fits {
+            let _ = call.reply.send(None);
+            return;
+        }
+        let up_id = up.next_id;
+        up.next_id += 2;
+        let mut headers = BytesMut::with_capacity(128);
+        for (n, v) in [
+            (&b":method"[..], &b"POST"[..]),
+            (b":scheme", b"http"),
+            (b":path", call.path.as_bytes()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            (b"user-agent", b"imagestream"),
+        ] {
+            frame::put_field(&mut headers, n, v);
+        }
+        frame::put_header_block(&mut up.out.buf, up_id, &headers, false, self.up_max_frame);
+        for f in frame::data_frames(up_id, &call.message, true, self.up_max_frame) {
+            up.out.buf.extend_from_slice(&f);
+        }
+        up.window -= len as i64;
+        up.internal.insert(
+            up_id,
+            Internal {
+                reply: call.reply,
+                path: call.path,
+                http_status: None,
+                grpc: http::HeaderMap::new(),
+                data: BytesMut::new(),
+            },
+        );
+    }
+
+    /// DATA of one of the relay's own calls: kept, and the window it took given back.
+    fn internal_data(&mut self, head: Head, f: &[u8]) -> Result<(), UpstreamError> {
+        let Up::Live(up) = &mut self.up else {
+            return Ok(());
+        };
+        let flow = head.len as i64;
+        if flow > 0 {
+            up.belief += flow;
+            frame::put_window_update(&mut up.out.buf, 0, flow as u32);
+            if !head.has(frame::END_STREAM) {
+                frame::put_window_update(&mut up.out.buf, head.stream, flow as u32);
+            }
+        }
+        let payload = &f[frame::HEADER_LEN..];
+        let range = frame::content(&head, payload)
+            .ok_or_else(|| protocol("bad DATA padding from the runtime"))?;
+        let Some(call) = up.internal.get_mut(&head.stream) else {
+            return Ok(());
+        };
+        if call.data.len() + range.len() > MAX_CRI_MESSAGE_BYTES + 5 {
+            if let Some(call) = up.internal.remove(&head.stream) {
+                let status = Status::resource_exhausted(format!(
+                    "the runtime's answer to {} is larger than {MAX_CRI_MESSAGE_BYTES} bytes",
+                    call.path
+                ));
+                let _ = call.reply.send(Some(Err(status)));
+            }
+            if !head.has(frame::END_STREAM) {
+                frame::put_rst(&mut up.out.buf, head.stream, frame::CANCEL);
+            }
+            return Ok(());
+        }
+        call.data.extend_from_slice(&payload[range]);
+        if head.has(frame::END_STREAM) {
+            if let Some(call) = up.internal.remove(&head.stream) {
+                call.finish();
+            }
+        }
+        Ok(())
     }
 
     /// Answers stream `id` with `a` (the request is not forwarded, or no longer).
@@ -1213,6 +1321,9 @@ impl Relay {
             frame::DATA => {
                 let flow = head.len as i64;
                 up.belief -= flow;
+                if up.internal.contains_key(&head.stream) {
+                    return self.internal_data(head, &f);
+                }
                 let Some(&id) = up.by_id.get(&head.stream) else {
                     // A stream the client has left: give the runtime its window back.
                     up.belief += flow;
@@ -1246,6 +1357,13 @@ impl Relay {
             },
             frame::RST_STREAM => {
                 let code = window_increment(payload).unwrap_or(0) as u32;
+                if let Some(call) = up.internal.remove(&head.stream) {
+                    let status = Status::new(
+                        reset_code(code),
+                        format!("the runtime reset the proxy's {} call", call.path),
+                    );
+                    let _ = call.reply.send(Some(Err(status)));
+                }
                 if let Some(id) = up.by_id.remove(&head.stream) {
                     let mut g = BytesMut::new();
                     frame::put_rst(&mut g, id, code);
@@ -1329,6 +1447,8 @@ impl Relay {
                     .map(|(_, &c)| c)
                     .collect();
                 refused.sort_unstable();
+                // The relay's own calls it will not answer: made again by the proxy's client.
+                up.internal.retain(|&u, _| u <= last);
                 for id in refused {
                     self.fail_stream(id, &status);
                 }
@@ -1373,6 +1493,7 @@ impl Relay {
         let mut http_status: Option<u16> = None;
         let mut size = 0usize;
         let mut literal = BytesMut::with_capacity(block.bytes.len() * 2 + 64);
+        let mut grpc = Vec::new();
         let decoded = self.up_dec.decode(&block.bytes, |n, v| {
             size += n.len() + v.len() + 32;
             if size > MAX_HEADER_BLOCK {
@@ -1384,6 +1505,9 @@ impl Relay {
             } else if n == b":status" {
                 http_status = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
             }
+            if n.starts_with(b"grpc-") {
+                grpc.push((Bytes::copy_from_slice(n), Bytes::copy_from_slice(v)));
+            }
         });
         if let Err(e) = decoded {
             return Err(protocol(format!("bad header block from the runtime: {e}")));
@@ -1394,6 +1518,23 @@ impl Relay {
         let Up::Live(up) = &mut self.up else {
             return Ok(());
         };
+        if let Some(call) = up.internal.get_mut(&block.stream) {
+            call.http_status = call.http_status.or(http_status);
+            for (n, v) in grpc {
+                if let (Ok(n), Ok(v)) = (
+                    http::HeaderName::from_bytes(&n),
+                    http::HeaderValue::from_maybe_shared(v),
+                ) {
+                    call.grpc.insert(n, v);
+                }
+            }
+            if block.end_stream {
+                if let Some(call) = up.internal.remove(&block.stream) {
+                    call.finish();
+                }
+            }
+            return Ok(());
+        }
         let Some(&id) = up.by_id.get(&block.stream) else {
             return Err(protocol(format!(
                 "the runtime answered on stream {} it never opened",
@@ -1408,7 +1549,13 @@ impl Relay {
         // get, never leaves it out of step.
         if self.streams.contains_key(&id) {
             let mut g = BytesMut::new();
-            frame::put_header_block(&mut g, id, &literal, block.end_stream, self.client_max_frame);
+            frame::put_header_block(
+                &mut g,
+                id,
+                &literal,
+                block.end_stream,
+                self.client_max_frame,
+            );
             self.queue_client(g.freeze(), None);
             let Some(s) = self.streams.get_mut(&id) else {
                 return Ok(());
@@ -1550,6 +1697,22 @@ impl Outbox {
             _ => true,
         });
         dropped
+    }
+}
+
+impl Internal {
+    /// The runtime's answer is complete: the message, or the status it carried.
+    fn finish(self) {
+        let answer = match Status::from_header_map(&self.grpc) {
+            Some(status) if status.code() != tonic::Code::Ok => Err(status),
+            _ if self.http_status != Some(200) => Err(Status::unknown(format!(
+                "runtime answered {} with HTTP status {}",
+                self.path,
+                self.http_status.map_or("none".into(), |c| c.to_string())
+            ))),
+            _ => Ok(self.data.freeze()),
+        };
+        let _ = self.reply.send(Some(answer));
     }
 }
 
@@ -1717,5 +1880,65 @@ async fn collect_answer(resp: http::Response<tonic::body::Body>) -> Answer {
             );
             Answer::status(&status)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn internal(
+        http_status: Option<u16>,
+        grpc: &[(&'static str, &'static str)],
+        data: &[u8],
+    ) -> (
+        Internal,
+        tokio::sync::oneshot::Receiver<Option<Result<Bytes, Status>>>,
+    ) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let mut map = http::HeaderMap::new();
+        for (n, v) in grpc {
+            map.insert(*n, http::HeaderValue::from_static(v));
+        }
+        let call = Internal {
+            reply,
+            path: IMAGE_STATUS,
+            http_status,
+            grpc: map,
+            data: BytesMut::from(data),
+        };
+        (call, rx)
+    }
+
+    #[test]
+    fn the_relays_own_calls_map_the_runtimes_answer() {
+        let (call, mut rx) = internal(Some(200), &[("grpc-status", "0")], b"\0\0\0\0\0");
+        call.finish();
+        let answer = rx.try_recv().expect("replied").expect("made");
+        assert_eq!(answer.expect("ok").as_ref(), b"\0\0\0\0\0");
+
+        let (call, mut rx) = internal(
+            Some(200),
+            &[("grpc-status", "5"), ("grpc-message", "image%20gone")],
+            b"",
+        );
+        call.finish();
+        let status = rx
+            .try_recv()
+            .expect("replied")
+            .expect("made")
+            .expect_err("status");
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(status.message(), "image gone");
+
+        let (call, mut rx) = internal(Some(503), &[], b"");
+        call.finish();
+        let status = rx
+            .try_recv()
+            .expect("replied")
+            .expect("made")
+            .expect_err("status");
+        assert_eq!(status.code(), tonic::Code::Unknown);
+        assert!(status.message().contains("HTTP status 503"), "{status:?}");
     }
 }
