@@ -283,6 +283,8 @@ struct Relay {
     out: Outbox,
     up: Up,
     client_dec: Decoder,
+    /// Encodes every header block sent to the client, in the order they are queued.
+    client_enc: frame::Encoder,
     up_dec: Decoder,
     block: Option<Block>,
     client_settings: BTreeMap<u16, u32>,
@@ -329,6 +331,7 @@ impl Relay {
             out: Outbox::default(),
             up: Up::Down,
             client_dec,
+            client_enc: frame::Encoder::new(frame::DEFAULT_HEADER_TABLE as usize),
             up_dec,
             block: None,
             client_settings: BTreeMap::new(),
@@ -757,6 +760,7 @@ impl Relay {
                     self.client_max_frame = value as usize;
                 }
                 frame::SETTINGS_HEADER_TABLE_SIZE => {
+                    self.client_enc.set_limit(value as usize);
                     self.client_table_size = self.client_table_size.max(value as usize);
                     self.up_dec.set_allowed(self.client_table_size);
                 }
@@ -1284,8 +1288,9 @@ impl Relay {
     /// A header block made here, for the client.
     fn client_block(&mut self, id: u32, fields: &Fields, end_stream: bool) {
         let mut hb = BytesMut::new();
+        self.client_enc.begin(&mut hb);
         for (n, v) in fields {
-            frame::put_field(&mut hb, n, v);
+            self.client_enc.field(&mut hb, n, v);
         }
         let mut f = BytesMut::new();
         frame::put_header_block(&mut f, id, &hb, end_stream, self.client_max_frame);
@@ -1489,25 +1494,20 @@ impl Relay {
     }
 
     fn upstream_headers(&mut self, block: Block) -> Result<(), UpstreamError> {
-        let mut status: Option<tonic::Code> = None;
-        let mut http_status: Option<u16> = None;
         let mut size = 0usize;
-        let mut literal = BytesMut::with_capacity(block.bytes.len() * 2 + 64);
-        let mut grpc = Vec::new();
+        // The decoded fields, in one buffer: (start, end of name, end of value).
+        let mut arena = BytesMut::with_capacity(block.bytes.len() * 2 + 64);
+        let mut spans: Vec<(usize, usize, usize)> = Vec::with_capacity(8);
         let decoded = self.up_dec.decode(&block.bytes, |n, v| {
             size += n.len() + v.len() + 32;
             if size > MAX_HEADER_BLOCK {
                 return;
             }
-            frame::put_field(&mut literal, n, v);
-            if n == b"grpc-status" {
-                status = Some(tonic::Code::from_bytes(v));
-            } else if n == b":status" {
-                http_status = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
-            }
-            if n.starts_with(b"grpc-") {
-                grpc.push((Bytes::copy_from_slice(n), Bytes::copy_from_slice(v)));
-            }
+            let start = arena.len();
+            arena.extend_from_slice(n);
+            let mid = arena.len();
+            arena.extend_from_slice(v);
+            spans.push((start, mid, arena.len()));
         });
         if let Err(e) = decoded {
             return Err(protocol(format!("bad header block from the runtime: {e}")));
@@ -1515,15 +1515,30 @@ impl Relay {
         if size > MAX_HEADER_BLOCK {
             return Err(protocol("header list too large from the runtime"));
         }
+        let arena = arena.freeze();
+        let field =
+            |&(start, mid, end): &(usize, usize, usize)| (&arena[start..mid], &arena[mid..end]);
+        let mut status: Option<tonic::Code> = None;
+        let mut http_status: Option<u16> = None;
+        for (n, v) in spans.iter().map(field) {
+            if n == b"grpc-status" {
+                status = Some(tonic::Code::from_bytes(v));
+            } else if n == b":status" {
+                http_status = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
+            }
+        }
         let Up::Live(up) = &mut self.up else {
             return Ok(());
         };
         if let Some(call) = up.internal.get_mut(&block.stream) {
             call.http_status = call.http_status.or(http_status);
-            for (n, v) in grpc {
+            for &(start, mid, end) in &spans {
+                if !arena[start..mid].starts_with(b"grpc-") {
+                    continue;
+                }
                 if let (Ok(n), Ok(v)) = (
-                    http::HeaderName::from_bytes(&n),
-                    http::HeaderValue::from_maybe_shared(v),
+                    http::HeaderName::from_bytes(&arena[start..mid]),
+                    http::HeaderValue::from_maybe_shared(arena.slice(mid..end)),
                 ) {
                     call.grpc.insert(n, v);
                 }
@@ -1544,18 +1559,17 @@ impl Relay {
         if block.end_stream {
             up.by_id.remove(&block.stream);
         }
-        // Sent as literals, like the client's blocks to the runtime: the client's header
-        // table stays empty, so a new runtime connection, or a block the client does not
-        // get, never leaves it out of step.
+        // Encoded again for the client (the relay's own table, see `client_enc`): a new
+        // runtime connection, or a block the client does not get, never leaves the client's
+        // table out of step.
         if self.streams.contains_key(&id) {
+            let mut hb = BytesMut::with_capacity(arena.len() + 16);
+            self.client_enc.begin(&mut hb);
+            for (n, v) in spans.iter().map(field) {
+                self.client_enc.field(&mut hb, n, v);
+            }
             let mut g = BytesMut::new();
-            frame::put_header_block(
-                &mut g,
-                id,
-                &literal,
-                block.end_stream,
-                self.client_max_frame,
-            );
+            frame::put_header_block(&mut g, id, &hb, block.end_stream, self.client_max_frame);
             self.queue_client(g.freeze(), None);
             let Some(s) = self.streams.get_mut(&id) else {
                 return Ok(());

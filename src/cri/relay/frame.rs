@@ -5,6 +5,7 @@
 //! dynamic table; reading them needs no state.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::VecDeque;
 
 /// The client connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -278,6 +279,100 @@ pub fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     put_hpack_string(out, value);
 }
 
+/// An HPACK encoder with a dynamic table (RFC 7541 §2.3), for the header blocks the relay
+/// sends the client: a field seen before goes as one index, so that the answers of a busy
+/// connection stay as small as the runtime's own. Blocks must reach the peer in the order they
+/// are encoded, and every block encoded must be sent.
+pub struct Encoder {
+    /// Newest first.
+    table: VecDeque<(Bytes, Bytes)>,
+    size: usize,
+    max: usize,
+    /// A size update owed at the start of the next block (the peer lowered its limit).
+    update: Option<usize>,
+}
+
+/// Bytes a table entry counts for besides its name and value (RFC 7541 §4.1).
+const ENTRY_OVERHEAD: usize = 32;
+
+impl Encoder {
+    pub fn new(max: usize) -> Self {
+        Self {
+            table: VecDeque::new(),
+            size: 0,
+            max,
+            update: None,
+        }
+    }
+
+    /// The peer's SETTINGS_HEADER_TABLE_SIZE: the table never grows past it (nor past the
+    /// size it started with).
+    pub fn set_limit(&mut self, limit: usize) {
+        if limit < self.max {
+            self.max = limit;
+            self.evict(0);
+            self.update = Some(limit);
+        }
+    }
+
+    /// Starts a block: the size update the peer is owed, if any.
+    pub fn begin(&mut self, out: &mut BytesMut) {
+        if let Some(size) = self.update.take() {
+            put_table_size_update(out, size);
+        }
+    }
+
+    /// Appends one field: indexed when the static or dynamic table has it, else a literal
+    /// added to the dynamic table (`authorization` and `cookie` never indexed).
+    pub fn field(&mut self, out: &mut BytesMut, name: &[u8], value: &[u8]) {
+        if let Some(&(_, _, index)) = STATIC_FIELDS
+            .iter()
+            .find(|(n, v, _)| *n == name && *v == value)
+        {
+            put_hpack_int(out, 0x80, 7, index);
+            return;
+        }
+        if let Some(i) = self
+            .table
+            .iter()
+            .position(|(n, v)| n.as_ref() == name && v.as_ref() == value)
+        {
+            put_hpack_int(out, 0x80, 7, STATIC_TABLE_LEN + 1 + i);
+            return;
+        }
+        let entry = name.len() + value.len() + ENTRY_OVERHEAD;
+        if name == b"authorization" || name == b"cookie" || entry > self.max {
+            put_field(out, name, value);
+            return;
+        }
+        match STATIC_NAMES.iter().find(|(n, _)| *n == name) {
+            Some(&(_, index)) => put_hpack_int(out, 0x40, 6, index),
+            None => {
+                out.put_u8(0x40);
+                put_hpack_string(out, name);
+            }
+        }
+        put_hpack_string(out, value);
+        self.evict(entry);
+        self.table
+            .push_front((Bytes::copy_from_slice(name), Bytes::copy_from_slice(value)));
+        self.size += entry;
+    }
+
+    /// Drops the oldest entries until `room` more bytes fit.
+    fn evict(&mut self, room: usize) {
+        while self.size + room > self.max {
+            let Some((n, v)) = self.table.pop_back() else {
+                break;
+            };
+            self.size -= n.len() + v.len() + ENTRY_OVERHEAD;
+        }
+    }
+}
+
+/// Entries in the HPACK static table (RFC 7541 Appendix A).
+const STATIC_TABLE_LEN: usize = 61;
+
 /// A dynamic table size update (RFC 7541 §6.3).
 pub fn put_table_size_update(out: &mut BytesMut, size: usize) {
     put_hpack_int(out, 0x20, 5, size);
@@ -289,6 +384,53 @@ mod tests {
 
     fn decode(block: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
         loona_hpack::Decoder::new().decode(block).unwrap()
+    }
+
+    #[test]
+    fn the_encoder_indexes_repeated_fields_and_stays_in_step_with_a_decoder() {
+        let mut enc = Encoder::new(256);
+        let mut dec = loona_hpack::Decoder::new();
+        dec.set_max_table_size(256);
+        let answers: Vec<Vec<(&[u8], Vec<u8>)>> = (0..40)
+            .map(|i| {
+                vec![
+                    (&b":status"[..], b"200".to_vec()),
+                    (b"content-type", b"application/grpc".to_vec()),
+                    (b"grpc-status", b"0".to_vec()),
+                    // Values that change, to make the table evict.
+                    (b"grpc-message", format!("call {}", i % 7).into_bytes()),
+                    (b"x-long", vec![b'x'; 100 + i % 3]),
+                    (b"authorization", b"secret".to_vec()),
+                ]
+            })
+            .collect();
+        let mut sizes = Vec::new();
+        for (i, fields) in answers.iter().enumerate() {
+            if i == 20 {
+                enc.set_limit(128);
+            }
+            let mut block = BytesMut::new();
+            enc.begin(&mut block);
+            for (n, v) in fields {
+                enc.field(&mut block, n, v);
+            }
+            sizes.push(block.len());
+            let got = dec.decode(&block).expect("decodes");
+            let want: Vec<(Vec<u8>, Vec<u8>)> = fields
+                .iter()
+                .map(|(n, v)| (n.to_vec(), v.clone()))
+                .collect();
+            assert_eq!(got, want, "block {i}");
+        }
+        assert!(enc.size <= 128, "table {} over the lowered limit", enc.size);
+        // The fixed fields are indexed from the second block on.
+        let mut first = BytesMut::new();
+        let mut again = BytesMut::new();
+        let mut e = Encoder::new(4096);
+        e.field(&mut first, b"content-type", b"application/grpc");
+        e.field(&mut again, b"content-type", b"application/grpc");
+        assert!(first.len() > 1);
+        assert_eq!(again.len(), 1);
     }
 
     #[test]
