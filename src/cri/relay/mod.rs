@@ -6,10 +6,14 @@
 //! - **Requests** of the four methods that may carry a stream reference are held until
 //!   complete and handed to [`CriProxy::decide`]: forwarded as received, or answered by the
 //!   proxy (answers made here, refusals, the runtime's answer to a rewritten request).
-//! - **Header blocks** are decoded (HPACK) and sent on as literals, both ways, so that a held
-//!   or answered request, a call the relay makes itself, or a new runtime connection never
-//!   leaves a peer's header table out of step. The runtime's are read for the gRPC status
-//!   (call metrics).
+//! - **Header blocks** are decoded (HPACK) and encoded again, so that a held or answered
+//!   request, a call the relay makes itself, or a new runtime connection never leaves a peer's
+//!   header table out of step: to the runtime as literals (a held request may go on a later
+//!   connection, or not at all), to the client with the relay's own table
+//!   ([`frame::Encoder`]), in the order the blocks are sent. The runtime's are read for the
+//!   gRPC status (call metrics).
+//! - **Calls of its own**: the runtime `ImageStatus` behind a stream reference's `PullImage`
+//!   goes on the same runtime connection ([`crate::cri::upstream::RelayCall`]).
 //! - **Flow control.** Data the proxy consumes or makes up itself is accounted for on both
 //!   sides: the relay tracks the real windows of both peers and each peer's view of the
 //!   other's, credits what it consumed, and holds back window updates that would give a peer
