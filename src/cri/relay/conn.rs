@@ -1363,11 +1363,15 @@ impl Relay {
             frame::RST_STREAM => {
                 let code = window_increment(payload).unwrap_or(0) as u32;
                 if let Some(call) = up.internal.remove(&head.stream) {
-                    let status = Status::new(
-                        reset_code(code),
-                        format!("the runtime reset the proxy's {} call", call.path),
-                    );
-                    let _ = call.reply.send(Some(Err(status)));
+                    // Refused (say, over the runtime's stream limit, which the client's
+                    // streams may fill): made again by the proxy's client.
+                    let answer = (code != frame::REFUSED_STREAM).then(|| {
+                        Err(Status::new(
+                            reset_code(code),
+                            format!("the runtime reset the proxy's {} call", call.path),
+                        ))
+                    });
+                    let _ = call.reply.send(answer);
                 }
                 if let Some(id) = up.by_id.remove(&head.stream) {
                     let mut g = BytesMut::new();
