@@ -1905,15 +1905,14 @@ async fn collect_answer(resp: http::Response<tonic::body::Body>) -> Answer {
 mod tests {
     use super::*;
 
-    fn internal(
+    /// What a relay call replies once the runtime's answer (`http_status`, the `grpc-*`
+    /// fields, the body) is complete.
+    fn answer(
         http_status: Option<u16>,
         grpc: &[(&'static str, &'static str)],
         data: &[u8],
-    ) -> (
-        Internal,
-        tokio::sync::oneshot::Receiver<Option<Result<Bytes, Status>>>,
-    ) {
-        let (reply, rx) = tokio::sync::oneshot::channel();
+    ) -> Result<Bytes, Status> {
+        let (reply, mut rx) = tokio::sync::oneshot::channel();
         let mut map = http::HeaderMap::new();
         for (n, v) in grpc {
             map.insert(*n, http::HeaderValue::from_static(v));
@@ -1925,37 +1924,21 @@ mod tests {
             grpc: map,
             data: BytesMut::from(data),
         };
-        (call, rx)
+        call.finish();
+        rx.try_recv().expect("replied").expect("made")
     }
 
     #[test]
     fn the_relays_own_calls_map_the_runtimes_answer() {
-        let (call, mut rx) = internal(Some(200), &[("grpc-status", "0")], b"\0\0\0\0\0");
-        call.finish();
-        let answer = rx.try_recv().expect("replied").expect("made");
-        assert_eq!(answer.expect("ok").as_ref(), b"\0\0\0\0\0");
+        let ok = answer(Some(200), &[("grpc-status", "0")], b"\0\0\0\0\0");
+        assert_eq!(ok.expect("ok").as_ref(), b"\0\0\0\0\0");
 
-        let (call, mut rx) = internal(
-            Some(200),
-            &[("grpc-status", "5"), ("grpc-message", "image%20gone")],
-            b"",
-        );
-        call.finish();
-        let status = rx
-            .try_recv()
-            .expect("replied")
-            .expect("made")
-            .expect_err("status");
+        let grpc = [("grpc-status", "5"), ("grpc-message", "image%20gone")];
+        let status = answer(Some(200), &grpc, b"").expect_err("status");
         assert_eq!(status.code(), tonic::Code::NotFound);
         assert_eq!(status.message(), "image gone");
 
-        let (call, mut rx) = internal(Some(503), &[], b"");
-        call.finish();
-        let status = rx
-            .try_recv()
-            .expect("replied")
-            .expect("made")
-            .expect_err("status");
+        let status = answer(Some(503), &[], b"").expect_err("status");
         assert_eq!(status.code(), tonic::Code::Unknown);
         assert!(status.message().contains("HTTP status 503"), "{status:?}");
     }
