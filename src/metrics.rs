@@ -151,6 +151,12 @@ pub struct Metrics {
     pub store_revision: Gauge,
     /// `imagestream_importer_leader`: 1 on the node that runs scheduled imports.
     pub importer_leader: Gauge,
+    /// `imagestream_cri_relay_calls_total`: runtime calls a decision made on the client
+    /// connection's own runtime connection (see `crate::cri::upstream::RelayCall`).
+    pub relay_calls: Counter,
+    /// `imagestream_cri_relay_call_fallbacks_total`: such calls the relay could not make,
+    /// made on the proxy's own runtime connection instead.
+    pub relay_call_fallbacks: Counter,
 }
 
 impl Metrics {
@@ -203,6 +209,16 @@ impl Metrics {
             &mut registry,
             "cache_hits",
             "Blob requests answered from the local layer cache",
+        );
+        let relay_calls = counter(
+            &mut registry,
+            "cri_relay_calls",
+            "Runtime calls made for a CRI decision (the runtime ImageStatus behind a held stream digest) on the client connection's own runtime connection",
+        );
+        let relay_call_fallbacks = counter(
+            &mut registry,
+            "cri_relay_call_fallbacks",
+            "Runtime calls for a CRI decision that the client connection's relay could not make (runtime connection down, going away or busy), made on the proxy's own runtime connection",
         );
         let cache_misses = counter(
             &mut registry,
@@ -291,6 +307,8 @@ impl Metrics {
             cri_methods,
             cache_hits,
             cache_misses,
+            relay_calls,
+            relay_call_fallbacks,
             cache_bytes_served,
             served_from_cache,
             served_from_upstream,

@@ -311,8 +311,10 @@ impl CriProxy {
     {
         if let Some(via) = via {
             if let Some(answer) = via.unary(path, request).await {
+                crate::metrics::metrics().relay_calls.inc();
                 return answer;
             }
+            crate::metrics::metrics().relay_call_fallbacks.inc();
         }
         self.upstream.unary(path, request).await
     }
