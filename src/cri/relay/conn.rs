@@ -16,7 +16,7 @@
 //! and frames that still would are queued until the window opens.
 
 use super::frame::{self, Head};
-use super::hpack::Decoder;
+use super::hpack::{self, Decoder};
 use crate::cri::io::ProxyStream;
 use crate::cri::proxy::{
     grpc_status, http_status_code, Call, CriProxy, Verdict, CREATE_CONTAINER, IMAGE_STATUS,
@@ -1046,9 +1046,10 @@ impl Relay {
         };
         let body = std::mem::take(&mut h.body).freeze();
         let proxy = self.proxy.clone();
-        let via = RelayCalls::new(self.calls_tx.clone());
+        // Only a PullImage decision makes runtime calls.
+        let via = (parts.uri.path() == PULL_IMAGE).then(|| RelayCalls::new(self.calls_tx.clone()));
         let mut decision = Box::pin(async move {
-            match proxy.decide(parts, body, Some(via)).await {
+            match proxy.decide(parts, body, via).await {
                 Verdict::Forward => Outcome::Forward,
                 Verdict::Respond(resp) => Outcome::Answer(collect_answer(resp).await),
             }
@@ -1503,7 +1504,7 @@ impl Relay {
         let mut arena = BytesMut::with_capacity(block.bytes.len() * 2 + 64);
         let mut spans: Vec<(usize, usize, usize)> = Vec::with_capacity(8);
         let decoded = self.up_dec.decode(&block.bytes, |n, v| {
-            size += n.len() + v.len() + 32;
+            size += n.len() + v.len() + hpack::ENTRY_OVERHEAD;
             if size > MAX_HEADER_BLOCK {
                 return;
             }
@@ -1782,7 +1783,7 @@ fn reencode(dec: &mut Decoder, block: &[u8]) -> Result<(Bytes, Option<String>), 
     let mut path = None;
     let mut size = 0usize;
     dec.decode(block, |n, v| {
-        size += n.len() + v.len() + 32;
+        size += n.len() + v.len() + hpack::ENTRY_OVERHEAD;
         if size <= MAX_HEADER_BLOCK {
             frame::put_field(&mut literal, n, v);
             if n == b":path" {

@@ -4,6 +4,7 @@
 //! literals without indexing (RFC 7541 §6.2.2, plain strings), so they never touch a peer's
 //! dynamic table; reading them needs no state.
 
+use super::hpack::ENTRY_OVERHEAD;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::VecDeque;
 
@@ -257,20 +258,32 @@ const STATIC_NAMES: &[(&[u8], usize)] = &[
 /// Appends one header field to an HPACK block: an indexed static field where there is one,
 /// else a literal without indexing (`authorization` and `cookie` never indexed).
 pub fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
-    if let Some(&(_, _, index)) = STATIC_FIELDS
-        .iter()
-        .find(|(n, v, _)| *n == name && *v == value)
-    {
+    if let Some(index) = static_field(name, value) {
         put_hpack_int(out, 0x80, 7, index);
         return;
     }
-    let first = if name == b"authorization" || name == b"cookie" {
-        0x10
-    } else {
-        0x00
-    };
+    let first = if never_indexed(name) { 0x10 } else { 0x00 };
+    put_literal(out, first, 4, name, value);
+}
+
+/// The static-table index of the field `name: value`, if it has one.
+fn static_field(name: &[u8], value: &[u8]) -> Option<usize> {
+    STATIC_FIELDS
+        .iter()
+        .find(|(n, v, _)| *n == name && *v == value)
+        .map(|&(_, _, index)| index)
+}
+
+/// Fields that are never put in a table: credentials.
+fn never_indexed(name: &[u8]) -> bool {
+    name == b"authorization" || name == b"cookie"
+}
+
+/// A literal field whose representation starts with the bits `first` and a `bits`-bit name
+/// index (RFC 7541 §6.2): the name by static index where there is one, else as a string.
+fn put_literal(out: &mut BytesMut, first: u8, bits: u32, name: &[u8], value: &[u8]) {
     match STATIC_NAMES.iter().find(|(n, _)| *n == name) {
-        Some(&(_, index)) => put_hpack_int(out, first, 4, index),
+        Some(&(_, index)) => put_hpack_int(out, first, bits, index),
         None => {
             out.put_u8(first);
             put_hpack_string(out, name);
@@ -291,9 +304,6 @@ pub struct Encoder {
     /// A size update owed at the start of the next block (the peer lowered its limit).
     update: Option<usize>,
 }
-
-/// Bytes a table entry counts for besides its name and value (RFC 7541 §4.1).
-const ENTRY_OVERHEAD: usize = 32;
 
 impl Encoder {
     pub fn new(max: usize) -> Self {
@@ -325,10 +335,7 @@ impl Encoder {
     /// Appends one field: indexed when the static or dynamic table has it, else a literal
     /// added to the dynamic table (`authorization` and `cookie` never indexed).
     pub fn field(&mut self, out: &mut BytesMut, name: &[u8], value: &[u8]) {
-        if let Some(&(_, _, index)) = STATIC_FIELDS
-            .iter()
-            .find(|(n, v, _)| *n == name && *v == value)
-        {
+        if let Some(index) = static_field(name, value) {
             put_hpack_int(out, 0x80, 7, index);
             return;
         }
@@ -341,18 +348,11 @@ impl Encoder {
             return;
         }
         let entry = name.len() + value.len() + ENTRY_OVERHEAD;
-        if name == b"authorization" || name == b"cookie" || entry > self.max {
+        if never_indexed(name) || entry > self.max {
             put_field(out, name, value);
             return;
         }
-        match STATIC_NAMES.iter().find(|(n, _)| *n == name) {
-            Some(&(_, index)) => put_hpack_int(out, 0x40, 6, index),
-            None => {
-                out.put_u8(0x40);
-                put_hpack_string(out, name);
-            }
-        }
-        put_hpack_string(out, value);
+        put_literal(out, 0x40, 6, name, value);
         self.evict(entry);
         self.table
             .push_front((Bytes::copy_from_slice(name), Bytes::copy_from_slice(value)));

@@ -96,7 +96,7 @@ const STATIC: [(&[u8], &[u8]); 61] = [
 ];
 
 /// Bytes an entry counts for in the table's size (RFC 7541 §4.1).
-const ENTRY_OVERHEAD: usize = 32;
+pub const ENTRY_OVERHEAD: usize = 32;
 
 /// A dynamic table entry: name and value.
 type Entry = (Box<[u8]>, Box<[u8]>);
