@@ -23,7 +23,11 @@
 //!
 //! Run: `cargo bench --bench image_status` (root; the Debian packages of the test harness, and
 //! `taskset` from util-linux).
-//! `IMAGESTREAM_BENCH_CALLS` sets the number of measured calls per series (default 2000).
+//! `IMAGESTREAM_BENCH_CALLS` sets the number of measured calls per series (default 2000);
+//! `IMAGESTREAM_BENCH_SERIES=plain` runs the plain series only. At the end the bench prints how
+//! many calls went through imagestream in all (warm-up included), for
+//! `scripts/cri-instructions`, which runs this bench with imagestream under callgrind and
+//! prints the CRI thread's instructions per call.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -303,7 +307,7 @@ async fn bench() {
     let registry = Registry::start();
     let digest = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
     let ctd = Containerd::start(&registry);
-    let daemon = Daemon::start(&ctd.endpoint(), &[&registry.addr], &[]);
+    let mut daemon = Daemon::start(&ctd.endpoint(), &[&registry.addr], &[]);
     daemon.cli_ok(&["stream", "create", "bench/app"]);
     daemon.cli_ok(&[
         "tag",
@@ -335,6 +339,8 @@ async fn bench() {
     println!(
         "ImageStatus latency, {calls} calls per series, one connection each, sequential calls, rounds of {ROUND} alternating direct, relay, proxy"
     );
+    let plain_only = std::env::var("IMAGESTREAM_BENCH_SERIES").is_ok_and(|s| s == "plain");
+    let mut proxied = 0;
     let mut target = Vec::new();
     for layout in [Layout::Spread, Layout::OneCpu] {
         match layout {
@@ -358,6 +364,11 @@ async fn bench() {
         )
         .await;
         target.push((layout, added));
+        proxied += WARMUP + calls;
+        if plain_only {
+            continue;
+        }
+        proxied += WARMUP + calls;
         compare(
             pid,
             relay_process.pid(),
@@ -370,6 +381,11 @@ async fn bench() {
         .await;
     }
     place(&pids, &spread);
+    // Stopped, not killed: a profiler the daemon runs under (IMAGESTREAM_TEST_WRAP) writes
+    // its data at exit.
+    drop(clients);
+    daemon.stop();
+    println!("\nproxied calls in all: {proxied}");
     println!("\ntarget: ImageStatus of a plain reference, added p50 <= {TARGET_ADDED_P50_US} µs");
     for (layout, added) in target {
         let name = match layout {

@@ -159,20 +159,11 @@ impl CriProxy {
         body: Bytes,
         via: Option<RelayCalls>,
     ) -> Verdict {
+        // The decision's future is boxed whole by the relay on every call: the paths that
+        // wait on the network (a pull, a rewritten request, a registry check) are boxed where
+        // they start, so that this future stays small for the calls that wait on nothing.
         match parts.uri.path() {
-            PULL_IMAGE => match self
-                .rewritten(parts, body, via, "PullImage", Self::pull_image)
-                .await
-            {
-                // A pull is answered through the proxy's own runtime connection, so that a
-                // registry failure can be marked in its status (see `super::pull_errors`).
-                Rewritten::Forward(parts, body) => Verdict::Respond(super::pull_errors::mark(
-                    self.upstream
-                        .forward(parts, RequestBody::<Empty>::Full(body))
-                        .await,
-                )),
-                Rewritten::Respond(resp) => Verdict::Respond(super::pull_errors::mark(resp)),
-            },
+            PULL_IMAGE => Box::pin(self.pull(parts, body, via)).await,
             IMAGE_STATUS => self
                 .rewritten(parts, body, via, "ImageStatus", Self::image_status)
                 .await
@@ -181,11 +172,38 @@ impl CriProxy {
                 .rewritten(parts, body, via, "RemoveImage", Self::remove_image)
                 .await
                 .into(),
-            CREATE_CONTAINER => self
-                .rewritten(parts, body, via, "CreateContainer", Self::create_container)
-                .await
-                .into(),
+            CREATE_CONTAINER => Box::pin(self.rewritten(
+                parts,
+                body,
+                via,
+                "CreateContainer",
+                Self::create_container,
+            ))
+            .await
+            .into(),
             _ => Verdict::Forward,
+        }
+    }
+
+    /// PullImage: always answered here (see `decide`).
+    async fn pull(
+        self: &Arc<Self>,
+        parts: http::request::Parts,
+        body: Bytes,
+        via: Option<RelayCalls>,
+    ) -> Verdict {
+        match self
+            .rewritten(parts, body, via, "PullImage", Self::pull_image)
+            .await
+        {
+            // A pull is answered through the proxy's own runtime connection, so that a
+            // registry failure can be marked in its status (see `super::pull_errors`).
+            Rewritten::Forward(parts, body) => Verdict::Respond(super::pull_errors::mark(
+                self.upstream
+                    .forward(parts, RequestBody::<Empty>::Full(body))
+                    .await,
+            )),
+            Rewritten::Respond(resp) => Verdict::Respond(super::pull_errors::mark(resp)),
         }
     }
 
@@ -216,9 +234,11 @@ impl CriProxy {
                     // one that did would now be wrong.
                     parts.headers.remove(http::header::CONTENT_LENGTH);
                     Rewritten::Respond(
-                        self.upstream
-                            .forward(parts, RequestBody::<Empty>::Full(body))
-                            .await,
+                        Box::pin(
+                            self.upstream
+                                .forward(parts, RequestBody::<Empty>::Full(body)),
+                        )
+                        .await,
                     )
                 }
                 Ok(Decision::Answer(message)) => Rewritten::Respond(answer(message)),

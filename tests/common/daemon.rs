@@ -123,7 +123,20 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("daemon log file");
-        let child = Command::new(binary())
+        // A command to run the daemon under (a profiler, say), e.g.
+        // IMAGESTREAM_TEST_WRAP="valgrind --tool=callgrind": see scripts/cri-instructions.
+        let wrap: Vec<String> = std::env::var("IMAGESTREAM_TEST_WRAP")
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = cmd
             .args(&self.args)
             .env(
                 "RUST_LOG",
@@ -136,7 +149,9 @@ impl Daemon {
             .spawn()
             .expect("spawn imagestream serve");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Under a wrapper such as valgrind, start-up is many times slower.
+        let ready_within = Duration::from_secs(if wrap.is_empty() { 20 } else { 120 });
+        let deadline = Instant::now() + ready_within;
         while !(super::wait_for_socket(&self.cri_socket, Duration::from_millis(50))
             && super::wait_for_socket(&self.admin_socket, Duration::from_millis(50)))
         {

@@ -23,9 +23,10 @@ use crate::cri::proxy::{
     MAX_CRI_MESSAGE_BYTES, PULL_IMAGE, REMOVE_IMAGE,
 };
 use crate::cri::upstream::{RelayCall, RelayCalls, UpstreamError};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,6 +35,31 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
+
+/// A map keyed by HTTP/2 stream id, looked up several times per frame. Ids are distinct
+/// integers that each peer must raise with every new stream, so a multiplicative hash spreads
+/// them; SipHash's protection against chosen keys buys nothing here and cost about 5 % of the
+/// relay's instructions per call.
+type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u32(u32::from(b) ^ (self.0 as u32).rotate_left(8));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
 
 /// Bytes read from a socket at once.
 const READ_CHUNK: usize = 64 << 10;
@@ -196,7 +222,7 @@ struct UpConn {
     belief: i64,
     /// Runtime stream id to client stream id, for every stream opened on this connection
     /// whose runtime side has not ended.
-    by_id: HashMap<u32, u32>,
+    by_id: IdMap<u32>,
     next_id: u32,
     /// SETTINGS ACKs from the runtime that answer the relay's own SETTINGS.
     acks_to_swallow: u32,
@@ -206,7 +232,7 @@ struct UpConn {
     /// Runtime stream ids the client has left (see [`UpConn::retire`]).
     retired: VecDeque<u32>,
     /// Calls the relay made itself, by runtime stream id (see [`RelayCall`]).
-    internal: HashMap<u32, Internal>,
+    internal: IdMap<Internal>,
 }
 
 /// A call the relay makes on its runtime connection for a decision, while its answer comes.
@@ -299,7 +325,7 @@ struct Relay {
     client_belief: i64,
     /// DATA bytes held or queued for the runtime, all streams.
     queued_up: i64,
-    streams: HashMap<u32, Stream>,
+    streams: IdMap<Stream>,
     last_client_stream: u32,
     /// Streams waiting for the runtime connection, in order.
     waiting: Vec<u32>,
@@ -344,7 +370,7 @@ impl Relay {
             client_window: frame::DEFAULT_WINDOW,
             client_belief: frame::DEFAULT_WINDOW,
             queued_up: 0,
-            streams: HashMap::new(),
+            streams: IdMap::default(),
             last_client_stream: 0,
             waiting: Vec::new(),
             verdict_tx,
@@ -520,16 +546,10 @@ impl Relay {
         while !self.out.buf.is_empty() {
             match Pin::new(&mut self.client).poll_write(cx, &self.out.buf) {
                 Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(n)) => {
-                    let _ = self.out.buf.split_to(n);
-                }
+                Poll::Ready(Ok(n)) => self.out.buf.advance(n),
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => break,
             }
-        }
-        if self.out.buf.is_empty() {
-            // Keep the buffer's allocation.
-            self.out.buf.clear();
         }
         Ok(())
     }
@@ -541,9 +561,7 @@ impl Relay {
         while !up.out.buf.is_empty() {
             match Pin::new(&mut up.io).poll_write(cx, &up.out.buf) {
                 Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(n)) => {
-                    let _ = up.out.buf.split_to(n);
-                }
+                Poll::Ready(Ok(n)) => up.out.buf.advance(n),
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => break,
             }
@@ -568,9 +586,8 @@ impl Relay {
     fn start_drain(&mut self) {
         self.draining = true;
         self.send_server_preface();
-        let mut f = BytesMut::new();
-        frame::put_goaway(&mut f, self.last_client_stream, frame::NO_ERROR, "");
-        self.queue_client(f.freeze(), None);
+        let last = self.last_client_stream;
+        self.client_frame(None, |b| frame::put_goaway(b, last, frame::NO_ERROR, ""));
     }
 
     // ----- the runtime connection -----
@@ -612,13 +629,13 @@ impl Relay {
             out,
             window: frame::DEFAULT_WINDOW,
             belief: frame::DEFAULT_WINDOW,
-            by_id: HashMap::new(),
+            by_id: IdMap::default(),
             next_id: 1,
             acks_to_swallow: 1,
             goaway: None,
             block: None,
             retired: VecDeque::new(),
-            internal: HashMap::new(),
+            internal: IdMap::default(),
         };
         // Bring each side's view of the other up to the real window (a new connection starts
         // at the default; the client may have more, or less, from the last one).
@@ -705,9 +722,8 @@ impl Relay {
                     return Err(conn_error(frame::PROTOCOL_ERROR, "bad PING"));
                 }
                 if !head.has(frame::ACK) {
-                    let mut f = BytesMut::new();
-                    frame::put_ping_ack(&mut f, payload.try_into().unwrap_or(&[0; 8]));
-                    self.queue_client(f.freeze(), None);
+                    let payload: [u8; 8] = payload.try_into().unwrap_or([0; 8]);
+                    self.client_frame(None, |b| frame::put_ping_ack(b, &payload));
                 }
                 Ok(())
             }
@@ -772,9 +788,7 @@ impl Relay {
             Up::Live(up) => up.out.buf.extend_from_slice(&payload_frame(head, payload)),
             // No runtime to answer: acknowledge here (its settings are sent on connect).
             _ if self.server_preface_sent => {
-                let mut f = BytesMut::new();
-                frame::put_settings_ack(&mut f);
-                self.queue_client(f.freeze(), None);
+                self.client_frame(None, frame::put_settings_ack);
             }
             _ => self.deferred_acks += 1,
         }
@@ -810,9 +824,10 @@ impl Relay {
             match &mut s.state {
                 State::Forwarded { up: up_id } => {
                     let up_id = *up_id;
-                    let mut f = BytesMut::new();
-                    frame::put_header_block(&mut f, up_id, &literal, true, self.up_max_frame);
-                    self.queue_upstream(f.freeze(), None);
+                    let max_frame = self.up_max_frame;
+                    self.upstream_frame(None, |b| {
+                        frame::put_header_block(b, up_id, &literal, true, max_frame)
+                    });
                 }
                 State::Held(h) => {
                     h.trailers = Some(literal);
@@ -832,9 +847,7 @@ impl Relay {
         }
         self.last_client_stream = id;
         if self.draining {
-            let mut f = BytesMut::new();
-            frame::put_rst(&mut f, id, frame::REFUSED_STREAM);
-            self.queue_client(f.freeze(), None);
+            self.client_frame(None, |b| frame::put_rst(b, id, frame::REFUSED_STREAM));
             return Ok(());
         }
         let path = path.unwrap_or_default();
@@ -886,9 +899,7 @@ impl Relay {
                 let up = *up;
                 s.queued_up += flow;
                 self.queued_up += flow;
-                let mut g = BytesMut::new();
-                frame::put_renumbered(&mut g, &f, up);
-                self.queue_upstream(g.freeze(), Some((id, flow)));
+                self.upstream_frame(Some((id, flow)), |b| frame::put_renumbered(b, &f, up));
             }
             State::Held(h) => {
                 let range = frame::content(&head, &f[frame::HEADER_LEN..])
@@ -1048,10 +1059,11 @@ impl Relay {
         let proxy = self.proxy.clone();
         // Only a PullImage decision makes runtime calls.
         let via = (parts.uri.path() == PULL_IMAGE).then(|| RelayCalls::new(self.calls_tx.clone()));
+        // Boxed on every call, so kept small: what waits is boxed inside (see `decide`).
         let mut decision = Box::pin(async move {
             match proxy.decide(parts, body, via).await {
                 Verdict::Forward => Outcome::Forward,
-                Verdict::Respond(resp) => Outcome::Answer(collect_answer(resp).await),
+                Verdict::Respond(resp) => Outcome::Answer(Box::pin(collect_answer(resp)).await),
             }
         });
         // Most decisions need no waiting: take them at once, without a task.
@@ -1122,19 +1134,19 @@ impl Relay {
         s.state = State::Forwarded { up: up_id };
         s.up_win = self.up_initial_window;
         let end_on_headers = h.ended && h.frames.is_empty() && h.trailers.is_none();
-        let mut f = BytesMut::new();
-        frame::put_header_block(&mut f, up_id, &h.headers, end_on_headers, self.up_max_frame);
-        self.queue_upstream(f.freeze(), None);
+        let max_frame = self.up_max_frame;
+        self.upstream_frame(None, |b| {
+            frame::put_header_block(b, up_id, &h.headers, end_on_headers, max_frame)
+        });
         for data in h.frames {
             let flow = Head::parse(&data).map_or(0, |d| d.len as i64);
-            let mut g = BytesMut::new();
-            frame::put_renumbered(&mut g, &data, up_id);
-            self.queue_upstream(g.freeze(), Some((id, flow)));
+            self.upstream_frame(Some((id, flow)), |b| frame::put_renumbered(b, &data, up_id));
         }
         if let Some(trailers) = h.trailers {
-            let mut f = BytesMut::new();
-            frame::put_header_block(&mut f, up_id, &trailers, true, self.up_max_frame);
-            self.queue_upstream(f.freeze(), None);
+            let max_frame = self.up_max_frame;
+            self.upstream_frame(None, |b| {
+                frame::put_header_block(b, up_id, &trailers, true, max_frame)
+            });
         }
     }
 
@@ -1244,18 +1256,14 @@ impl Relay {
             }
             State::Forwarded { up: up_id } => {
                 if let Up::Live(up) = &mut self.up {
-                    let mut f = BytesMut::new();
-                    frame::put_rst(&mut f, up_id, frame::CANCEL);
-                    up.out.buf.extend_from_slice(&f);
+                    frame::put_rst(&mut up.out.buf, up_id, frame::CANCEL);
                 }
             }
             State::Local => {}
         }
         if headers_sent {
             // Mid-response: the client can only be told by a reset.
-            let mut f = BytesMut::new();
-            frame::put_rst(&mut f, id, frame::INTERNAL_ERROR);
-            self.queue_client(f.freeze(), None);
+            self.client_frame(None, |b| frame::put_rst(b, id, frame::INTERNAL_ERROR));
         } else {
             let end_on_headers = a.data.is_empty() && a.trailers.is_none();
             self.client_block(id, &a.headers, end_on_headers);
@@ -1275,9 +1283,7 @@ impl Relay {
             }
             if !client_done {
                 // A complete answer before the whole request: no need to send the rest.
-                let mut f = BytesMut::new();
-                frame::put_rst(&mut f, id, frame::NO_ERROR);
-                self.queue_client(f.freeze(), None);
+                self.client_frame(None, |b| frame::put_rst(b, id, frame::NO_ERROR));
             }
         }
         if let Some(s) = self.streams.get_mut(&id) {
@@ -1293,9 +1299,10 @@ impl Relay {
         for (n, v) in fields {
             self.client_enc.field(&mut hb, n, v);
         }
-        let mut f = BytesMut::new();
-        frame::put_header_block(&mut f, id, &hb, end_stream, self.client_max_frame);
-        self.queue_client(f.freeze(), None);
+        let max_frame = self.client_max_frame;
+        self.client_frame(None, |b| {
+            frame::put_header_block(b, id, &hb, end_stream, max_frame)
+        });
     }
 
     /// Fails stream `id` with `status` (as a trailers-only answer, or a reset mid-response).
@@ -1348,9 +1355,7 @@ impl Relay {
                     return Ok(());
                 };
                 s.queued_client += flow;
-                let mut g = BytesMut::new();
-                frame::put_renumbered(&mut g, &f, id);
-                self.queue_client(g.freeze(), Some((id, flow)));
+                self.client_frame(Some((id, flow)), |b| frame::put_renumbered(b, &f, id));
                 if head.has(frame::END_STREAM) {
                     self.response_ended(id, None);
                 }
@@ -1390,9 +1395,7 @@ impl Relay {
                     if up.acks_to_swallow > 0 {
                         up.acks_to_swallow -= 1;
                     } else {
-                        let mut g = BytesMut::new();
-                        frame::put_settings_ack(&mut g);
-                        self.queue_client(g.freeze(), None);
+                        self.client_frame(None, frame::put_settings_ack);
                     }
                     return Ok(());
                 }
@@ -1434,9 +1437,7 @@ impl Relay {
             }
             frame::PING => {
                 if !head.has(frame::ACK) {
-                    let mut g = BytesMut::new();
-                    frame::put_ping_ack(&mut g, payload.try_into().unwrap_or(&[0; 8]));
-                    up.out.buf.extend_from_slice(&g);
+                    frame::put_ping_ack(&mut up.out.buf, payload.try_into().unwrap_or(&[0; 8]));
                 }
                 Ok(())
             }
@@ -1473,9 +1474,7 @@ impl Relay {
                     let pass = (room - self.client_belief).clamp(0, inc);
                     if pass > 0 {
                         self.client_belief += pass;
-                        let mut g = BytesMut::new();
-                        frame::put_window_update(&mut g, 0, pass as u32);
-                        self.queue_client(g.freeze(), None);
+                        self.client_frame(None, |b| frame::put_window_update(b, 0, pass as u32));
                     }
                 } else if let Some(&id) = up.by_id.get(&head.stream) {
                     if let Some(s) = self.streams.get_mut(&id) {
@@ -1484,9 +1483,9 @@ impl Relay {
                         let pass = (room - s.belief).clamp(0, inc);
                         if pass > 0 && !s.client_done {
                             s.belief += pass;
-                            let mut g = BytesMut::new();
-                            frame::put_window_update(&mut g, id, pass as u32);
-                            self.queue_client(g.freeze(), None);
+                            self.client_frame(None, |b| {
+                                frame::put_window_update(b, id, pass as u32)
+                            });
                         }
                     }
                 }
@@ -1573,9 +1572,10 @@ impl Relay {
             for (n, v) in spans.iter().map(field) {
                 self.client_enc.field(&mut hb, n, v);
             }
-            let mut g = BytesMut::new();
-            frame::put_header_block(&mut g, id, &hb, block.end_stream, self.client_max_frame);
-            self.queue_client(g.freeze(), None);
+            let max_frame = self.client_max_frame;
+            self.client_frame(None, |b| {
+                frame::put_header_block(b, id, &hb, block.end_stream, max_frame)
+            });
             let Some(s) = self.streams.get_mut(&id) else {
                 return Ok(());
             };
@@ -1623,10 +1623,60 @@ impl Relay {
 
     fn flush_deferred_acks(&mut self) {
         for _ in 0..std::mem::take(&mut self.deferred_acks) {
-            let mut f = BytesMut::new();
-            frame::put_settings_ack(&mut f);
-            self.queue_client(f.freeze(), None);
+            self.client_frame(None, frame::put_settings_ack);
         }
+    }
+
+    /// A frame for the client, written by `put`: straight into the output buffer when nothing
+    /// waits ahead of it and (for DATA, `data` = stream and length) the window allows, which is
+    /// what [`Self::queue_client`] would do at once, without a frame of its own to allocate.
+    fn client_frame(&mut self, data: Option<(u32, i64)>, put: impl FnOnce(&mut BytesMut)) {
+        if self.out.queue.is_empty() {
+            match data {
+                None => return put(&mut self.out.buf),
+                Some((id, flow)) => {
+                    if let Some(s) = self.streams.get_mut(&id) {
+                        if flow <= self.client_window && flow <= s.client_win {
+                            self.client_window -= flow;
+                            s.client_win -= flow;
+                            s.queued_client -= flow;
+                            put(&mut self.out.buf);
+                            self.maybe_remove(id);
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        let mut f = BytesMut::new();
+        put(&mut f);
+        self.queue_client(f.freeze(), data);
+    }
+
+    /// [`Self::client_frame`] for the runtime (see [`Self::queue_upstream`]).
+    fn upstream_frame(&mut self, data: Option<(u32, i64)>, put: impl FnOnce(&mut BytesMut)) {
+        let Up::Live(up) = &mut self.up else {
+            return;
+        };
+        if up.out.queue.is_empty() {
+            match data {
+                None => return put(&mut up.out.buf),
+                Some((id, flow)) => {
+                    if let Some(s) = self.streams.get_mut(&id) {
+                        if flow <= up.window && flow <= s.up_win {
+                            self.queued_up -= flow;
+                            up.window -= flow;
+                            s.up_win -= flow;
+                            s.queued_up -= flow;
+                            return put(&mut up.out.buf);
+                        }
+                    }
+                }
+            }
+        }
+        let mut f = BytesMut::new();
+        put(&mut f);
+        self.queue_upstream(f.freeze(), data);
     }
 
     /// Queues a frame for the client; DATA (`data` = stream and length) waits for window.
