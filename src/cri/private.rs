@@ -31,6 +31,8 @@ use thiserror::Error;
 pub const DEFAULT_TTL_SECS: u64 = 3600;
 /// Entries kept per table; the oldest go first.
 pub const MAX_ENTRIES: usize = 10_000;
+/// Parsed references kept ([`PrivateGate::repo_of`]): a node's images, with room to spare.
+const MAX_PARSED: usize = 1024;
 
 /// What to do with a private image when its registry cannot be reached to verify credentials
 /// (`private_images_offline`).
@@ -215,6 +217,10 @@ pub struct PrivateGate {
     settings: PrivateSettings,
     anonymous: RegistryClient,
     state: Mutex<State>,
+    /// [`Self::repo_of`]'s answers by reference. The reference grammar is a regular
+    /// expression that costs about 50,000 instructions a parse, a third of a stream
+    /// reference's hot `PullImage`; a node names few distinct images. Emptied when full.
+    repos: Mutex<HashMap<String, Option<(String, String)>>>,
 }
 
 /// What the gate decided for a pull.
@@ -232,6 +238,7 @@ impl PrivateGate {
             anonymous: RegistryClient::new(&settings.insecure_registries),
             settings,
             state: Mutex::new(State::default()),
+            repos: Mutex::new(HashMap::new()),
         }
     }
 
@@ -242,16 +249,30 @@ impl PrivateGate {
         }
     }
 
-    /// `registry/repository` of a plain reference; `None` for an image id or a bad reference.
-    fn repo_of(image: &str) -> Option<(String, String)> {
+    /// `registry/repository` and registry host of a plain reference; `None` for an image id
+    /// or a bad reference.
+    fn repo_of(&self, image: &str) -> Option<(String, String)> {
         if crate::stream::reference::is_image_id(image) {
             return None;
         }
-        let r = RegistryClient::parse(image).ok()?;
-        Some((
-            format!("{}/{}", r.registry(), r.repository()),
-            r.registry().to_string(),
-        ))
+        let mut repos = match self.repos.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(known) = repos.get(image) {
+            return known.clone();
+        }
+        let parsed = RegistryClient::parse(image).ok().map(|r| {
+            (
+                format!("{}/{}", r.registry(), r.repository()),
+                r.registry().to_string(),
+            )
+        });
+        if repos.len() >= MAX_PARSED {
+            repos.clear();
+        }
+        repos.insert(image.to_string(), parsed.clone());
+        parsed
     }
 
     /// Whether `repo` is private, asking its registry anonymously when not known.
@@ -296,7 +317,7 @@ impl PrivateGate {
         if !self.settings.enabled {
             return Ok(PullDecision::Public);
         }
-        let Some((repo, host)) = Self::repo_of(image) else {
+        let Some((repo, host)) = self.repo_of(image) else {
             return Ok(PullDecision::Public);
         };
         if !self.is_private(image, &repo).await {
@@ -378,7 +399,7 @@ impl PrivateGate {
             // ImageStatus).
             return None;
         }
-        let (repo, _) = Self::repo_of(image)?;
+        let (repo, _) = self.repo_of(image)?;
         s.private.seen(&repo).then_some(repo)
     }
 
@@ -444,6 +465,27 @@ mod tests {
             t.insert(i);
         }
         assert_eq!(t.entries.len(), MAX_ENTRIES);
+    }
+
+    #[test]
+    fn parsed_references_are_kept_and_bounded() {
+        let gate = PrivateGate::new(PrivateSettings {
+            enabled: true,
+            ttl: Duration::from_secs(60),
+            offline: OfflinePolicy::VerifiedBefore,
+            insecure_registries: vec![],
+        });
+        let app = Some(("r.io/team/app".to_string(), "r.io".to_string()));
+        assert_eq!(gate.repo_of("r.io/team/app:v1"), app);
+        assert_eq!(gate.repo_of("r.io/team/app:v1"), app, "the kept answer");
+        assert_eq!(gate.repo_of("Not A Reference"), None);
+        assert_eq!(gate.repo_of("Not A Reference"), None);
+        assert_eq!(gate.repo_of(&format!("sha256:{}", "a".repeat(64))), None);
+        for i in 0..MAX_PARSED + 5 {
+            gate.repo_of(&format!("r.io/team/app{i}:v1"));
+        }
+        assert!(gate.repos.lock().unwrap().len() <= MAX_PARSED);
+        assert_eq!(gate.repo_of("r.io/team/app:v1"), app);
     }
 
     #[test]
