@@ -980,16 +980,18 @@ impl Relay {
         if flow <= 0 {
             return;
         }
-        let mut f = BytesMut::new();
-        frame::put_window_update(&mut f, 0, flow as u32);
         self.client_belief += flow;
         if stream != 0 {
-            frame::put_window_update(&mut f, stream, flow as u32);
             if let Some(s) = self.streams.get_mut(&stream) {
                 s.belief += flow;
             }
         }
-        self.queue_client(f.freeze(), None);
+        self.client_frame(None, |b| {
+            frame::put_window_update(b, 0, flow as u32);
+            if stream != 0 {
+                frame::put_window_update(b, stream, flow as u32);
+            }
+        });
     }
 
     fn client_reset(&mut self, id: u32) {
@@ -1380,11 +1382,9 @@ impl Relay {
                     let _ = call.reply.send(answer);
                 }
                 if let Some(id) = up.by_id.remove(&head.stream) {
-                    let mut g = BytesMut::new();
-                    frame::put_rst(&mut g, id, code);
                     if let Some(s) = self.streams.get_mut(&id) {
                         s.client_done = true;
-                        self.queue_client(g.freeze(), None);
+                        self.client_frame(None, |b| frame::put_rst(b, id, code));
                         self.response_ended(id, Some(reset_code(code)));
                     }
                 }
