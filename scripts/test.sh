@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler iproute2 util-linux procps apache2-utils etcd-server etcd-client openssl)
+packages=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler iproute2 util-linux procps apache2-utils etcd-server etcd-client openssl socat nghttp2-client curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -16,6 +16,10 @@ if ((${#missing[@]})); then
   apt-get update
   apt-get install -y --no-install-recommends "${missing[@]}"
 fi
+
+# crictl, critest and h2spec, built from pinned Go modules and cached outside the repo.
+IMAGESTREAM_TEST_TOOLS=$(bash scripts/test-tools.sh)
+export IMAGESTREAM_TEST_TOOLS
 
 echo "==> cargo test"
 cargo test --locked "$@"
