@@ -31,6 +31,7 @@ pub mod etcd;
 pub mod hostile;
 pub mod mirror;
 pub mod origin;
+pub mod tools;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
