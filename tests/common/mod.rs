@@ -26,6 +26,7 @@
 
 pub mod auth;
 pub mod crash;
+pub mod crictl;
 pub mod daemon;
 pub mod etcd;
 pub mod hostile;
