@@ -38,7 +38,6 @@ pub const DEFAULT_ETCD_ENDPOINT: &str = crate::store::etcd::DEFAULT_ENDPOINT;
 pub const DEFAULT_ETCD_PREFIX: &str = crate::store::etcd::DEFAULT_PREFIX;
 /// Default lease TTL of the importer election (`etcd_lease_ttl_secs`).
 pub const DEFAULT_ETCD_LEASE_TTL_SECS: u64 = crate::store::etcd::DEFAULT_LEASE_TTL_SECS;
-pub const RUNTIME_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum ConfigError {

@@ -103,14 +103,6 @@ fn cri_duration_buckets() -> impl Iterator<Item = f64> {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-/// One CRI method's metric handles, created on its first call with each code: afterwards a
-/// call costs a few atomic operations (no label allocation, no family lookup).
-struct CriMethodSlot {
-    name: &'static str,
-    calls: [OnceLock<Counter>; GRPC_CODE_NAMES.len()],
-    duration: OnceLock<Histogram>,
-}
-
 pub struct Metrics {
     registry: Registry,
     pub pull_denials: Family<DenialLabels, Counter>,
@@ -119,8 +111,6 @@ pub struct Metrics {
     pub cri_calls: Family<CriCallLabels, Counter>,
     /// `imagestream_cri_call_duration_seconds{method}`; record with [`Metrics::cri_call`].
     pub cri_call_duration: HistogramFamily<CriMethodLabels>,
-    /// Indexed like [`crate::cri::proxy::CRI_METHODS`], then one more for `other`.
-    cri_methods: Box<[CriMethodSlot]>,
     /// `imagestream_cache_hits_total`.
     pub cache_hits: Counter,
     /// `imagestream_cache_misses_total`.
@@ -151,12 +141,6 @@ pub struct Metrics {
     pub store_revision: Gauge,
     /// `imagestream_importer_leader`: 1 on the node that runs scheduled imports.
     pub importer_leader: Gauge,
-    /// `imagestream_cri_relay_calls_total`: runtime calls a decision made on the client
-    /// connection's own runtime connection (see `crate::cri::upstream::RelayCall`).
-    pub relay_calls: Counter,
-    /// `imagestream_cri_relay_call_fallbacks_total`: such calls the relay could not make,
-    /// made on the proxy's own runtime connection instead.
-    pub relay_call_fallbacks: Counter,
 }
 
 impl Metrics {
@@ -189,16 +173,6 @@ impl Metrics {
             "Time from a CRI call's arrival to the end of its answer (the gRPC status), by method",
             cri_call_duration.clone(),
         );
-        let cri_methods = crate::cri::proxy::CRI_METHODS
-            .iter()
-            .map(|m| m.name)
-            .chain(std::iter::once("other"))
-            .map(|name| CriMethodSlot {
-                name,
-                calls: std::array::from_fn(|_| OnceLock::new()),
-                duration: OnceLock::new(),
-            })
-            .collect();
 
         let counter = |registry: &mut Registry, name: &str, help: &str| {
             let c = Counter::default();
@@ -209,16 +183,6 @@ impl Metrics {
             &mut registry,
             "cache_hits",
             "Blob requests answered from the local layer cache",
-        );
-        let relay_calls = counter(
-            &mut registry,
-            "cri_relay_calls",
-            "Runtime calls made for a CRI decision (the runtime ImageStatus behind a held stream digest) on the client connection's own runtime connection",
-        );
-        let relay_call_fallbacks = counter(
-            &mut registry,
-            "cri_relay_call_fallbacks",
-            "Runtime calls for a CRI decision that the client connection's relay could not make (runtime connection down, going away or busy), made on the proxy's own runtime connection",
         );
         let cache_misses = counter(
             &mut registry,
@@ -304,11 +268,8 @@ impl Metrics {
             admin_denials,
             cri_calls,
             cri_call_duration,
-            cri_methods,
             cache_hits,
             cache_misses,
-            relay_calls,
-            relay_call_fallbacks,
             cache_bytes_served,
             served_from_cache,
             served_from_upstream,
@@ -331,31 +292,16 @@ impl Metrics {
             .inc();
     }
 
-    /// Records one finished CRI call: `method` indexes [`crate::cri::proxy::CRI_METHODS`] (any
-    /// larger index is `other`), `code` is its gRPC status, `elapsed` its duration.
-    pub fn cri_call(&self, method: usize, code: tonic::Code, elapsed: Duration) {
-        let Some(slot) = self
-            .cri_methods
-            .get(method)
-            .or_else(|| self.cri_methods.last())
-        else {
-            return;
-        };
+    /// Records one finished CRI call: `method` is its label (a CRI method name, or `other`),
+    /// `code` its gRPC status, `elapsed` its duration.
+    pub fn cri_call(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
         // `tonic::Code` is 0..=16, the index of its name.
-        let code = (code as usize).min(GRPC_CODE_NAMES.len() - 1);
-        slot.calls[code]
-            .get_or_init(|| {
-                self.cri_calls.get_or_create_owned(&CriCallLabels {
-                    method: slot.name,
-                    code: GRPC_CODE_NAMES[code],
-                })
-            })
+        let code = GRPC_CODE_NAMES[(code as usize).min(GRPC_CODE_NAMES.len() - 1)];
+        self.cri_calls
+            .get_or_create(&CriCallLabels { method, code })
             .inc();
-        slot.duration
-            .get_or_init(|| {
-                self.cri_call_duration
-                    .get_or_create_owned(&CriMethodLabels { method: slot.name })
-            })
+        self.cri_call_duration
+            .get_or_create(&CriMethodLabels { method })
             .observe(elapsed.as_secs_f64());
     }
 
@@ -426,13 +372,12 @@ mod tests {
     #[test]
     fn cri_calls_are_labelled_by_method_and_code() {
         let m = Metrics::new();
-        let status = crate::cri::proxy::method_index("/runtime.v1.ImageService/ImageStatus");
-        let other = crate::cri::proxy::CRI_METHODS.len();
+        let (status, other) = ("ImageStatus", "other");
         m.cri_call(status, tonic::Code::Ok, Duration::from_micros(120));
         m.cri_call(status, tonic::Code::Ok, Duration::from_micros(80));
         m.cri_call(status, tonic::Code::NotFound, Duration::from_millis(3));
         m.cri_call(other, tonic::Code::Unimplemented, Duration::from_secs(100));
-        m.cri_call(usize::MAX, tonic::Code::Unimplemented, Duration::ZERO);
+        m.cri_call(other, tonic::Code::Unimplemented, Duration::ZERO);
         let text = m.encode();
         for line in [
             r#"imagestream_cri_calls_total{method="ImageStatus",code="OK"} 2"#,

@@ -8,7 +8,7 @@ use crate::cache::{Cache, CacheError, CacheSettings};
 use crate::config::Config;
 use crate::config::StoreKind;
 use crate::cri::private::{PrivateGate, PrivateSettings};
-use crate::cri::{CriProxy, Upstream};
+use crate::cri::{CriProxy, CriService, Runtime};
 use crate::mirror::{Mirror, Upstreams};
 use crate::registry::auth::Credentials;
 use crate::registry::RegistryClient;
@@ -131,8 +131,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             StreamService::new(store, registry.clone(), settings).await?
         }
     });
-    // Fail early on a bad endpoint; the proxy thread builds its own handle.
-    Upstream::new(&config.runtime_endpoint).map_err(ServerError::Runtime)?;
+    // One connection to the runtime, for forwarded calls, the proxy's own and pre-pulls.
+    let runtime = Runtime::new(&config.runtime_endpoint).map_err(ServerError::Runtime)?;
 
     let cache = {
         let dir = state_dir.clone();
@@ -209,22 +209,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             insecure_registries: plain_http.clone(),
         }))
     });
-    let (view, stream_host) = (streams.view(), config.stream_host.clone());
-    let make_proxy = move |upstream| {
-        let proxy = CriProxy::new(upstream, view, stream_host, policy);
-        match private {
-            Some(gate) => proxy.with_private_gate(gate),
-            None => proxy,
-        }
-    };
-    let cri_task = spawn_cri_thread(
+    let mut proxy = CriProxy::new(
+        runtime.clone(),
+        streams.view(),
+        config.stream_host.clone(),
+        policy,
+    );
+    if let Some(gate) = private {
+        proxy = proxy.with_private_gate(gate);
+    }
+    let cri_task = tokio::spawn(crate::cri::serve(
         cri_listener,
-        config.runtime_endpoint.clone(),
-        make_proxy,
+        CriService::new(Arc::new(proxy), runtime.clone()),
         stopped(stop_rx.clone()),
         grace,
-    )
-    .map_err(|e| ServerError::Runtime(format!("cannot start the CRI proxy thread: {e}")))?;
+    ));
     let streams_for_import = streams.clone();
     let admin_task = tokio::spawn(
         tonic::transport::Server::builder()
@@ -237,7 +236,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                             &config.node_name,
                         ),
                 )
-                .max_decoding_message_size(crate::cri::proxy::MAX_CRI_MESSAGE_BYTES),
+                .max_decoding_message_size(crate::admin::MAX_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(admin_listener),
@@ -294,7 +293,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if config.prepull {
         tokio::spawn(crate::triggers::prepull::run(
             cache.view(),
-            config.runtime_endpoint.clone(),
+            runtime.clone(),
             stop_rx.clone(),
         ));
     }
@@ -321,9 +320,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(grace + std::time::Duration::from_secs(1), async {
-        if let Ok(Err(e)) = cri_task.await {
-            tracing::error!(error = %e, "CRI proxy failed");
-        }
+        let _ = cri_task.await;
         let _ = mirror_task.await;
         admin_task.await
     })
@@ -361,40 +358,4 @@ async fn scrub_loop(
             Err(e) => tracing::warn!(error = %e, "cache scrub failed"),
         }
     }
-}
-
-/// Runs the CRI proxy on its own thread with a single-threaded runtime. A CRI call is a short
-/// chain of tasks (client connection, request, runtime connection); on one thread they hand
-/// over without cross-thread wake-ups, which dominate the proxy's added latency (see
-/// `benches/image_status.rs`). `make_proxy` builds the proxy around the runtime connection
-/// (made on that thread). Returns a receiver that completes when the proxy has drained.
-fn spawn_cri_thread(
-    listener: tokio::net::UnixListener,
-    runtime_endpoint: String,
-    make_proxy: impl FnOnce(Upstream) -> CriProxy + Send + 'static,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: std::time::Duration,
-) -> std::io::Result<tokio::sync::oneshot::Receiver<Result<(), String>>> {
-    let listener = listener.into_std()?;
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("cri-proxy".into())
-        .spawn(move || {
-            let result = (|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                rt.block_on(async move {
-                    let listener =
-                        tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
-                    let upstream = Upstream::new(&runtime_endpoint)?;
-                    let proxy = Arc::new(make_proxy(upstream));
-                    crate::cri::serve(listener, proxy, shutdown, grace).await;
-                    Ok(())
-                })
-            })();
-            let _ = done_tx.send(result);
-        })?;
-    Ok(done_rx)
 }

@@ -505,11 +505,9 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     assert!(status.success(), "exit status {status}");
 }
 
-/// Requests far larger than HTTP/2's default windows, held (one of the four calls the proxy
-/// decides on) or relayed frame by frame, and many calls at once on one connection: the same
-/// answers as containerd gives directly. Exercises the relay's flow control: a held request
-/// the runtime cannot yet give window for is credited by the relay, and the runtime's window
-/// updates for it are not passed on twice.
+/// Requests far larger than HTTP/2's default windows, decided (one of the four calls the proxy
+/// decides on, collected whole) or forwarded as a stream, and many calls at once on one
+/// connection: the same answers as containerd gives directly.
 #[tokio::test(flavor = "multi_thread")]
 async fn large_and_concurrent_requests_match_containerd() {
     let registry = Registry::start();
@@ -563,7 +561,7 @@ async fn large_and_concurrent_requests_match_containerd() {
         );
     }
 
-    // 200 calls at once on one connection, a mix of held and relayed ones.
+    // 200 calls at once on one connection, a mix of decided and forwarded ones.
     let img = image_client(&daemon.cri_socket).await;
     let rt = runtime_client(&daemon.cri_socket).await;
     let mut calls = tokio::task::JoinSet::new();
@@ -586,8 +584,8 @@ async fn large_and_concurrent_requests_match_containerd() {
         done.expect("task").expect("call through the proxy");
     }
 
-    // Every call is counted, by method and status: relayed ones from the runtime's trailers,
-    // held ones from the relay's own answer.
+    // Every call is counted, by method and status: forwarded ones from the runtime's trailers,
+    // decided ones from the proxy's own answer.
     let metrics = daemon.metrics();
     let count = |labels: &str| {
         metric_value(

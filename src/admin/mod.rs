@@ -13,6 +13,10 @@ use crate::stream::service::{StreamError, StreamService};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+/// Largest admin request message accepted: a stream's whole record (tags with their history)
+/// stays far below it.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
 /// Generated types and service of `proto/imagestream/v1/admin.proto`.
 pub mod pb {
     #![allow(clippy::all)]

@@ -1,24 +1,28 @@
 //! The CRI proxy: serves CRI v1 `RuntimeService` and `ImageService` (and any other gRPC path)
-//! on the CRI socket, relaying to the real runtime ([`relay`]) and rewriting stream
-//! references to pinned digests in the four calls that carry them ([`proxy`]), keeping private
-//! images to the pods that hold their pull secrets ([`private`]), and marking pull errors that
-//! are the registry's fault the way the kubelet expects ([`pull_errors`]). Both sides run
-//! over [`io::ProxyStream`], unix streams tuned to wake the proxy thread only when there is
-//! something to read. The proxy's own runtime calls (pulls, rewritten requests) go through
-//! [`upstream`]. Every call is counted, by method and gRPC status, with its duration, in the
-//! CRI call metrics (`proxy::Call`, [`crate::metrics`]).
+//! on the CRI socket and forwards to the real runtime, rewriting stream references to pinned
+//! digests in the four calls that carry them.
 //!
-//! [`serve`] runs the CRI socket's server, a frame-level HTTP/2 relay ([`relay`]), until
-//! `shutdown` completes, then drains in-flight calls for at most the grace period.
+//! # Layout
+//! - [`transport`]: the HTTP/2 server on the CRI socket (hyper on `h2`), routing by `:path`,
+//!   forwarding, limits, drain, and the CRI call metrics. [`serve`] runs it.
+//! - [`proxy`]: the decider, free of transport types: a method and its request message in,
+//!   a [`proxy::Decision`] out.
+//! - [`runtime`]: the one connection to the runtime, shared by forwarded calls, the decider's
+//!   own calls and the pre-pull trigger.
+//! - [`private`]: keeps private images to the pods that hold their pull secrets.
+//! - [`policy`]: which registries pods may pull from.
+//! - [`pull_errors`]: marks pull errors that are the registry's fault the way the kubelet
+//!   expects.
+//!
+//! Data flows one way: `transport` → `proxy` → `runtime`.
 
-pub mod io;
 pub mod policy;
 pub mod private;
 pub mod proxy;
 pub mod pull_errors;
-pub mod relay;
-pub mod upstream;
+pub mod runtime;
+pub mod transport;
 
 pub use proxy::CriProxy;
-pub use relay::serve;
-pub use upstream::Upstream;
+pub use runtime::Runtime;
+pub use transport::{serve, CriService};

@@ -3,25 +3,17 @@
 //! which goes through the node's mirror when containerd is configured for it), so that the next
 //! pod start does not wait for a download. Outcomes are counted as trigger `prepull`.
 
-use crate::cri::Upstream;
+use crate::cri::Runtime;
 use crate::stream::model::StreamKey;
 use crate::stream::resolve::View;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::{ImageSpec, PullImageRequest};
 use tokio::sync::watch;
 
-/// Pre-pulls each new current image of a tag into the runtime at `runtime_endpoint`, until
-/// `shutdown`.
-pub async fn run(view: View, runtime_endpoint: String, mut shutdown: watch::Receiver<bool>) {
-    let upstream = match Upstream::new(&runtime_endpoint) {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::error!(error = %e, "pre-pull disabled: bad runtime endpoint");
-            return;
-        }
-    };
-    let mut client = ImageServiceClient::new(upstream)
-        .max_decoding_message_size(crate::cri::proxy::MAX_CRI_MESSAGE_BYTES);
+/// Pre-pulls each new current image of a tag into `runtime`, until `shutdown`.
+pub async fn run(view: View, runtime: Runtime, mut shutdown: watch::Receiver<bool>) {
+    let mut client = ImageServiceClient::new(runtime)
+        .max_decoding_message_size(crate::cri::runtime::MAX_MESSAGE_BYTES);
     let mut events = view.events();
     loop {
         let e = tokio::select! {
