@@ -447,4 +447,128 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(err.message().contains(&endpoint), "{}", err.message());
     }
+
+    /// A runtime that sends GOAWAY on demand (a fault containerd cannot be made to produce at
+    /// will): answers every call with the number of its connection in `x-conn`, and `/slow`
+    /// only once `release` is notified.
+    struct FakeGoawayRuntime {
+        conns: Arc<Mutex<Vec<hyper_util::server::graceful::GracefulShutdown>>>,
+        slow_started: Arc<tokio::sync::Notify>,
+        release: Arc<tokio::sync::Notify>,
+    }
+
+    impl FakeGoawayRuntime {
+        fn start(path: &std::path::Path) -> Self {
+            let listener = tokio::net::UnixListener::bind(path).expect("bind");
+            let fake = FakeGoawayRuntime {
+                conns: Arc::default(),
+                slow_started: Arc::default(),
+                release: Arc::default(),
+            };
+            let (conns, started, release) = (
+                fake.conns.clone(),
+                fake.slow_started.clone(),
+                fake.release.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = 0;
+                while let Ok((stream, _)) = listener.accept().await {
+                    n += 1;
+                    let (started, release) = (started.clone(), release.clone());
+                    let service =
+                        hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                            let (started, release) = (started.clone(), release.clone());
+                            async move {
+                                if req.uri().path() == "/slow" {
+                                    started.notify_one();
+                                    release.notified().await;
+                                }
+                                let resp = http::Response::builder()
+                                    .header("x-conn", n.to_string())
+                                    .body(http_body_util::Empty::<Bytes>::new())
+                                    .expect("response");
+                                Ok::<_, Infallible>(resp)
+                            }
+                        });
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service);
+                    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+                    tokio::spawn(graceful.watch(conn));
+                    conns.lock().expect("conns").push(graceful);
+                }
+            });
+            fake
+        }
+
+        /// Sends GOAWAY on connection `n` (1-based); it closes once its calls have ended.
+        fn goaway(&self, n: usize) {
+            let graceful = std::mem::take(&mut self.conns.lock().expect("conns")[n - 1]);
+            tokio::spawn(graceful.shutdown());
+        }
+    }
+
+    async fn call(runtime: &Runtime, path: &'static str) -> String {
+        let req = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(path)
+            .body(Body::empty())
+            .expect("request");
+        let resp = runtime.send(req).await.expect("call reaches the runtime");
+        resp.headers()["x-conn"]
+            .to_str()
+            .expect("ascii")
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn after_a_goaway_new_calls_go_on_a_new_connection_and_calls_in_flight_finish() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("runtime.sock");
+        let fake = FakeGoawayRuntime::start(&path);
+        let runtime = Runtime::new(&format!("unix://{}", path.display())).expect("endpoint");
+        assert_eq!(call(&runtime, "/fast").await, "1");
+        let slow = tokio::spawn({
+            let runtime = runtime.clone();
+            async move { call(&runtime, "/slow").await }
+        });
+        fake.slow_started.notified().await;
+        fake.goaway(1);
+        // Calls keep succeeding; once the GOAWAY has arrived they go on connection 2.
+        let mut on_new = false;
+        for _ in 0..200 {
+            if call(&runtime, "/fast").await == "2" {
+                on_new = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(on_new, "no call went on a new connection after the GOAWAY");
+        assert!(!slow.is_finished(), "the call in flight ended early");
+        fake.release.notify_one();
+        assert_eq!(
+            slow.await.expect("task"),
+            "1",
+            "the call in flight finished on its connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_runtime_that_comes_back_is_reconnected_by_the_next_call() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("runtime.sock");
+        let runtime = Runtime::new(&format!("unix://{}", path.display())).expect("endpoint");
+        let req = || {
+            http::Request::builder()
+                .uri("/fast")
+                .body(Body::empty())
+                .expect("request")
+        };
+        assert!(runtime.send(req()).await.is_err());
+        assert!(
+            runtime.send(req()).await.is_err(),
+            "backoff, then another attempt"
+        );
+        let _fake = FakeGoawayRuntime::start(&path);
+        assert_eq!(call(&runtime, "/fast").await, "1");
+    }
 }
