@@ -17,27 +17,10 @@ pub const DEFAULT_CRI_SOCKET: &str = "/run/imagestream/imagestream.sock";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/imagestream/admin.sock";
 /// The real runtime every CRI call is forwarded to.
 pub const DEFAULT_RUNTIME_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
-/// Virtual registry host of explicit stream references.
-pub const DEFAULT_STREAM_HOST: &str = crate::stream::reference::DEFAULT_STREAM_HOST;
-/// Generations kept per tag.
-pub const DEFAULT_HISTORY_LIMIT: usize = crate::stream::model::DEFAULT_HISTORY_LIMIT;
 /// How long SIGTERM waits for in-flight calls before exiting anyway.
 pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 15;
-/// Where the registry mirror (and `/metrics`) listens.
-pub const DEFAULT_MIRROR_LISTEN: &str = crate::mirror::DEFAULT_LISTEN;
-/// Size limit of the layer cache (20 GiB).
-pub const DEFAULT_CACHE_MAX_BYTES: u64 = crate::cache::DEFAULT_MAX_BYTES;
 /// How often the daemon re-hashes the cache (a day); 0 turns the periodic scrub off.
 pub const DEFAULT_SCRUB_INTERVAL_SECS: u64 = 24 * 60 * 60;
-/// Earlier distinct digests of each stream tag kept pinned in the cache.
-pub const DEFAULT_PIN_HISTORY: usize = crate::cache::DEFAULT_PIN_HISTORY;
-/// How long a CRI call may wait to connect to the runtime.
-/// Default etcd endpoint of the cluster store (`etcd_endpoints`).
-pub const DEFAULT_ETCD_ENDPOINT: &str = crate::store::etcd::DEFAULT_ENDPOINT;
-/// Default key prefix in etcd (`etcd_prefix`).
-pub const DEFAULT_ETCD_PREFIX: &str = crate::store::etcd::DEFAULT_PREFIX;
-/// Default lease TTL of the importer election (`etcd_lease_ttl_secs`).
-pub const DEFAULT_ETCD_LEASE_TTL_SECS: u64 = crate::store::etcd::DEFAULT_LEASE_TTL_SECS;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -210,21 +193,21 @@ impl Default for Config {
             admin_socket: DEFAULT_ADMIN_SOCKET.into(),
             runtime_endpoint: DEFAULT_RUNTIME_ENDPOINT.into(),
             insecure_registries: Vec::new(),
-            stream_host: DEFAULT_STREAM_HOST.into(),
-            history_limit: DEFAULT_HISTORY_LIMIT,
+            stream_host: crate::stream::reference::DEFAULT_STREAM_HOST.into(),
+            history_limit: crate::stream::model::DEFAULT_HISTORY_LIMIT,
             drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
             admin_group: None,
             reader_group: None,
             allowed_registries: Vec::new(),
             require_pinned: false,
             policy_dry_run: false,
-            mirror_listen: DEFAULT_MIRROR_LISTEN.into(),
+            mirror_listen: crate::mirror::DEFAULT_LISTEN.into(),
             mirror_upstreams: Vec::new(),
             registry_auth_file: None,
-            cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            cache_max_bytes: crate::cache::DEFAULT_MAX_BYTES,
             scrub_interval_secs: DEFAULT_SCRUB_INTERVAL_SECS,
             prefetch: true,
-            pin_history: DEFAULT_PIN_HISTORY,
+            pin_history: crate::cache::DEFAULT_PIN_HISTORY,
             import_concurrency: crate::importer::DEFAULT_CONCURRENCY,
             import_registry_concurrency: crate::importer::DEFAULT_REGISTRY_CONCURRENCY,
             import_min_interval_secs: crate::importer::DEFAULT_MIN_INTERVAL_SECS,
@@ -233,11 +216,11 @@ impl Default for Config {
             prepull: false,
             store: StoreKind::Embedded,
             etcd_endpoints: Vec::new(),
-            etcd_prefix: DEFAULT_ETCD_PREFIX.into(),
+            etcd_prefix: crate::store::etcd::DEFAULT_PREFIX.into(),
             etcd_ca_file: None,
             etcd_cert_file: None,
             etcd_key_file: None,
-            etcd_lease_ttl_secs: DEFAULT_ETCD_LEASE_TTL_SECS,
+            etcd_lease_ttl_secs: crate::store::etcd::DEFAULT_LEASE_TTL_SECS,
             node_name: host_name(),
             private_images: true,
             private_images_ttl_secs: crate::cri::private::DEFAULT_TTL_SECS,
@@ -374,14 +357,17 @@ impl Config {
             self.etcd_endpoints = o.etcd_endpoints;
         }
         if self.store == StoreKind::Etcd && self.etcd_endpoints.is_empty() {
-            self.etcd_endpoints.push(DEFAULT_ETCD_ENDPOINT.into());
+            self.etcd_endpoints
+                .push(crate::store::etcd::DEFAULT_ENDPOINT.into());
         }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        runtime_socket_path(&self.runtime_endpoint).map_err(|message| ConfigError::Invalid {
-            key: "runtime_endpoint",
-            message,
+        crate::cri::runtime::socket_path(&self.runtime_endpoint).map_err(|message| {
+            ConfigError::Invalid {
+                key: "runtime_endpoint",
+                message,
+            }
         })?;
         if self.history_limit == 0 {
             return Err(ConfigError::Invalid {
@@ -520,17 +506,6 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 /// Parses config file text.
 pub fn parse(text: &str) -> Result<FileConfig, String> {
     toml::from_str(text).map_err(|e| e.to_string().trim().to_string())
-}
-
-/// The socket path of a runtime endpoint: `unix:///path` or a bare absolute path.
-pub fn runtime_socket_path(endpoint: &str) -> Result<PathBuf, String> {
-    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
-    if !path.starts_with('/') {
-        return Err(format!(
-            "{endpoint:?} is not a unix socket endpoint (expected unix:///path/to/socket)"
-        ));
-    }
-    Ok(PathBuf::from(path))
 }
 
 #[cfg(test)]

@@ -465,7 +465,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                             let other = parse_tag_ref(&f).map_err(|e| e.to_string())?;
                             let host = Config::load(None, Overrides::default())
                                 .map(|c| c.stream_host)
-                                .unwrap_or_else(|_| crate::config::DEFAULT_STREAM_HOST.into());
+                                .unwrap_or_else(|_| {
+                                    crate::stream::reference::DEFAULT_STREAM_HOST.into()
+                                });
                             format!("{host}/{other}")
                         }
                         (None, None) => return Err("give SOURCE or --from-stream".into()),

@@ -17,7 +17,6 @@
 //!   answered as a normal gRPC response, so that forwarded and typed calls fail alike.
 //! - **Keep-alive.** None: on a unix socket a dead runtime is an end of file, seen at once.
 
-use crate::config::runtime_socket_path;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -100,7 +99,7 @@ impl Runtime {
     pub fn new(endpoint: &str) -> Result<Self, String> {
         Ok(Self {
             inner: Arc::new(Inner {
-                path: runtime_socket_path(endpoint)?,
+                path: socket_path(endpoint)?,
                 endpoint: endpoint.to_string(),
                 slot: Mutex::new(Slot::default()),
                 connecting: tokio::sync::Mutex::new(()),
@@ -332,6 +331,17 @@ impl Runtime {
         tracing::debug!(endpoint = %self.inner.endpoint, "connected to the runtime");
         Ok(sender)
     }
+}
+
+/// The socket path of a runtime endpoint: `unix:///path` or a bare absolute path.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {
+    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{endpoint:?} is not a unix socket endpoint (expected unix:///path/to/socket)"
+        ));
+    }
+    Ok(PathBuf::from(path))
 }
 
 /// `message` (protobuf bytes) as one uncompressed gRPC frame.
