@@ -78,11 +78,9 @@ async fn limits_are_advertised_and_enforced() {
     let status = {
         let call = raw_version(&mut send, None);
         tokio::pin!(call);
-        loop {
-            tokio::select! {
-                done = &mut call => break done.expect("Version"),
-                _ = &mut conn => panic!("connection closed"),
-            }
+        tokio::select! {
+            done = &mut call => done.expect("Version"),
+            _ = &mut conn => panic!("connection closed"),
         }
     };
     assert_eq!(status, "0");
