@@ -20,8 +20,9 @@
 //!   by concurrent clients, pins, LRU eviction, scrub and prefetch.
 //! - [`mirror`]: the registry mirror (OCI distribution pull API over HTTP, `/metrics`) and
 //!   containerd's `hosts.toml`.
-//! - [`cri`]: the CRI proxy: raw HTTP/2 forwarding to the runtime, the four rewritten calls,
-//!   stream access and the node's pull policy.
+//! - [`cri`]: the CRI proxy: the HTTP/2 transport (hyper), the decider for the four calls
+//!   that may carry a stream reference (stream access, the node's pull policy, private
+//!   images), and the one connection to the runtime.
 //! - [`admin`]: the admin gRPC API (`proto/imagestream/v1/admin.proto`), caller checks
 //!   (SO_PEERCRED) and its client.
 //! - [`socket`]: creating root-only unix sockets, replacing stale ones; [`accept`]: the

@@ -102,44 +102,24 @@ pub fn method_label(path: &str) -> &'static str {
         .unwrap_or("other")
 }
 
-/// Serves the CRI socket on `listener` until `shutdown`, then drains for at most `grace`.
+/// Serves the CRI socket on `listener` until `shutdown`, then drains for at most `grace`
+/// (the accept-and-drain loop is [`crate::accept::serve_until`], shared with the mirror).
 pub async fn serve(
     listener: UnixListener,
     service: CriService,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let conn = builder().serve_connection(TokioIo::new(stream), service.clone());
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "CRI connection ended with an error");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "CRI accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            _ = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!(what = "CRI", "in-flight calls drained"),
-        Err(_) => tracing::warn!(
-            what = "CRI",
-            ?grace,
-            "drain timed out; closing remaining calls"
-        ),
-    }
+    let serve = |stream, graceful: &hyper_util::server::graceful::GracefulShutdown| {
+        let conn =
+            graceful.watch(builder().serve_connection(TokioIo::new(stream), service.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "CRI connection ended with an error");
+            }
+        });
+    };
+    crate::accept::serve_until("CRI", listener, serve, shutdown, grace).await;
 }
 
 /// Serves one client connection on `io` until it closes (for tests and fuzzing; [`serve`] is
