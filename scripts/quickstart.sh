@@ -16,11 +16,11 @@
 # then walks an image stream through set -> move -> rollback, running the image each time
 # through imagestream's CRI socket, and leaves the node running.
 #
-# Debian 12 has no crictl package (cri-tools), so CRI calls are made with a tiny client built
-# from what is at hand: `protoc --encode/--decode` with the CRI proto of the k8s-cri crate (which
-# cargo has just downloaded to build imagestream) and `curl --http2-prior-knowledge` over the
-# unix socket (see `cri` below). The closing notes also show the crictl command, for those who
-# have crictl from elsewhere.
+# The CRI calls are made with crictl (cri-tools, Kubernetes' own CRI command line), as an operator
+# on a node would: with $QS/crictl.yaml, which points it at imagestream's CRI socket. Debian 12
+# does not package cri-tools: the script uses the crictl that `scripts/test-tools.sh` caches
+# (${IMAGESTREAM_TEST_TOOLS:-/var/cache/imagestream-test/bin}/crictl), else a crictl on PATH, else
+# builds it with `scripts/test-tools.sh`, which needs Go (1.24+).
 #
 # Running the script again first stops the node of the previous run.
 set -euo pipefail
@@ -39,7 +39,14 @@ ADMIN_SOCK="$QS/admin.sock"
 STATE_DIR="$QS/imagestream"
 PAUSE_IMAGE_NAME="pause:quickstart"
 POD_NAMESPACE="demo"
+# crictl's config files: imagestream's CRI socket, and containerd's (to compare).
+CRICTL_CONFIG="$QS/crictl.yaml"
+CRICTL_CONTAINERD_CONFIG="$QS/crictl-containerd.yaml"
+# Pod configs crictl reads: the demo pod (namespace demo), and one of namespace other.
+POD_CONFIG="$QS/pods/demo.json"
+OTHER_POD_CONFIG="$QS/pods/other.json"
 
+# protobuf-compiler: protoc, for building imagestream's admin API.
 APT_PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler iproute2 curl)
 
 # ------------------------------------------------------------------------------------------------
@@ -216,12 +223,27 @@ build() {
   (cd "$REPO" && show cargo build --release "${locked[@]}")
   BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/imagestream"
   [[ -x $BIN ]] || die "build did not produce $BIN"
-  # The CRI API definition, from the k8s-cri crate cargo just fetched (for the CRI client below).
-  local manifest
-  manifest=$(cd "$REPO" && cargo metadata --format-version 1 --locked 2>/dev/null |
-    grep -o '"manifest_path":"[^"]*/k8s-cri-[0-9.]*/Cargo.toml"' | head -n1 | cut -d'"' -f4) || true
-  CRI_PROTO_DIR="$(dirname "${manifest:-/nonexistent/x}")/proto"
-  [[ -f $CRI_PROTO_DIR/v1.proto ]] || die "cannot find the CRI proto (k8s-cri crate) via cargo metadata"
+}
+
+# Sets CRICTL: the crictl scripts/test-tools.sh caches, else one on PATH, else builds it (Go).
+find_crictl() {
+  heading "Finding crictl"
+  local dir=${IMAGESTREAM_TEST_TOOLS:-/var/cache/imagestream-test/bin}
+  if [[ -x $dir/crictl ]]; then
+    CRICTL=$dir/crictl
+  elif type -P crictl >/dev/null; then # (not the crictl function below)
+    CRICTL=$(type -P crictl)
+  else
+    # sudo's secure_path often leaves out Go's default install dir.
+    if ! command -v go >/dev/null && [[ -x /usr/local/go/bin/go ]]; then PATH=$PATH:/usr/local/go/bin; fi
+    command -v go >/dev/null ||
+      die "crictl not found (not in $dir, not on PATH), and Go is not installed to build it: install Go >= 1.24 (https://go.dev/dl) and run again, or put crictl (cri-tools) on PATH"
+    say "building crictl with scripts/test-tools.sh ($(go version)); it also builds critest and h2spec, for the tests"
+    dir=$(bash "$REPO/scripts/test-tools.sh") || die "scripts/test-tools.sh failed to build crictl"
+    CRICTL=$dir/crictl
+    [[ -x $CRICTL ]] || die "scripts/test-tools.sh did not produce $CRICTL"
+  fi
+  say "crictl: $CRICTL"
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -353,9 +375,9 @@ disabled_plugins = [
 EOF
   containerd --config "$CTD_DIR/config.toml" >"$QS/containerd.log" 2>&1 </dev/null &
   echo $! >"$QS/containerd.pid"
+  write_crictl_config "$CRICTL_CONTAINERD_CONFIG" "$CTD_SOCK"
   for _ in $(seq 300); do
-    if [[ -S $CTD_SOCK ]] && ctr -a "$CTD_SOCK" version >/dev/null 2>&1 &&
-      CRI_SOCK="$CTD_SOCK" cri_quiet RuntimeService/Version VersionRequest VersionResponse ''; then
+    if [[ -S $CTD_SOCK ]] && crictl_containerd version >/dev/null 2>&1; then
       say "containerd at $CTD_SOCK (sandbox image $REG/$PAUSE_IMAGE_NAME)"
       return 0
     fi
@@ -388,9 +410,9 @@ start_imagestream() {
   "${IMAGESTREAM_CMD[@]}" >"$QS/imagestream.log" 2>&1 </dev/null &
   echo $! >"$QS/imagestream.pid"
   export IMAGESTREAM_ADMIN_SOCKET="$ADMIN_SOCK"
+  write_crictl_config "$CRICTL_CONFIG" "$CRI_SOCK"
   for _ in $(seq 300); do
-    if "$BIN" stream ls >/dev/null 2>&1 &&
-      cri_quiet RuntimeService/Version VersionRequest VersionResponse ''; then
+    if "$BIN" stream ls >/dev/null 2>&1 && crictl version >/dev/null 2>&1; then
       say "imagestream: CRI socket $CRI_SOCK, admin socket $ADMIN_SOCK, mirror http://$MIRROR"
       say "containerd pulls $REG through the mirror:"
       show "$BIN" mirror hosts-toml --registry "$REG" --dir "$CTD_DIR/certs.d" --mirror "http://$MIRROR"
@@ -404,123 +426,126 @@ start_imagestream() {
 }
 
 # ------------------------------------------------------------------------------------------------
-# A minimal CRI client: protoc encodes/decodes the messages, curl speaks gRPC over HTTP/2.
+# crictl
 # ------------------------------------------------------------------------------------------------
 
-# cri SERVICE/METHOD REQUEST_TYPE RESPONSE_TYPE TEXT_PROTO
-# Calls runtime.v1.SERVICE/METHOD on $CRI_SOCK; prints the response in protobuf text format.
-# On a gRPC error prints "grpc-status N: message" on stderr and returns 1.
-cri() {
-  local method=$1 req_type=$2 resp_type=$3 text=$4
-  local tmp
-  tmp=$(mktemp -d "$QS/cri.XXXXXX")
-  printf '%s' "$text" |
-    protoc --proto_path="$CRI_PROTO_DIR" --encode="runtime.v1.$req_type" v1.proto >"$tmp/msg"
-  # A gRPC message frame: 1 byte "not compressed", 4 bytes big-endian length, the message.
-  local len
-  len=$(stat -c %s "$tmp/msg")
-  printf '%b' "$(printf '\\x%02x' 0 $((len >> 24 & 255)) $((len >> 16 & 255)) \
-    $((len >> 8 & 255)) $((len & 255)))" >"$tmp/req"
-  cat "$tmp/msg" >>"$tmp/req"
-  if ! curl -sS --http2-prior-knowledge --unix-socket "$CRI_SOCK" --max-time 120 \
-    -H 'content-type: application/grpc' -H 'te: trailers' \
-    --data-binary @"$tmp/req" -D "$tmp/headers" -o "$tmp/resp" \
-    "http://localhost/runtime.v1.$method"; then
-    rm -rf "$tmp"
-    return 1
-  fi
-  # grpc-status comes in the trailers (or in the headers for an immediate error).
-  local status message
-  status=$(sed -n 's/^grpc-status: *\([0-9]*\).*/\1/p' "$tmp/headers" | tail -n1)
-  message=$(sed -n 's/^grpc-message: *//p' "$tmp/headers" | tail -n1 | tr -d '\r')
-  if [[ ${status:-0} != 0 ]]; then
-    # grpc-message is percent-encoded.
-    printf 'grpc-status %s: %b\n' "$status" "${message//%/\\x}" >&2
-    rm -rf "$tmp"
-    return 1
-  fi
-  tail -c +6 "$tmp/resp" | protoc --proto_path="$CRI_PROTO_DIR" --decode="runtime.v1.$resp_type" v1.proto
-  rm -rf "$tmp"
+# write_crictl_config FILE SOCKET: a crictl config for the CRI socket SOCKET (runtime and image
+# endpoint), used as `crictl --config FILE` or `CRI_CONFIG_FILE=FILE crictl`.
+write_crictl_config() {
+  cat >"$1" <<EOF
+runtime-endpoint: unix://$2
+image-endpoint: unix://$2
+timeout: 60
+debug: false
+pull-image-on-create: false
+disable-pull-on-run: false
+EOF
 }
 
-cri_quiet() { cri "$@" >/dev/null 2>&1; }
+# run_crictl CONFIG ARGS...: crictl with that config. crictl warns on every pod config without a
+# cgroup_parent (containerd runs here without cgroups); that line is left out of stderr.
+run_crictl() {
+  local config=$1 err rc=0
+  shift
+  err=$(mktemp "$QS/crictl-stderr.XXXXXX")
+  "$CRICTL" --config "$config" "$@" 2>"$err" || rc=$?
+  grep -v 'cgroup_parent is not set' "$err" >&2 || true
+  rm -f "$err"
+  return "$rc"
+}
 
-# The value of the first `KEY: "value"` line of a text-format message on stdin.
-field() { sed -n "/^ *$1: \"/ { s/^ *$1: \"\\(.*\\)\"\$/\\1/p; q; }"; }
+# crictl ARGS...: through imagestream's CRI socket. crictl_containerd ARGS...: containerd direct.
+crictl() { run_crictl "$CRICTL_CONFIG" "$@"; }
+crictl_containerd() { run_crictl "$CRICTL_CONTAINERD_CONFIG" "$@"; }
 
-# pod_config [NAMESPACE]: the config of the demo pod (namespace demo by default), host network
-# (no CNI needed).
-pod_config() {
-  cat <<EOF
-metadata { name: "quickstart" uid: "quickstart-uid" namespace: "${1:-$POD_NAMESPACE}" attempt: 0 }
-log_directory: "$QS/pods/quickstart"
-linux { security_context { namespace_options { network: NODE pid: POD ipc: POD } } }
+# show_crictl ARGS...: prints the command, then runs it through imagestream's CRI socket.
+show_crictl() {
+  printf '$ crictl %s\n' "$*"
+  crictl "$@"
+}
+
+# refused_crictl ARGS...: prints the command and runs it, expecting it to fail; shows crictl's
+# error message (without its log decoration) and exit code.
+refused_crictl() {
+  local out rc=0
+  printf '$ crictl %s\n' "$*"
+  out=$(crictl "$@" 2>&1) || rc=$?
+  if ((rc == 0)); then
+    printf '%s\n' "$out"
+    die "crictl $* succeeded; it should have been refused"
+  fi
+  sed -n 's/.*level=fatal msg="\(.*\)"$/\1/p' <<<"$out" | sed 's/\\"/"/g; s/^/    /'
+  say "(crictl exit code $rc)"
+}
+
+# write_pod_config FILE NAMESPACE: the config of the demo pod in NAMESPACE, with the node's network
+# (namespace_options.network 2 = NODE: no CNI needed).
+write_pod_config() {
+  mkdir -p "$QS/pods/logs"
+  cat >"$1" <<EOF
+{
+  "metadata": { "name": "quickstart", "uid": "quickstart-$2", "namespace": "$2", "attempt": 0 },
+  "log_directory": "$QS/pods/logs",
+  "linux": { "security_context": { "namespace_options": { "network": 2, "pid": 0, "ipc": 0 } } }
+}
 EOF
 }
 
 # Node facts that `run` needs after the script that started the node has exited.
 save_node_env() {
-  printf 'BIN=%q\nREG=%q\nCRI_PROTO_DIR=%q\nPOD_ID=%q\n' "$BIN" "$REG" "$CRI_PROTO_DIR" "$POD_ID" \
-    >"$QS/node.env"
+  printf 'BIN=%q\nREG=%q\nCRICTL=%q\nPOD_ID=%q\n' "$BIN" "$REG" "$CRICTL" "$POD_ID" >"$QS/node.env"
 }
 
 start_pod() {
-  say "CRI RunPodSandbox (namespace $POD_NAMESPACE, host network) via $CRI_SOCK"
-  mkdir -p "$QS/pods/quickstart"
-  POD_ID=$(cri RuntimeService/RunPodSandbox RunPodSandboxRequest RunPodSandboxResponse \
-    "config { $(pod_config) }" | field pod_sandbox_id)
-  [[ -n $POD_ID ]] || die "RunPodSandbox failed"
-  echo "    pod_sandbox_id: $POD_ID"
+  write_pod_config "$POD_CONFIG" "$POD_NAMESPACE"
+  write_pod_config "$OTHER_POD_CONFIG" other
+  say "the demo pod: namespace $POD_NAMESPACE, host network ($POD_CONFIG)"
+  printf '$ crictl runp %s\n' "$POD_CONFIG"
+  POD_ID=$(crictl runp "$POD_CONFIG") || die "crictl runp failed"
+  echo "$POD_ID"
   save_node_env
 }
 
-# run_app IMAGE: what the kubelet does for a container of IMAGE in the demo pod: ImageStatus,
-# PullImage if not present, CreateContainer, StartContainer; then `cat /version` in it
-# (ExecSync). The previous demo container is removed first. Every call goes to imagestream.
+# run_app IMAGE: what the kubelet does for a container of IMAGE in the demo pod, with crictl
+# through imagestream's CRI socket: inspecti (ImageStatus), pull if not present, create, start;
+# then `cat /version` in it (exec). The previous demo container is removed first.
 run_app() {
-  local image=$1 out image_ref old attempt container
+  local image=$1 image_id old attempt container config
   old=$(cat "$QS/container.id" 2>/dev/null || true)
   if [[ -n $old ]]; then
-    cri_quiet RuntimeService/StopContainer StopContainerRequest StopContainerResponse \
-      "container_id: \"$old\" timeout: 0" || true
-    cri_quiet RuntimeService/RemoveContainer RemoveContainerRequest RemoveContainerResponse \
-      "container_id: \"$old\"" || true
+    crictl stop --timeout 0 "$old" >/dev/null 2>&1 || true
+    crictl rm "$old" >/dev/null 2>&1 || true
     rm -f "$QS/container.id"
   fi
-  out=$(cri ImageService/ImageStatus ImageStatusRequest ImageStatusResponse \
-    "image { image: \"$image\" }")
-  image_ref=$(field id <<<"$out")
-  if [[ -n $image_ref ]]; then
-    say "CRI ImageStatus $image: present, id $image_ref"
+  if image_id=$(crictl inspecti -o go-template --template '{{.status.id}}' "$image" 2>/dev/null); then
+    say "crictl inspecti $image: present, id $image_id"
   else
-    say "CRI ImageStatus $image: not present"
-    out=$(cri ImageService/PullImage PullImageRequest PullImageResponse \
-      "image { image: \"$image\" } sandbox_config { $(pod_config) }")
-    image_ref=$(field image_ref <<<"$out")
-    say "CRI PullImage $image (pod namespace $POD_NAMESPACE): image_ref $image_ref"
+    say "crictl inspecti $image: not present, so pull it for the demo pod:"
+    show_crictl pull --pod-config "$POD_CONFIG" "$image" || die "crictl pull $image failed"
   fi
   # Container names must be unique in the pod: count attempts across runs.
   attempt=$(($(cat "$QS/attempt" 2>/dev/null || echo 0) + 1))
   echo "$attempt" >"$QS/attempt"
-  out=$(cri RuntimeService/CreateContainer CreateContainerRequest CreateContainerResponse "
-    pod_sandbox_id: \"$POD_ID\"
-    config {
-      metadata { name: \"app\" attempt: $attempt }
-      image { image: \"$image\" }
-      log_path: \"app-$attempt.log\"
-      linux {}
-    }
-    sandbox_config { $(pod_config) }")
-  container=$(field container_id <<<"$out")
+  config="$QS/pods/app-$attempt.json"
+  cat >"$config" <<EOF
+{
+  "metadata": { "name": "app", "attempt": $attempt },
+  "image": { "image": "$image" },
+  "labels": { "io.kubernetes.pod.name": "quickstart", "io.kubernetes.pod.namespace": "$POD_NAMESPACE" },
+  "log_path": "app-$attempt.log",
+  "linux": {}
+}
+EOF
+  printf '$ crictl create --no-pull %s %s %s\n' "${POD_ID:0:13}" "$config" "$POD_CONFIG"
+  container=$(crictl create --no-pull "$POD_ID" "$config" "$POD_CONFIG") || die "crictl create failed"
   echo "$container" >"$QS/container.id"
-  cri_quiet RuntimeService/StartContainer StartContainerRequest StartContainerResponse \
-    "container_id: \"$container\"" || die "StartContainer failed"
-  out=$(cri RuntimeService/ContainerStatus ContainerStatusRequest ContainerStatusResponse \
-    "container_id: \"$container\"")
-  say "CRI CreateContainer $image: container ${container:0:12} runs $(field image <<<"$(sed -n '/^  image {/,/}/p' <<<"$out")")"
-  out=$(cri RuntimeService/ExecSync ExecSyncRequest ExecSyncResponse \
-    "container_id: \"$container\" cmd: \"cat\" cmd: \"/version\" timeout: 10")
-  printf '    $ cat /version   =>  %s%b%s\n' "$BOLD" "$(field stdout <<<"$out" | sed 's/\\n$//')" "$PLAIN"
+  container=${container:0:13}
+  echo "$container"
+  printf '$ crictl start %s\n' "$container"
+  crictl start "$container" >/dev/null || die "crictl start failed"
+  say "container $container runs $(crictl inspect -o go-template --template '{{.status.image.image}}' "$container")"
+  printf '$ crictl exec %s cat /version   =>  %s%s%s\n' "$container" "$BOLD" \
+    "$(crictl exec "$container" cat /version)" "$PLAIN"
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -539,6 +564,7 @@ walk() {
   show "$is" resolve "$ref"
 
   heading "3. A pod in namespace demo runs $ref"
+  say "crictl here is $CRICTL with CRI_CONFIG_FILE=$CRICTL_CONFIG (imagestream's CRI socket)"
   start_pod
   run_app "$ref"
 
@@ -555,9 +581,10 @@ walk() {
   show "$is" resolve app:prod --namespace demo
   run_app "app:prod"
   say "for a pod of namespace other, app:prod names the stream other/app, which does not exist:"
-  cri ImageService/PullImage PullImageRequest PullImageResponse \
-    "image { image: \"app:prod\" } sandbox_config { $(pod_config other) }" 2>&1 | sed 's/^/    CRI PullImage: /' || true
+  refused_crictl pull --pod-config "$OTHER_POD_CONFIG" app:prod
   show "$is" resolve app:prod --namespace other || say "(exit code $?)"
+  say "and demo/app is for pods of namespace demo only (imagestream stream access widens that):"
+  refused_crictl pull --pod-config "$OTHER_POD_CONFIG" "$ref"
 
   heading "7. History of demo/app:prod (newest first)"
   show "$is" tag history demo/app:prod
@@ -567,8 +594,8 @@ walk() {
   echo
   show "$is" stream ls
 
-  heading "9. What containerd holds (namespace k8s.io)"
-  ctr -a "$CTD_SOCK" -n k8s.io images ls -q | grep -v '^sha256:' | sed 's/^/    /'
+  heading "9. What containerd holds (crictl images: ListImages, relayed as it is)"
+  show_crictl images --digests
 
   heading "10. The node's layer cache (containerd pulled through the mirror; tags pin their images)"
   show "$is" cache ls
@@ -578,6 +605,8 @@ walk() {
 }
 
 summary() {
+  local container
+  container=$(cut -c1-13 "$QS/container.id" 2>/dev/null || true)
   heading "The node is running"
   cat <<EOF
 Scratch dir:     $QS   (logs: $QS/{imagestream,containerd,registry}.log)
@@ -592,11 +621,20 @@ Use it:
   $BIN tag set demo/app:prod $REG/demo/app:v2
   $BIN tag history demo/app:prod
   $BIN cache ls
-  # Run a container of the tag in the demo pod (namespace demo) through imagestream's CRI socket:
+
+  # crictl through imagestream's CRI socket ($CRICTL_CONFIG names it):
+  export CRI_CONFIG_FILE=$CRICTL_CONFIG
+  $CRICTL pods
+  $CRICTL ps
+  $CRICTL exec $container cat /version
+  $CRICTL pull --pod-config $POD_CONFIG imagestream.local/demo/app:prod
+  $CRICTL images --digests
+  # the same containerd, without imagestream:
+  $CRICTL --runtime-endpoint unix://$CTD_SOCK --image-endpoint unix://$CTD_SOCK images --digests
+
+  # Run a new container of the tag in the demo pod (namespace demo), with crictl as above:
   bash $REPO/scripts/quickstart.sh run                       # imagestream.local/demo/app:prod
   bash $REPO/scripts/quickstart.sh run app:prod              # the short name
-  # With crictl, if you have it (Debian 12 does not package it):
-  crictl --runtime-endpoint unix://$CRI_SOCK pull imagestream.local/demo/app:prod
 
 Stop it (kills imagestream, containerd, its shims and containers, unmounts, removes $QS):
   bash $REPO/scripts/quickstart.sh stop
@@ -623,6 +661,7 @@ main() {
     start)
       trap 'on_exit $?' EXIT
       install_deps
+      find_crictl
       build
       stop_node # a node of an earlier run
       mkdir -p "$QS"
