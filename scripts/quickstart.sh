@@ -46,8 +46,8 @@ CRICTL_CONTAINERD_CONFIG="$QS/crictl-containerd.yaml"
 POD_CONFIG="$QS/pods/demo.json"
 OTHER_POD_CONFIG="$QS/pods/other.json"
 
-# protobuf-compiler: protoc, for building imagestream's admin API.
-APT_PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler iproute2 curl)
+# protobuf-compiler, libprotobuf-dev: protoc and its well-known types, for building imagestream.
+APT_PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler libprotobuf-dev iproute2 curl)
 
 # ------------------------------------------------------------------------------------------------
 # Output helpers
