@@ -13,8 +13,7 @@ use imagestream::cri::transport::{
     MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_BYTES, MAX_REQUEST_BYTES,
 };
 use k8s_cri::v1::{
-    ContainerFilter, CreateContainerRequest, ExecSyncRequest, ListContainersRequest,
-    PullImageRequest, StartContainerRequest, VersionRequest,
+    ContainerFilter, CreateContainerRequest, ExecSyncRequest, ListContainersRequest, VersionRequest,
 };
 use std::collections::HashMap;
 use tonic::Code;
@@ -164,38 +163,13 @@ async fn a_call_outliving_the_drain_grace_is_cut_and_the_daemon_exits() {
         "drain_timeout_secs = 1\n",
     );
     let logs = tempfile::tempdir().expect("log dir");
-    let mut rt = runtime_client(&daemon.cri_socket).await;
-    let mut img = image_client(&daemon.cri_socket).await;
-    let image_ref = img
-        .pull_image(PullImageRequest {
-            image: Some(image_spec(&registry.image_ref("app:v1"))),
-            ..Default::default()
-        })
-        .await
-        .expect("PullImage")
-        .into_inner()
-        .image_ref;
-    let pod = pod_config("grace", "default", logs.path());
-    let pod_id = run_pod(&mut rt, &pod).await;
-    let ctr = rt
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod_id,
-            config: Some(container_config_with_command(
-                "app",
-                &image_ref,
-                &["/bin/sleep", "infinity"],
-            )),
-            sandbox_config: Some(pod),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    rt.start_container(StartContainerRequest {
-        container_id: ctr.clone(),
-    })
-    .await
-    .expect("StartContainer");
+    let (rt, ctr) = start_sleeping_container(
+        &daemon.cri_socket,
+        &registry.image_ref("app:v1"),
+        "grace",
+        logs.path(),
+    )
+    .await;
 
     // An exec of 60 s is in flight when SIGTERM arrives; the grace is 1 s.
     let mut in_flight = rt.clone();

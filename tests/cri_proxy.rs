@@ -444,38 +444,13 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     let ctd = Containerd::start(&registry);
     let mut daemon = Daemon::start(&ctd.endpoint(), &[&registry.addr], &[]);
     let logs = tempfile::tempdir().expect("log dir");
-    let mut rt = runtime_client(&daemon.cri_socket).await;
-    let mut img = image_client(&daemon.cri_socket).await;
-    let image_ref = img
-        .pull_image(PullImageRequest {
-            image: Some(image_spec(&registry.image_ref("app:v1"))),
-            ..Default::default()
-        })
-        .await
-        .expect("PullImage")
-        .into_inner()
-        .image_ref;
-    let pod = pod_config("drain", "default", logs.path());
-    let pod_id = run_pod(&mut rt, &pod).await;
-    let ctr = rt
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod_id,
-            config: Some(container_config_with_command(
-                "app",
-                &image_ref,
-                &["/bin/sleep", "infinity"],
-            )),
-            sandbox_config: Some(pod),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    rt.start_container(StartContainerRequest {
-        container_id: ctr.clone(),
-    })
-    .await
-    .expect("StartContainer");
+    let (rt, ctr) = start_sleeping_container(
+        &daemon.cri_socket,
+        &registry.image_ref("app:v1"),
+        "drain",
+        logs.path(),
+    )
+    .await;
 
     // A call that takes 2 s is in flight when SIGTERM arrives: it completes, then the daemon exits 0.
     let mut in_flight = rt.clone();

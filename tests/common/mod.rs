@@ -1385,6 +1385,49 @@ pub async fn run_pod(rt: &mut RuntimeServiceClient<Channel>, pod: &PodSandboxCon
     .pod_sandbox_id
 }
 
+/// Pulls `image` through `socket` (a CRI socket), runs a pod named `pod_name` and starts a
+/// container in it that sleeps forever; returns the runtime client and the container id.
+pub async fn start_sleeping_container(
+    socket: &Path,
+    image: &str,
+    pod_name: &str,
+    log_dir: &Path,
+) -> (RuntimeServiceClient<Channel>, String) {
+    let mut rt = runtime_client(socket).await;
+    let image_ref = image_client(socket)
+        .await
+        .pull_image(k8s_cri::v1::PullImageRequest {
+            image: Some(image_spec(image)),
+            ..Default::default()
+        })
+        .await
+        .expect("PullImage")
+        .into_inner()
+        .image_ref;
+    let pod = pod_config(pod_name, "default", log_dir);
+    let pod_id = run_pod(&mut rt, &pod).await;
+    let ctr = rt
+        .create_container(k8s_cri::v1::CreateContainerRequest {
+            pod_sandbox_id: pod_id,
+            config: Some(container_config_with_command(
+                "app",
+                &image_ref,
+                &["/bin/sleep", "infinity"],
+            )),
+            sandbox_config: Some(pod),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    rt.start_container(k8s_cri::v1::StartContainerRequest {
+        container_id: ctr.clone(),
+    })
+    .await
+    .expect("StartContainer");
+    (rt, ctr)
+}
+
 /// StopPodSandbox then RemovePodSandbox.
 pub async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod_id: &str) {
     rt.stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest {
