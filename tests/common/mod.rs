@@ -27,6 +27,7 @@
 pub mod auth;
 pub mod crash;
 pub mod crictl;
+pub mod critest;
 pub mod daemon;
 pub mod etcd;
 pub mod hostile;
