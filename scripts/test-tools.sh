@@ -17,6 +17,10 @@ cache=${IMAGESTREAM_TEST_CACHE:-/var/cache/imagestream-test}
 bin=${IMAGESTREAM_TEST_TOOLS:-$cache/bin}
 mkdir -p "$bin" "$cache/build"
 
+# sudo and CI may leave Go's usual install dir off PATH.
+if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
+  export PATH="$PATH:/usr/local/go/bin"
+fi
 if ! command -v go >/dev/null; then
   echo "test-tools: Go is needed to build crictl, critest and h2spec (go.dev toolchain, 1.24+)" >&2
   exit 1

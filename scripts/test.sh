@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler iproute2 util-linux procps apache2-utils etcd-server etcd-client openssl socat nghttp2-client curl containernetworking-plugins iptables)
+packages=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler libprotobuf-dev iproute2 util-linux procps apache2-utils etcd-server etcd-client openssl socat nghttp2-client curl containernetworking-plugins iptables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
