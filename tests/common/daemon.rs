@@ -123,20 +123,7 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("daemon log file");
-        // A command to run the daemon under (a profiler, say), e.g.
-        // IMAGESTREAM_TEST_WRAP="valgrind --tool=callgrind": see scripts/cri-instructions.
-        let wrap: Vec<String> = std::env::var("IMAGESTREAM_TEST_WRAP")
-            .map(|w| w.split_whitespace().map(String::from).collect())
-            .unwrap_or_default();
-        let mut cmd = match wrap.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(binary());
-                c
-            }
-            None => Command::new(binary()),
-        };
-        let child = cmd
+        let child = Command::new(binary())
             .args(&self.args)
             .env(
                 "RUST_LOG",
@@ -149,9 +136,7 @@ impl Daemon {
             .spawn()
             .expect("spawn imagestream serve");
         self.child = Some(child);
-        // Under a wrapper such as valgrind, start-up is many times slower.
-        let ready_within = Duration::from_secs(if wrap.is_empty() { 20 } else { 120 });
-        let deadline = Instant::now() + ready_within;
+        let deadline = Instant::now() + Duration::from_secs(20);
         while !(super::wait_for_socket(&self.cri_socket, Duration::from_millis(50))
             && super::wait_for_socket(&self.admin_socket, Duration::from_millis(50)))
         {
