@@ -80,6 +80,8 @@ pub struct Runtime {
 struct Inner {
     path: PathBuf,
     endpoint: String,
+    /// The runtime that connects and drives the connection, if not the caller's.
+    home: Option<tokio::runtime::Handle>,
     slot: Mutex<Slot>,
     /// Held while connecting, so that one caller connects and the others wait for it.
     connecting: tokio::sync::Mutex<()>,
@@ -101,10 +103,21 @@ impl Runtime {
             inner: Arc::new(Inner {
                 path: socket_path(endpoint)?,
                 endpoint: endpoint.to_string(),
+                home: None,
                 slot: Mutex::new(Slot::default()),
                 connecting: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// Makes the connection on `home` and drives it there, whoever calls: the CRI server's
+    /// own single-threaded runtime, so that its calls never cross threads. Call before the
+    /// handle is cloned or used.
+    pub fn on(mut self, home: tokio::runtime::Handle) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.home = Some(home);
+        }
+        self
     }
 
     pub fn endpoint(&self) -> &str {
@@ -307,7 +320,21 @@ impl Runtime {
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, RuntimeError> {
-        let path = self.inner.path.clone();
+        let connecting = Self::connect_here(self.inner.path.clone(), self.inner.endpoint.clone());
+        match &self.inner.home {
+            Some(home) => home
+                .spawn(connecting)
+                .await
+                .map_err(|e| RuntimeError::Connect(std::io::Error::other(e)))?,
+            None => connecting.await,
+        }
+    }
+
+    /// Connects on the current runtime and spawns the connection's task there.
+    async fn connect_here(
+        path: PathBuf,
+        endpoint: String,
+    ) -> Result<SendRequest<Body>, RuntimeError> {
         let connecting = async move {
             let io = tokio::net::UnixStream::connect(&path)
                 .await
@@ -321,14 +348,13 @@ impl Runtime {
         let (sender, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| RuntimeError::ConnectTimeout(CONNECT_TIMEOUT))??;
-        let endpoint = self.inner.endpoint.clone();
+        tracing::debug!(%endpoint, "connected to the runtime");
         tokio::spawn(async move {
             match connection.await {
                 Ok(()) => tracing::debug!(%endpoint, "runtime connection closed"),
                 Err(e) => tracing::debug!(%endpoint, error = %e, "runtime connection ended"),
             }
         });
-        tracing::debug!(endpoint = %self.inner.endpoint, "connected to the runtime");
         Ok(sender)
     }
 }
