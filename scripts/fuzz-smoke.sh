@@ -9,6 +9,9 @@
 #   FUZZ_ARGS      extra libFuzzer arguments (e.g. "-jobs=2 -workers=2")
 #   FUZZ_SANITIZER cargo-fuzz --sanitizer (default address; CI uses none: the crate forbids
 #                  unsafe code, and an uninstrumented build takes about half the time)
+#   FUZZ_TARGET_DIR where the instrumented build goes (default
+#                  /var/cache/imagestream-test/fuzz-target, outside the repo, so that a second
+#                  run, from any clone, rebuilds only imagestream itself: about 2.5 min, not 12)
 #
 # Works on a stable toolchain: cargo-fuzz passes nightly-only -Z flags (AddressSanitizer,
 # coverage instrumentation), which RUSTC_BOOTSTRAP=1 allows. Installs cargo-fuzz if missing.
@@ -17,6 +20,8 @@ cd "$(dirname "$0")/.."
 
 seconds=${FUZZ_SECONDS:-20}
 sanitizer=${FUZZ_SANITIZER:-address}
+target_dir=${FUZZ_TARGET_DIR:-/var/cache/imagestream-test/fuzz-target}
+mkdir -p "$target_dir"
 export RUSTC_BOOTSTRAP=1
 export PATH="$HOME/.cargo/bin:$PATH"
 
@@ -33,7 +38,7 @@ fi
 
 echo "==> cargo fuzz build (${targets[*]})"
 start=$SECONDS
-cargo fuzz build --sanitizer "$sanitizer"
+cargo fuzz build --sanitizer "$sanitizer" --target-dir "$target_dir"
 echo "    built in $((SECONDS - start)) s"
 
 work=$(mktemp -d)
@@ -43,7 +48,7 @@ for t in "${targets[@]}"; do
   echo "==> fuzz $t for ${seconds} s"
   mkdir -p "$work/$t"
   # shellcheck disable=SC2086 # FUZZ_ARGS is a list of arguments
-  if cargo fuzz run --sanitizer "$sanitizer" "$t" "$work/$t" "fuzz/corpus/$t" -- \
+  if cargo fuzz run --sanitizer "$sanitizer" --target-dir "$target_dir" "$t" "$work/$t" "fuzz/corpus/$t" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     ${FUZZ_ARGS:-} >"$work/$t.log" 2>&1; then
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$work/$t.log" | tail -1)
