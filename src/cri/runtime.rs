@@ -16,6 +16,10 @@
 //! - **The runtime down** is gRPC `Unavailable` naming the endpoint ([`Runtime::unavailable`]),
 //!   answered as a normal gRPC response, so that forwarded and typed calls fail alike.
 //! - **Keep-alive.** None: on a unix socket a dead runtime is an end of file, seen at once.
+//! - **Where it runs.** [`Runtime::on`] gives the connection a home runtime (the CRI server's
+//!   own single-threaded one): it is made and driven there whoever calls, so the CRI server's
+//!   calls never cross threads, and the pre-pull trigger's calls reach it through hyper's
+//!   channel.
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
