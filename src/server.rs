@@ -132,15 +132,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     });
     // The CRI server and the runtime connection run on a thread of their own (see
-    // `spawn_cri_thread`); one connection to the runtime, for forwarded calls, the proxy's own
-    // and pre-pulls.
-    let cri_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| ServerError::Runtime(format!("cannot start the CRI runtime: {e}")))?;
+    // `CriThread`); one connection to the runtime, for forwarded calls, the proxy's own and
+    // pre-pulls.
+    let cri_thread = CriThread::start()
+        .await
+        .map_err(|e| ServerError::Runtime(format!("cannot start the CRI thread: {e}")))?;
     let runtime = Runtime::new(&config.runtime_endpoint)
         .map_err(ServerError::Runtime)?
-        .on(cri_rt.handle().clone());
+        .on(cri_thread.handle.clone());
 
     let cache = {
         let dir = state_dir.clone();
@@ -226,14 +225,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(gate) = private {
         proxy = proxy.with_private_gate(gate);
     }
-    let cri_task = spawn_cri_thread(
-        cri_rt,
-        cri_listener,
-        CriService::new(Arc::new(proxy), runtime.clone()),
-        stopped(stop_rx.clone()),
-        grace,
-    )
-    .map_err(|e| ServerError::Runtime(format!("cannot start the CRI thread: {e}")))?;
+    let cri_listener = cri_listener
+        .into_std()
+        .map_err(|e| ServerError::Runtime(format!("cannot move the CRI socket: {e}")))?;
+    let cri_service = CriService::new(Arc::new(proxy), runtime.clone());
+    let cri_shutdown = stopped(stop_rx.clone());
+    let cri_task = cri_thread.run(Box::pin(async move {
+        // Registered with the CRI thread's runtime, which polls this.
+        match tokio::net::UnixListener::from_std(cri_listener) {
+            Ok(listener) => crate::cri::serve(listener, cri_service, cri_shutdown, grace).await,
+            Err(e) => tracing::error!(error = %e, "CRI socket unusable"),
+        }
+    }));
     let streams_for_import = streams.clone();
     let admin_task = tokio::spawn(
         tonic::transport::Server::builder()
@@ -370,31 +373,53 @@ async fn scrub_loop(
     }
 }
 
-/// Runs the CRI server on its own thread, on `rt`, a single-threaded runtime that also drives
-/// the runtime connection ([`Runtime::on`]). A CRI call is a short chain of tasks (client
-/// connection, request, runtime connection); on one thread they hand over without cross-thread
-/// wake-ups, which on a multi-threaded runtime cost more CPU than the HTTP/2 work itself (see
-/// docs/benchmarks.md). Returns a receiver that completes when the server has drained.
-fn spawn_cri_thread(
-    rt: tokio::runtime::Runtime,
-    listener: tokio::net::UnixListener,
-    service: CriService,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: std::time::Duration,
-) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
-    // The listener was registered with the calling runtime's reactor: move it over.
-    let listener = listener.into_std()?;
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("cri".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                match tokio::net::UnixListener::from_std(listener) {
-                    Ok(listener) => crate::cri::serve(listener, service, shutdown, grace).await,
-                    Err(e) => tracing::error!(error = %e, "CRI socket unusable"),
-                }
-            });
-            let _ = done_tx.send(());
-        })?;
-    Ok(done_rx)
+/// The thread of the CRI server: a single-threaded runtime that also drives the runtime
+/// connection ([`Runtime::on`]). A CRI call is a short chain of tasks (client connection,
+/// request, runtime connection); on one thread they hand over without cross-thread wake-ups,
+/// which on a multi-threaded runtime cost more CPU than the HTTP/2 work itself (see
+/// docs/benchmarks.md). The runtime is made and dropped on that thread: if the daemon stops
+/// before the server is handed over, the thread just ends.
+struct CriThread {
+    handle: tokio::runtime::Handle,
+    job: tokio::sync::oneshot::Sender<CriJob>,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+type CriJob = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl CriThread {
+    async fn start() -> std::io::Result<Self> {
+        let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
+        let (job, job_rx) = tokio::sync::oneshot::channel::<CriJob>();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("cri".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(rt.handle().clone()));
+                rt.block_on(async move {
+                    if let Ok(job) = job_rx.await {
+                        job.await;
+                    }
+                });
+                let _ = done_tx.send(());
+            })?;
+        let handle = handle_rx.await.map_err(std::io::Error::other)??;
+        Ok(Self { handle, job, done })
+    }
+
+    /// Runs `job` (the CRI server) on the thread; the receiver completes when it has ended.
+    fn run(self, job: CriJob) -> tokio::sync::oneshot::Receiver<()> {
+        let _ = self.job.send(job);
+        self.done
+    }
 }
