@@ -594,7 +594,7 @@ walk() {
   echo
   show "$is" stream ls
 
-  heading "9. What containerd holds (crictl images: ListImages, relayed as it is)"
+  heading "9. What containerd holds (crictl images: ListImages, forwarded as it is)"
   show_crictl images --digests
 
   heading "10. The node's layer cache (containerd pulled through the mirror; tags pin their images)"
