@@ -11,6 +11,8 @@
 set -euo pipefail
 
 CRI_TOOLS_VERSION=v1.34.0
+# What `crictl --version` prints (the release Makefile sets it the same way).
+CRI_TOOLS_LDFLAGS="-X sigs.k8s.io/cri-tools/pkg/version.Version=${CRI_TOOLS_VERSION#v}"
 H2SPEC_VERSION=v2.2.1+incompatible
 
 cache=${IMAGESTREAM_TEST_CACHE:-/var/cache/imagestream-test}
@@ -28,7 +30,8 @@ fi
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
 
 # build NAME VERSION COMMAND...: runs COMMAND (which writes $out) unless NAME-VERSION is cached,
-# then links $bin/NAME to the cached binary.
+# then links $bin/NAME to the cached binary. (VERSION carries a -N suffix when the recipe changes,
+# so that an old build is not reused.)
 build() {
   local name=$1 version=$2; shift 2
   local out="$cache/build/$name-$version"
@@ -48,7 +51,8 @@ cri_tools_dir() {
 }
 
 build_crictl() {
-  GOBIN="$cache/build/gobin.$$" go install "sigs.k8s.io/cri-tools/cmd/crictl@$CRI_TOOLS_VERSION"
+  GOBIN="$cache/build/gobin.$$" go install -ldflags "$CRI_TOOLS_LDFLAGS" \
+    "sigs.k8s.io/cri-tools/cmd/crictl@$CRI_TOOLS_VERSION"
   mv -f "$cache/build/gobin.$$/crictl" "$out"
   rmdir "$cache/build/gobin.$$"
 }
@@ -57,7 +61,7 @@ build_critest() {
   # critest is a Go test binary (ginkgo); build it in the module's own directory.
   local src
   src=$(cri_tools_dir)
-  (cd "$src" && go test -c -o "$out" ./cmd/critest)
+  (cd "$src" && go test -c -ldflags "$CRI_TOOLS_LDFLAGS" -o "$out" ./cmd/critest)
 }
 
 build_h2spec() {
@@ -66,7 +70,7 @@ build_h2spec() {
   rmdir "$cache/build/gobin.$$"
 }
 
-build crictl "$CRI_TOOLS_VERSION" build_crictl
-build critest "$CRI_TOOLS_VERSION" build_critest
+build crictl "$CRI_TOOLS_VERSION-1" build_crictl
+build critest "$CRI_TOOLS_VERSION-1" build_critest
 build h2spec "$H2SPEC_VERSION" build_h2spec
 echo "$bin"
