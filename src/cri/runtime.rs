@@ -124,10 +124,6 @@ impl Runtime {
         self
     }
 
-    pub fn endpoint(&self) -> &str {
-        &self.inner.endpoint
-    }
-
     /// The gRPC answer for a call that did not reach the runtime.
     pub fn unavailable(&self, error: &RuntimeError) -> Status {
         crate::audit::status(
