@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler libprotobuf-dev iproute2 util-linux procps apache2-utils etcd-server etcd-client openssl socat nghttp2-client curl containernetworking-plugins iptables)
+packages=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler libprotobuf-dev iproute2 util-linux procps apache2-utils etcd-server etcd-client openssl socat nghttp2-client curl containernetworking-plugins iptables
+  gcc make pkg-config libc6-dev libseccomp-dev conmon)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -17,7 +18,8 @@ if ((${#missing[@]})); then
   apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
-# crictl, critest and h2spec, built from pinned Go modules and cached outside the repo.
+# crictl, critest, h2spec, containerd 2, CRI-O (+pinns) and the kubelet, built from pinned Go
+# modules and cached outside the repo (scripts/test-tools.sh).
 IMAGESTREAM_TEST_TOOLS=$(bash scripts/test-tools.sh)
 export IMAGESTREAM_TEST_TOOLS
 
