@@ -14,7 +14,7 @@ use tonic::Code;
 async fn another_namespace_is_denied_until_allowed_also_when_the_image_is_present() {
     let registry = Registry::start();
     push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
-    let ctd = Containerd::start(&registry);
+    let ctd = RuntimeBed::start(&registry);
     let daemon = Daemon::start(&ctd.endpoint(), &[&registry.addr], &[]);
     let logs = tempfile::tempdir().expect("log dir");
     daemon.cli_ok(&["stream", "create", "team-a/app"]);

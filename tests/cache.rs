@@ -108,9 +108,9 @@ fn assert_no_fallback_to_origin(registry: &Registry, d: &Daemon, when: &str) {
 }
 
 /// Registry + containerd + daemon whose mirror containerd uses for `registry`.
-fn bed(config: Option<&str>) -> (Daemon, Containerd, Registry) {
+fn bed(config: Option<&str>) -> (Daemon, RuntimeBed, Registry) {
     let registry = Registry::start();
-    let ctd = Containerd::start_with_registry_addr(&registry.addr);
+    let ctd = RuntimeBed::start_with_registry_addr(&registry.addr);
     let d = match config {
         Some(c) => Daemon::start_with_config(&ctd.endpoint(), &[&registry.addr], &[], c),
         None => Daemon::start(&ctd.endpoint(), &[&registry.addr], &[]),
@@ -296,7 +296,7 @@ async fn c_an_origin_serving_wrong_bytes_fails_the_pull_and_caches_nothing_for_t
     let img = push_random_image_to(&registry.addr, "app:v1", &[MIB, 256 * KIB]);
     let bad = img.layers[0].0.clone();
     let origin = FaultInjectingOrigin::start(&registry.addr, FaultMode::CorruptBlob(bad.clone()));
-    let ctd = Containerd::start_with_registry_addr(&registry.addr);
+    let ctd = RuntimeBed::start_with_registry_addr(&registry.addr);
     let d = Daemon::start(&ctd.endpoint(), &[&origin.addr], &[]);
     d.route_through_mirror(&ctd, &origin.addr);
 
@@ -469,7 +469,7 @@ async fn e_kill_9_mid_ingest_leaves_no_partial_blob_and_the_next_pull_works() {
     let big = push_random_image_to(&registry.addr, "big:v1", &[64 * MIB]);
     let origin =
         FaultInjectingOrigin::start(&registry.addr, FaultMode::ThrottleBlobs(16 * MIB as u64));
-    let ctd = Containerd::start_with_registry_addr(&registry.addr);
+    let ctd = RuntimeBed::start_with_registry_addr(&registry.addr);
     let mut d = Daemon::start(&ctd.endpoint(), &[&origin.addr], &[]);
     d.route_through_mirror(&ctd, &origin.addr);
     let reference = origin.image_ref("big:v1");
@@ -549,7 +549,7 @@ async fn f_eviction_under_a_small_limit_never_removes_a_pinned_blob() {
     let b = push_random_image_to(&registry.addr, "b:v1", &[MIB, 512 * KIB]);
     let c = push_random_image_to(&registry.addr, "c:v1", &[MIB, 512 * KIB]);
     let limit = a.total_size() + 256 * KIB as u64;
-    let ctd = Containerd::start_with_registry_addr(&registry.addr);
+    let ctd = RuntimeBed::start_with_registry_addr(&registry.addr);
     let d = Daemon::start_with_config(
         &ctd.endpoint(),
         &[&registry.addr],

@@ -83,7 +83,7 @@ fn set_tag(d: &Daemon, source: &str) -> std::process::Output {
 fn a_tag_set_on_one_node_is_what_every_node_resolves_and_runs() {
     let etcd = Etcd::start();
     let registry = Registry::start();
-    let ctd = Containerd::start(&registry);
+    let ctd = RuntimeBed::start(&registry);
     let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
     let v2 = push_image(&registry, "app", "v2", "v2", &["/bin/sleep", "infinity"]);
     let eps = etcd.endpoints_toml(&[0]);
@@ -278,7 +278,7 @@ fn scheduled_imports_run_on_one_node_and_move_on_when_it_dies() {
 fn with_etcd_down_nodes_keep_resolving_and_catch_up_when_it_returns() {
     let mut etcd = Etcd::start();
     let registry = Registry::start();
-    let ctd = Containerd::start(&registry);
+    let ctd = RuntimeBed::start(&registry);
     let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
     let v2 = push_image(&registry, "app", "v2", "v2", &["/bin/sleep", "infinity"]);
     let eps = etcd.endpoints_toml(&[0]);

@@ -66,7 +66,7 @@ async fn raw_version(
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_are_advertised_and_enforced() {
     let registry = Registry::start();
-    let ctd = Containerd::start(&registry);
+    let ctd = RuntimeBed::start(&registry);
     let daemon = Daemon::start(&ctd.endpoint(), &[], &[]);
 
     // SETTINGS_MAX_CONCURRENT_STREAMS: seen by a client once the server's SETTINGS are in.
@@ -155,7 +155,7 @@ async fn limits_are_advertised_and_enforced() {
 async fn a_call_outliving_the_drain_grace_is_cut_and_the_daemon_exits() {
     let registry = Registry::start();
     push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
-    let ctd = Containerd::start(&registry);
+    let ctd = RuntimeBed::start(&registry);
     let mut daemon = Daemon::start_with_config(
         &ctd.endpoint(),
         &[&registry.addr],

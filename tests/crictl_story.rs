@@ -40,7 +40,7 @@ fn crictl_pulls_runs_moves_rolls_back_and_is_refused_through_the_proxy() {
     let registry = Registry::start();
     let v1 = push_image(&registry, "app", "v1", "v1", SLEEP);
     let v2 = push_image(&registry, "app", "v2", "v2", SLEEP);
-    let ctd = Containerd::start(&registry);
+    let ctd = RuntimeBed::start(&registry);
     let mut daemon = Daemon::start(&ctd.endpoint(), &[&registry.addr], &[]);
     let files = tempfile::tempdir().expect("temp dir for crictl's files");
     let proxy = Crictl::new(&daemon.cri_socket, &files.path().join("proxy"));

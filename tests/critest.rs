@@ -1,12 +1,12 @@
 //! critest parity: the CRI conformance suite (`critest`, cri-tools v1.34.0) run twice in one test
-//! bed, first directly against containerd, then through imagestream in front of the same
-//! containerd. It proves that:
+//! bed, first directly against the runtime (`IMAGESTREAM_TEST_RUNTIME`), then through imagestream
+//! in front of the same runtime. It proves that:
 //!
 //! (a) every spec that passes directly also passes through the proxy: a real CRI client suite
 //!     (image pulls, status and removal by tag, digest and id, pod sandboxes with their own
 //!     network, containers, exec/attach/port-forward URLs, errors and deadlines) cannot tell the
 //!     proxy from the runtime;
-//! (b) the direct run fails exactly the specs of `tests/critest-baseline.txt`, those that fail
+//! (b) the direct run fails exactly the specs of `tests/critest-baseline-<runtime>.txt`, those that fail
 //!     in this bed whatever the proxy does (the file says why), so that a new failure of the
 //!     machine or the bed shows up as such and is not taken for a proxy regression, and a fixed
 //!     one leaves the list.
@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use common::critest::{self, Critest, CritestRun};
 use common::daemon::Daemon;
-use common::{Containerd, Registry};
+use common::{Registry, RuntimeBed, RuntimeKind};
 
 const TEST: &str = "critest_passes_through_imagestream_as_it_does_directly";
 
@@ -38,8 +38,12 @@ const SKIP: &[&str] = &["Windows|SELinux|AppArmor"];
 /// The same spec order in every run.
 const SEED: u64 = 1;
 
+/// The direct run's expected failures on the runtime of this run.
 fn baseline_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/critest-baseline.txt")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "tests/critest-baseline-{}.txt",
+        RuntimeKind::from_env().name()
+    ))
 }
 
 fn list(title: &str, names: &BTreeSet<String>) {
@@ -96,16 +100,17 @@ fn critest_passes_through_imagestream_as_it_does_directly() {
         registry.addr,
         started.elapsed()
     );
-    // Not Containerd::start: that pushes the harness's pause image over the bed's.
-    let mut ctd = Containerd::start_with_registry_addr(&registry.addr);
-    critest::prepare_containerd(&mut ctd, &registry);
+    // Not RuntimeBed::start: that pushes the harness's pause image over the bed's.
+    let mut ctd = RuntimeBed::start_with_registry_addr(&registry.addr);
+    critest::prepare_runtime(&mut ctd, &registry);
     let work = tempfile::Builder::new()
         .prefix("isctwork-")
         .tempdir()
         .expect("critest work dir");
     let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("critest");
     eprintln!(
-        "critest bed: containerd {} ready ({:.1?}); critest output goes to {}",
+        "critest bed: {} at {} ready ({:.1?}); critest output goes to {}",
+        ctd.kind.name(),
         ctd.endpoint(),
         started.elapsed(),
         out_dir.display()
@@ -179,7 +184,7 @@ fn critest_passes_through_imagestream_as_it_does_directly() {
         &flaky_proxied,
     );
     list(
-        "failed directly, not in tests/critest-baseline.txt (each failed twice)",
+        "failed directly, not in tests/critest-baseline-<runtime>.txt (each failed twice)",
         &new_failures,
     );
     list(
@@ -187,7 +192,7 @@ fn critest_passes_through_imagestream_as_it_does_directly() {
         &flaky_direct,
     );
     list(
-        "in tests/critest-baseline.txt but did not fail directly",
+        "in tests/critest-baseline-<runtime>.txt but did not fail directly",
         &baseline_passed,
     );
     list(

@@ -212,7 +212,7 @@ async fn prepull_puts_a_moved_tag_into_the_runtime_before_any_pod_asks() {
     use k8s_cri::v1::ImageStatusRequest;
     let registry = Registry::start();
     let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
-    let ctd = Containerd::start(&registry);
+    let ctd = RuntimeBed::start(&registry);
     let d = Daemon::start_with_config(
         &ctd.endpoint(),
         &[&registry.addr],

@@ -28,7 +28,7 @@ use std::process::{Child, Command, Stdio};
 
 use common::daemon::Daemon;
 use common::tools::{tool, TcpBridge};
-use common::{require_root, Containerd};
+use common::{require_root, RuntimeBed};
 
 /// h2spec's per-case timeout (seconds) for the full runs.
 const SCREEN_TIMEOUT_SECS: u32 = 1;
@@ -282,7 +282,7 @@ fn h2spec_cases_containerd_passes_also_pass_through_imagestream() {
     require_root("h2spec against containerd and imagestream");
     tool("h2spec");
     // No pod is started, so the sandbox image's registry is never asked.
-    let ctd = Containerd::start_with_registry_addr("127.0.0.1:9");
+    let ctd = RuntimeBed::start_with_registry_addr("127.0.0.1:9");
     let daemon = Daemon::start(&ctd.endpoint(), &[], &[]);
     let direct_bridge = TcpBridge::start(&ctd.socket);
     let proxy_bridge = TcpBridge::start(&daemon.cri_socket);

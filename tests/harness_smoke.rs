@@ -59,7 +59,7 @@ async fn full_cycle(tag: &str) {
     );
     lap("registry restarted");
 
-    let mut ctd = Containerd::start(&registry);
+    let mut ctd = RuntimeBed::start(&registry);
     lap("containerd up");
     assert!(ctd.endpoint().starts_with("unix:///"));
     assert!(wait_for_socket(&ctd.socket, Duration::from_secs(1)));
@@ -296,7 +296,7 @@ async fn teardown_on_panic() {
     let (tx, rx) = std::sync::mpsc::channel();
     let task = tokio::spawn(async move {
         let registry = Registry::start();
-        let ctd = Containerd::start(&registry);
+        let ctd = RuntimeBed::start(&registry);
         tx.send((ctd.dir.clone(), registry.dir.clone()))
             .expect("send dirs");
         let mut rt = runtime_client(&ctd.socket).await;

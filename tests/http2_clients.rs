@@ -130,7 +130,7 @@ struct Bed {
     logs: tempfile::TempDir,
     daemon: Daemon,
     _slow: SlowStart,
-    ctd: Containerd,
+    ctd: RuntimeBed,
     _registry: Registry,
 }
 
@@ -140,7 +140,7 @@ impl Bed {
         require_root("containerd and the imagestream daemon");
         let registry = Registry::start();
         let digest = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
-        let ctd = Containerd::start(&registry);
+        let ctd = RuntimeBed::start(&registry);
         let slow = SlowStart::start(&ctd.socket);
         let daemon = Daemon::start(
             &format!("unix://{}", slow.socket.display()),

@@ -22,7 +22,7 @@ fn config_file(dir: &std::path::Path, text: &str) -> String {
 async fn allowed_registries_and_require_pinned_refuse_or_with_dry_run_log() {
     let registry = Registry::start();
     let digest = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
-    let ctd = Containerd::start(&registry);
+    let ctd = RuntimeBed::start(&registry);
     let cfgdir = tempfile::tempdir().expect("tempdir");
     let logs = tempfile::tempdir().expect("logs");
     let pinned = format!("{}/app@{digest}", registry.addr);
@@ -226,7 +226,7 @@ fn non_root_callers_are_refused_changes_and_may_read_in_the_reader_group() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_invalid_argument_and_the_daemon_keeps_serving() {
     let registry = Registry::start();
-    let ctd = Containerd::start(&registry);
+    let ctd = RuntimeBed::start(&registry);
     let d = Daemon::start(&ctd.endpoint(), &[&registry.addr], &[]);
     d.cli_ok(&["stream", "create", "team-a/app"]);
     let huge = "a".repeat(10 << 20);

@@ -100,7 +100,7 @@ async fn a_private_image_in_the_node_cache_runs_only_for_pods_with_its_pull_secr
         PASSWORD,
     ));
     let private_addr = private.as_ref().map(|r| r.addr.clone()).unwrap_or_default();
-    let ctd = Containerd::start(&origin);
+    let ctd = RuntimeBed::start(&origin);
     let dir = tempfile::tempdir().expect("tempdir");
     let auth_file = dir.path().join("auth.json");
     std::fs::write(

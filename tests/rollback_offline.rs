@@ -93,7 +93,7 @@ async fn rollback_runs_from_the_node_cache_when_the_registry_is_gone() {
     push_pause_image(&registry);
     let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
     let _v2 = push_image(&registry, "app", "v2", "v2", &["/bin/sleep", "infinity"]);
-    let mut ctd = Containerd::start(&registry);
+    let mut ctd = RuntimeBed::start(&registry);
     // A small cache limit: eviction pressure must not touch the pinned history.
     let mut d = Daemon::start_with_config(
         &ctd.endpoint(),

@@ -106,7 +106,7 @@ async fn stream_story_set_move_rollback_restart() {
     let registry = Registry::start();
     let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
     let v2 = push_image(&registry, "app", "v2", "v2", &["/bin/sleep", "infinity"]);
-    let ctd = Containerd::start(&registry);
+    let ctd = RuntimeBed::start(&registry);
     let mut daemon = Daemon::start(&ctd.endpoint(), &[&registry.addr], &[]);
     let mut direct = image_client(&ctd.socket).await;
 

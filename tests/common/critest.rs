@@ -4,7 +4,7 @@
 //! - [`reran_in_own_netns`]: critest's pods get their own network (a CNI bridge), and its specs
 //!   use fixed host ports; so a test that calls this first is run again, as a copy of the test
 //!   binary started by `nsenter --net=/run/netns/NAME` in a network namespace created for it
-//!   (loopback up, nothing else), and everything the copy starts (registry, containerd, the
+//!   (loopback up, nothing else), and everything the copy starts (registry, runtime, the
 //!   daemon, critest, the pods' bridge and addresses) lives in that namespace only. The
 //!   namespace is deleted afterwards.
 //! - [`push_look_alike_images`]: every image the Linux specs pull
@@ -12,10 +12,10 @@
 //!   busybox-static with `umoci` and pushed with `skopeo` to the local [`Registry`] under the same
 //!   repository paths, with what each spec checks (users, groups, tags, a web server, a setuid
 //!   binary, …). See [`look_alikes`] for the list and what differs from the originals.
-//! - [`prepare_containerd`]: `hosts.toml` files under containerd's `certs.d` that send pulls of
-//!   those registries to the local one, a CNI config (`bridge` + `host-local` + `portmap` from
-//!   `/usr/lib/cni`, addresses kept in the bed dir), pod network namespaces under containerd's
-//!   state dir; then waits until the runtime reports `NetworkReady`.
+//! - [`prepare_runtime`]: routes that send pulls of those registries to the local one
+//!   (containerd: `hosts.toml`; CRI-O: `registries.conf`), a CNI config (`bridge` + `host-local` +
+//!   `portmap` from `/usr/lib/cni`, addresses kept in the bed dir), cgroups on, pod network
+//!   namespaces under containerd's state dir; then waits until the runtime reports `NetworkReady`.
 //! - [`Critest::run`]: one critest run against a CRI socket, its JUnit report parsed into the
 //!   specs that passed, failed and were skipped ([`CritestRun`]).
 //! - [`read_spec_list`]: a committed list of spec names (one a line, `#` comments).
@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::StatusRequest;
 
-use super::{Containerd, Registry};
+use super::{BedOptions, Registry, RuntimeBed};
 
-/// The sandbox image in the test registry: [`Containerd::start_with_registry_addr`] names
+/// The sandbox image in the test registry: [`RuntimeBed::start_with_registry_addr`] names
 /// `<registry>/pause:test`; [`push_look_alike_images`] pushes a look-alike of
 /// `registry.k8s.io/pause` there.
 pub const SANDBOX_IMAGE: &str = "pause:test";
@@ -304,7 +304,7 @@ fn goarch() -> &'static str {
 ///   (`nnp`, compiled here with `rustc` from [`NNP_SOURCE`]).
 /// - `e2e-test-images/busybox:1.29-2`: the base as it is.
 /// - the pod sandbox image, `<registry>/pause:test` ([`SANDBOX_IMAGE`]; containerd's
-///   `sandbox_image`): a program named `pause` ([`PAUSE_SOURCE`]), as in `registry.k8s.io/pause`.
+///   sandbox image, CRI-O's `pause_image`): a program named `pause` ([`PAUSE_SOURCE`]), as in `registry.k8s.io/pause`.
 ///
 /// Not built: `test-image-digest@sha256:9700f9a2…`, pulled by digest: no other bytes have that
 /// digest, so "public image with digest should be pulled and removed" cannot pass here.
@@ -621,7 +621,7 @@ pub fn push_look_alike_images(registry: &Registry) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// containerd
+// The runtime
 // ---------------------------------------------------------------------------------------------
 
 /// The pod network: a bridge `cni0` in the bed's namespace with `10.88.0.0/16`, its addresses kept
@@ -653,11 +653,12 @@ fn cni_config(bed: &Path) -> String {
     )
 }
 
-/// Readies a started [`Containerd`] for critest: pulls from [`UPSTREAM_REGISTRIES`] go to
-/// `registry` (a `hosts.toml` each), pods get the network of [`cni_config`] (plugins from
-/// `/usr/lib/cni`), and pod network namespaces are mounted under containerd's state dir (not
-/// the host's `/run/netns`), which needs a restart; then waits until `NetworkReady`.
-pub fn prepare_containerd(ctd: &mut Containerd, registry: &Registry) {
+/// Readies a started [`RuntimeBed`] for critest: pulls from [`UPSTREAM_REGISTRIES`] go to
+/// `registry` ([`RuntimeBed::route_registry`]), pods get the network of [`cni_config`] (plugins
+/// from `/usr/lib/cni`), containers get cgroups, and (containerd) pod network namespaces are
+/// mounted under the runtime's state dir, not the host's `/run/netns`; the runtime restarts with
+/// that, and this waits until `NetworkReady`.
+pub fn prepare_runtime(bed: &mut RuntimeBed, registry: &Registry) {
     for plugin in ["bridge", "host-local", "portmap", "loopback"] {
         assert!(
             Path::new("/usr/lib/cni").join(plugin).is_file(),
@@ -666,40 +667,18 @@ pub fn prepare_containerd(ctd: &mut Containerd, registry: &Registry) {
     }
     super::require_binary("iptables", "iptables");
     for host in UPSTREAM_REGISTRIES {
-        let path = ctd.hosts_toml(host);
-        fs::create_dir_all(path.parent().expect("hosts.toml dir")).expect("mkdir certs.d/HOST");
-        fs::write(
-            &path,
-            format!(
-                "# critest's {host} images are look-alikes in the test registry.\n\
-                 server = \"http://{addr}\"\n\n\
-                 [host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                addr = registry.addr
-            ),
-        )
-        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        bed.route_registry(host, &registry.addr);
     }
     fs::write(
-        ctd.dir.join("cni/net.d/10-critest.conflist"),
-        cni_config(&ctd.dir),
+        bed.cni_conf_dir.join("10-critest.conflist"),
+        cni_config(&bed.dir),
     )
     .expect("write CNI config");
-    let config = fs::read_to_string(&ctd.config).expect("read containerd config.toml");
-    let section = "[plugins.\"io.containerd.grpc.v1.cri\"]\n";
-    assert!(
-        config.contains(section),
-        "containerd config without {section}"
-    );
-    let config = config
-        .replacen(
-            section,
-            &format!("{section}  netns_mounts_under_state_dir = true\n"),
-            1,
-        )
-        .replacen("disable_cgroup = true", "disable_cgroup = false", 1);
-    fs::write(&ctd.config, config).expect("write containerd config.toml");
-    ctd.start_again();
-    wait_network_ready(&ctd.socket, Duration::from_secs(30));
+    bed.set_options(BedOptions {
+        cgroups: true,
+        netns_under_state_dir: true,
+    });
+    wait_network_ready(&bed.socket, Duration::from_secs(30));
 }
 
 /// Polls CRI `Status` until the `NetworkReady` condition is true; panics after `timeout`.

@@ -192,33 +192,55 @@ impl Daemon {
         format!("http://{}", self.mirror_addr)
     }
 
-    /// Runs `imagestream mirror hosts-toml` so that containerd's pulls from `registry_host`
-    /// go through this daemon's mirror; returns the hosts.toml it wrote.
-    pub fn route_through_mirror(&self, ctd: &super::Containerd, registry_host: &str) -> String {
-        let certs_d = ctd.dir.join("certs.d");
+    /// Points the runtime's pulls from `registry_host` at this daemon's mirror, as a node
+    /// administrator would: `imagestream mirror hosts-toml` into containerd's `certs.d`, or
+    /// `imagestream mirror registries-conf` into CRI-O's `registries.conf.d` (then a reload).
+    /// Returns the file it wrote.
+    pub fn route_through_mirror(&self, bed: &super::RuntimeBed, registry_host: &str) -> String {
+        let dir = bed.mirror_config_dir();
         let url = self.mirror_url();
+        let subcommand = if bed.kind.is_containerd() {
+            "hosts-toml"
+        } else {
+            "registries-conf"
+        };
         let out = self.cli(&[
             "mirror",
-            "hosts-toml",
+            subcommand,
             "--registry",
             registry_host,
             "--dir",
-            &certs_d.display().to_string(),
+            &dir.display().to_string(),
             "--mirror",
             &url,
         ]);
         assert!(
             out.status.success(),
-            "imagestream mirror hosts-toml --registry {registry_host} failed ({}): {}{}",
+            "imagestream mirror {subcommand} --registry {registry_host} failed ({}): {}{}",
             out.status,
             String::from_utf8_lossy(&out.stderr),
             String::from_utf8_lossy(&out.stdout)
         );
-        let path = ctd.hosts_toml(registry_host);
-        std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        bed.reload_registries();
+        let written = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .flat_map(|p| {
+                if p.is_dir() {
+                    vec![p.join("hosts.toml")]
+                } else {
+                    vec![p]
+                }
+            })
+            .filter(|p| p.is_file())
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .find(|text| text.contains(registry_host));
+        written.unwrap_or_else(|| {
             panic!(
-                "mirror hosts-toml did not write {} ({e}); it printed: {}",
-                path.display(),
+                "mirror {subcommand} wrote nothing about {registry_host} under {}; it printed: {}",
+                dir.display(),
                 String::from_utf8_lossy(&out.stdout)
             )
         })

@@ -6,8 +6,9 @@
 //! - [`push_image`] / [`push_pause_image`]: build tiny busybox-based OCI images with `umoci` and push
 //!   them with `skopeo`; returns the manifest digest. The busybox base layout is built once and cached
 //!   (in `CARGO_TARGET_TMPDIR`, shared safely between threads and processes).
-//! - [`Containerd`]: a real containerd (CRI plugin, `native` snapshotter, no cgroups) with root, state
-//!   and socket in its own temp dir; `stop`/`start_again` keep its state.
+//! - [`RuntimeBed`]: a real CRI runtime — containerd 2.x (default), containerd 1.6 or CRI-O, picked
+//!   by `IMAGESTREAM_TEST_RUNTIME` ([`runtime`]) — with root, state and socket in its own temp dir;
+//!   `stop`/`start_again` keep its state.
 //! - CRI clients over the unix socket ([`cri_channel`], [`runtime_client`], [`image_client`]) and
 //!   config builders ([`pod_config`], [`container_config`]).
 //! - Small helpers: [`free_port`], [`wait_for_socket`], [`processes_mentioning`], [`mounts_under`].
@@ -17,11 +18,11 @@
 //! - Fake, fault-injecting registries that answer however a test wants, and an htpasswd
 //!   docker-registry ([`hostile`]).
 //!
-//! Everything is torn down on `Drop`: processes (containerd, its shims and their containers) are
-//! killed, mounts under the bed dir are lazily unmounted deepest first, shim sockets are removed and
-//! the temp dir is deleted. Test beds are independent, so tests may run in parallel threads and
-//! processes. Needs root and the Debian packages containerd, runc, docker-registry, skopeo, umoci and
-//! busybox-static; a missing piece panics with a message naming it.
+//! Everything is torn down on `Drop`: processes (the runtime, its shims or conmons and their
+//! containers) are killed, mounts under the bed dir are lazily unmounted deepest first, shim
+//! sockets are removed and the temp dir is deleted. Test beds are independent, so tests may run in
+//! parallel threads and processes. Needs root, the Debian packages of `scripts/test.sh` and the
+//! tools of `scripts/test-tools.sh`; a missing piece panics with a message naming it.
 #![allow(dead_code)]
 
 pub mod auth;
@@ -31,9 +32,14 @@ pub mod critest;
 pub mod daemon;
 pub mod etcd;
 pub mod hostile;
+pub mod kubelet;
 pub mod mirror;
 pub mod origin;
+pub mod runtime;
 pub mod tools;
+
+#[allow(unused_imports)]
+pub use runtime::{BedOptions, RuntimeBed, RuntimeKind};
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
@@ -1055,213 +1061,6 @@ pub fn registry_manifest(addr: &str, name: &str, reference: &str) -> serde_json:
 }
 
 // ---------------------------------------------------------------------------------------------
-// containerd
-// ---------------------------------------------------------------------------------------------
-
-/// A real containerd with the CRI plugin, everything (root, state, socket, runc root) in a temp dir.
-pub struct Containerd {
-    /// The bed's temp dir.
-    pub dir: PathBuf,
-    /// The containerd gRPC (CRI) unix socket.
-    pub socket: PathBuf,
-    /// `<dir>/config.toml`
-    pub config: PathBuf,
-    /// `<dir>/containerd.log` (stdout and stderr, appended across restarts)
-    pub log: PathBuf,
-    /// Registry address used for the sandbox image.
-    pub registry_addr: String,
-    child: Option<Child>,
-    tmp: Option<TempDir>,
-}
-
-impl Containerd {
-    /// Writes the config, pushes the pause image if needed, starts containerd and waits (30 s)
-    /// until the CRI `Version` call answers.
-    pub fn start(registry: &Registry) -> Containerd {
-        push_pause_image(registry);
-        Self::start_with_registry_addr(&registry.addr)
-    }
-
-    /// Like [`Containerd::start`], but only sets `sandbox_image = "<addr>/pause:test"` (the caller
-    /// makes sure the pause image exists there).
-    pub fn start_with_registry_addr(registry_addr: &str) -> Containerd {
-        require_root("containerd");
-        require_binary("containerd", "containerd");
-        require_binary("containerd-shim-runc-v2", "containerd");
-        require_binary("runc", "runc");
-        let tmp = harness_tempdir("isctd-");
-        let dir = tmp.path().to_path_buf();
-        let socket = dir.join("containerd.sock");
-        assert!(
-            socket.as_os_str().len() < 100,
-            "containerd socket path too long for a unix socket: {}",
-            socket.display()
-        );
-        for sub in ["root", "state", "certs.d", "cni/net.d", "opt", "runc"] {
-            fs::create_dir_all(dir.join(sub)).expect("create containerd bed subdir");
-        }
-        let d = dir.display();
-        let config = dir.join("config.toml");
-        let toml = format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.overlayfs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "{d}/containerd.sock"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-
-[plugins."io.containerd.grpc.v1.cri"]
-  disable_cgroup = true
-  restrict_oom_score_adj = true
-  disable_apparmor = true
-  sandbox_image = "{registry_addr}/pause:test"
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "native"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        Root = "{d}/runc"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{d}/cni/net.d"
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "{d}/certs.d"
-"#
-        );
-        fs::write(&config, toml).expect("write containerd config.toml");
-        let mut ctd = Containerd {
-            log: dir.join("containerd.log"),
-            dir,
-            socket,
-            config,
-            registry_addr: registry_addr.to_string(),
-            child: None,
-            tmp: Some(tmp),
-        };
-        ctd.start_again();
-        ctd
-    }
-
-    /// "unix:///path/to/containerd.sock"
-    pub fn endpoint(&self) -> String {
-        format!("unix://{}", self.socket.display())
-    }
-
-    /// `<dir>/certs.d/<host>/hosts.toml` location for per-registry config (re-read on every pull).
-    pub fn hosts_toml(&self, host: &str) -> PathBuf {
-        self.dir.join("certs.d").join(host).join("hosts.toml")
-    }
-
-    /// The containerd process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// Whether the containerd process is running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    /// SIGTERM, wait up to 10 s, then SIGKILL. Shims, containers and state are left alone so that
-    /// [`Containerd::start_again`] picks them up.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            send_signal(&[child.id()], "TERM");
-            wait_or_kill(&mut child, Duration::from_secs(10));
-        }
-    }
-
-    /// Starts containerd again with the same config and socket; waits for CRI `Version`.
-    pub fn start_again(&mut self) {
-        self.stop();
-        let (out, err) = log_file(&self.log);
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn containerd: {e}"));
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut last_err = String::from("socket never appeared");
-        loop {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "containerd exited early ({status}); log tail:\n{}",
-                    file_tail(&self.log, 6000)
-                );
-            }
-            if self.socket.exists() {
-                let socket = self.socket.clone();
-                match block_on_fresh(async move {
-                    tokio::time::timeout(Duration::from_secs(3), cri_version(&socket)).await
-                }) {
-                    Ok(Ok(_)) => return,
-                    Ok(Err(e)) => last_err = e,
-                    Err(_) => last_err = "CRI Version call timed out".into(),
-                }
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "containerd CRI did not answer Version within 30 s ({last_err}); log tail:\n{}",
-                    file_tail(&self.log, 6000)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-
-    /// Full teardown without dropping: stop containerd, kill shims and containers, unmount,
-    /// remove shim sockets. The temp dir is removed on drop.
-    pub fn kill_all(&mut self) {
-        self.stop();
-        kill_processes_mentioning(&self.dir);
-        unmount_under(&self.dir);
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "harness: containerd log tail ({}):\n{}",
-                self.log.display(),
-                file_tail(&self.log, 3000)
-            );
-        }
-        self.kill_all();
-        if let Some(tmp) = self.tmp.take() {
-            let path = tmp.path().to_path_buf();
-            if tmp.close().is_err() {
-                // Something was still mounted or busy: try once more.
-                kill_processes_mentioning(&path);
-                unmount_under(&path);
-                if let Err(e) = fs::remove_dir_all(&path) {
-                    eprintln!("harness: cannot remove {}: {e}", path.display());
-                }
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // CRI clients and configs
 // ---------------------------------------------------------------------------------------------
 
@@ -1329,7 +1128,9 @@ pub fn pod_config(name: &str, namespace: &str, log_dir: &Path) -> PodSandboxConf
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
                     network: NamespaceMode::Node as i32,
-                    pid: NamespaceMode::Pod as i32,
+                    // The kubelet's default (no shareProcessNamespace). A pod-level PID namespace
+                    // fails on CRI-O here (see the `runtime` module).
+                    pid: NamespaceMode::Container as i32,
                     ipc: NamespaceMode::Pod as i32,
                     ..Default::default()
                 }),
