@@ -81,7 +81,7 @@ enum Command {
     /// Inspect and maintain the node's layer cache
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// Configure containerd to pull through the node's registry mirror
+    /// Configure containerd or CRI-O to pull through the node's registry mirror
     #[command(subcommand)]
     Mirror(MirrorCommand),
     /// Print the effective daemon configuration (defaults, config file, flags) as TOML
@@ -225,6 +225,47 @@ Example:
         /// Print the file instead of writing it
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Write a CRI-O registries.conf drop-in so that REGISTRY's pulls go through the mirror
+    /// first, with fallback to REGISTRY itself
+    #[command(
+        after_help = "CRI-O reads drop-ins from /etc/containers/registries.conf.d (its hidden flag
+--registries-conf-dir, or CONTAINER_REGISTRIES_CONF_DIR, chooses another directory), when it
+starts and on SIGHUP: after writing, run `systemctl reload crio`, or set
+  [crio.image]
+    auto_reload_registries = true
+in crio.conf to have CRI-O pick up changes in the directory by itself.
+The file's [[registry]] replaces any other one for REGISTRY (registries.conf or an earlier
+drop-in): it is complete, with the registry's own insecure setting.
+The mirror location carries the registry as a path prefix, e.g. a pull of
+127.0.0.1:5000/team/app:v1 is sent to the mirror as
+127.0.0.1:5050/imagestream--upstream/127.0.0.1_5000/team/app:v1. REGISTRY must be allowed by
+the daemon (mirror_upstreams or insecure_registries).
+
+Example:
+  imagestream mirror registries-conf --registry registry.example.com
+  # writes /etc/containers/registries.conf.d/imagestream-registry.example.com.conf"
+    )]
+    RegistriesConf {
+        /// The registry whose pulls go through the mirror: HOST or HOST:PORT (docker.io for Docker Hub)
+        #[arg(long, value_name = "HOST")]
+        registry: String,
+        /// The drop-in directory; the file is imagestream-<HOST>.conf, with HOST's ':' written '_'
+        #[arg(long, value_name = "DIR", default_value = crate::mirror::registries_conf::DEFAULT_DROP_IN_DIR)]
+        dir: PathBuf,
+        /// Write this file instead of one in DIR (CRI-O reads only *.conf files there)
+        #[arg(long, value_name = "PATH", conflicts_with = "dir")]
+        file: Option<PathBuf>,
+        /// The mirror's URL [default: http:// + mirror_listen of the daemon's config]
+        #[arg(long, value_name = "URL")]
+        mirror: Option<String>,
+        /// Daemon config file to read mirror_listen and insecure_registries from
+        /// [default: /etc/imagestream/config.toml if present]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the file instead of writing it
+        #[arg(long, alias = "dry-run")]
+        print: bool,
     },
 }
 
@@ -641,7 +682,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             dry_run,
         }) => {
             use crate::mirror::hosts_toml;
-            hosts_toml::check_registry(&registry)?;
+            crate::mirror::registry_host::check_registry(&registry)?;
             let config =
                 Config::load(config.as_deref(), Overrides::default()).map_err(|e| e.to_string())?;
             let mirror = mirror.unwrap_or_else(|| config.mirror_url());
@@ -654,6 +695,37 @@ async fn run(cli: Cli) -> Result<(), String> {
                 let path = hosts_toml::write(&dir, &registry, &text)?;
                 printer.done(&format!(
                     "wrote {}: pulls of {registry} go through {mirror}, then {server}",
+                    path.display()
+                ));
+            }
+            Ok(())
+        }
+        Command::Mirror(MirrorCommand::RegistriesConf {
+            registry,
+            dir,
+            file,
+            mirror,
+            config,
+            print,
+        }) => {
+            use crate::mirror::registries_conf::{self, DropIn};
+            crate::mirror::registry_host::check_registry(&registry)?;
+            let config =
+                Config::load(config.as_deref(), Overrides::default()).map_err(|e| e.to_string())?;
+            let mirror = mirror.unwrap_or_else(|| config.mirror_url());
+            let drop_in = DropIn::new(&registry, &mirror, &config.insecure_registries)?;
+            let text = drop_in.render();
+            if print {
+                print!("{text}");
+            } else {
+                let path = match file {
+                    Some(f) => f,
+                    None => dir.join(drop_in.file_name()?),
+                };
+                let path = registries_conf::write(&path, &text)?;
+                printer.done(&format!(
+                    "wrote {}: CRI-O pulls of {registry} go through {mirror}, then {registry} \
+                     (reload CRI-O to apply: systemctl reload crio)",
                     path.display()
                 ));
             }

@@ -2,6 +2,7 @@
 //! registry's pulls through the mirror first and falls back to the registry itself. containerd
 //! re-reads it on every pull, so no restart is needed.
 
+use super::registry_host::{check_registry, plain_http};
 use std::path::{Path, PathBuf};
 
 /// containerd's default `config_path` for registry hosts.
@@ -20,35 +21,15 @@ pub fn render(registry: &str, server_url: &str, mirror_url: &str) -> String {
     )
 }
 
-/// `https://HOST` for registries, `http://HOST` for the insecure ones (and loopback).
+/// `https://HOST` for registries, `http://HOST` for the insecure ones (and loopback): see
+/// [`plain_http`].
 pub fn server_url(registry: &str, insecure: &[String]) -> String {
-    let loopback = registry.starts_with("127.")
-        || registry.starts_with("localhost")
-        || registry.starts_with("[::1]");
-    if loopback || insecure.iter().any(|h| h == registry) {
+    if plain_http(registry, insecure) {
         format!("http://{registry}")
     } else if registry == "docker.io" {
         "https://registry-1.docker.io".to_string()
     } else {
         format!("https://{registry}")
-    }
-}
-
-/// Checks that `registry` is a host name with an optional port, safe as a directory name.
-pub fn check_registry(registry: &str) -> Result<(), String> {
-    let ok = !registry.is_empty()
-        && registry.len() <= 253
-        && !registry.starts_with('.')
-        && !registry.contains("..")
-        && registry
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']' | '_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{registry:?} is not a registry host (HOST or HOST:PORT)"
-        ))
     }
 }
 
@@ -88,7 +69,6 @@ mod tests {
             server_url("r.example:5000", &["r.example:5000".into()]),
             "http://r.example:5000"
         );
-        assert!(check_registry("../etc").is_err());
-        assert!(check_registry("a/b").is_err());
+        assert!(write(Path::new("/nonexistent"), "../etc", "").is_err());
     }
 }

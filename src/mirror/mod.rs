@@ -1,11 +1,23 @@
 //! The registry mirror: an HTTP server speaking the pull side of the OCI distribution API,
-//! backed by the layer cache ([`crate::cache`]), plus `/metrics` (Prometheus text). containerd
-//! is pointed at it through a `hosts.toml` ([`hosts_toml`]) and names the upstream registry in
-//! the `ns` query parameter; [`Upstreams`] says which registries may be reached.
+//! backed by the layer cache ([`crate::cache`]), plus `/metrics` (Prometheus text). It learns
+//! which upstream registry a request is for in one of two ways:
+//!
+//! - containerd is pointed at it through a `hosts.toml` ([`hosts_toml`]) and names the upstream
+//!   in the `ns` query parameter: `/v2/team/app/manifests/v1?ns=registry.example.com`.
+//! - CRI-O is pointed at it through a registries.conf drop-in ([`registries_conf`]) whose mirror
+//!   location carries the upstream as a path prefix (it cannot send `ns`):
+//!   `/v2/imagestream--upstream/registry.example.com/team/app/manifests/v1`, the port's `:`
+//!   written `_` ([`registry_host`] has the encoding).
+//!
+//! A request naming the upstream both ways is ambiguous and refused (`400 NAME_INVALID`), as is
+//! a name under the prefix marker that does not spell a registry and a repository. With
+//! neither, the only configured upstream is used (or the cache alone). [`Upstreams`] says which
+//! registries may be reached; any other is `403 DENIED`, however it is named.
 //!
 //! - `GET /v2/`: API version check.
 //! - `HEAD`/`GET /v2/<name>/manifests/<tag-or-digest>`: by digest from the cache (pulled through
-//!   on a miss); by tag always from the upstream, verified against the digest it claims.
+//!   on a miss); by tag from the upstream, verified against the digest it claims (when the
+//!   upstream fails, the tag's last verified answer, if its manifest is still cached).
 //! - `HEAD`/`GET /v2/<name>/blobs/<digest>`: from the cache or pulled through while streaming,
 //!   with single `Range` requests (206) on cached blobs. A blob the upstream sends without a
 //!   length is downloaded and verified before the response starts, so every streamed response
@@ -15,6 +27,8 @@
 //! - Anything that writes is refused (`405 UNSUPPORTED`).
 
 pub mod hosts_toml;
+pub mod registries_conf;
+pub mod registry_host;
 
 use crate::cache::{Blob, Cache, CacheError, Origin};
 use crate::registry::{Digest, RegistryError};
@@ -43,6 +57,12 @@ type Body = BoxBody<Bytes, std::io::Error>;
 pub enum MirrorError {
     #[error("invalid repository name {0:?}")]
     NameInvalid(String),
+    #[error(
+        "invalid upstream prefix in repository name {name:?}: {why} \
+         (expected {}/HOST[_PORT]/REPOSITORY)",
+        registry_host::UPSTREAM_MARKER
+    )]
+    UpstreamPrefixInvalid { name: String, why: String },
     #[error("invalid digest {0:?}")]
     DigestInvalid(String),
     #[error("invalid tag {0:?}")]
@@ -67,7 +87,9 @@ impl MirrorError {
             "MANIFEST_UNKNOWN"
         };
         match self {
-            MirrorError::NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+            MirrorError::NameInvalid(_) | MirrorError::UpstreamPrefixInvalid { .. } => {
+                (StatusCode::BAD_REQUEST, "NAME_INVALID")
+            }
             MirrorError::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
             MirrorError::TagInvalid(_) => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
             MirrorError::UpstreamDenied(_) => (StatusCode::FORBIDDEN, "DENIED"),
@@ -96,7 +118,7 @@ impl MirrorError {
 }
 
 /// The registries the mirror may pull through from, by host (`HOST[:PORT]`, as containerd
-/// sends it in `ns`).
+/// sends it in `ns` and [`registry_host::decode_host`] reads it from a path prefix).
 #[derive(Debug, Clone, Default)]
 pub struct Upstreams {
     hosts: BTreeMap<String, bool>,
@@ -231,6 +253,45 @@ pub fn check_blob_request(name: &str, digest: &str) -> Result<Digest, MirrorErro
 /// The upstream registry named by the `ns` query parameter, lowercased.
 pub fn ns_param(query: &str) -> Option<String> {
     query_param(query, "ns").map(|v| v.to_ascii_lowercase())
+}
+
+/// The upstream registry and repository a request for `name` (already checked by
+/// [`check_name`]) is for: from `ns` (containerd), from an [`registry_host::UPSTREAM_MARKER`]
+/// path prefix (CRI-O; the repository is what follows it), else the only configured upstream,
+/// else none (cache only). Both `ns` and a prefix is ambiguous (`400`); a named upstream that
+/// [`Upstreams`] does not allow is `403`. Nothing touches the cache before this answers.
+pub fn request_upstream(
+    upstreams: &Upstreams,
+    name: &str,
+    query: &str,
+) -> Result<Option<Origin>, MirrorError> {
+    let prefixed = registry_host::split_upstream_prefix(name)?;
+    let (host, repository) = match (ns_param(query), prefixed) {
+        (Some(ns), Some(_)) => {
+            return Err(MirrorError::UpstreamPrefixInvalid {
+                name: name.chars().take(300).collect(),
+                why: format!(
+                    "the upstream is named twice, by ns={:?} and by the path",
+                    ns.chars().take(300).collect::<String>()
+                ),
+            })
+        }
+        (Some(ns), None) => (ns, name),
+        (None, Some((host, repository))) => (host, repository),
+        (None, None) => match upstreams.single() {
+            Some(h) => (h.to_string(), name),
+            None => return Ok(None),
+        },
+    };
+    if !upstreams.allows(&host) {
+        return Err(MirrorError::UpstreamDenied(
+            host.chars().take(300).collect(),
+        ));
+    }
+    Ok(Some(Origin {
+        host,
+        repository: repository.to_string(),
+    }))
 }
 
 /// The mirror's request handler.
@@ -416,24 +477,10 @@ impl Mirror {
         response
     }
 
-    /// The upstream named by `ns` (or the only one configured), checked against the allowed set.
+    /// The upstream and repository of a request for `name` (already checked by
+    /// [`check_name`]); see [`request_upstream`].
     fn origin(&self, name: &str, query: &str) -> Result<Option<Origin>, MirrorError> {
-        let host = match ns_param(query) {
-            Some(h) => h,
-            None => match self.upstreams.single() {
-                Some(h) => h.to_string(),
-                None => return Ok(None),
-            },
-        };
-        if !self.upstreams.allows(&host) {
-            return Err(MirrorError::UpstreamDenied(
-                host.chars().take(300).collect(),
-            ));
-        }
-        Ok(Some(Origin {
-            host,
-            repository: name.to_string(),
-        }))
+        request_upstream(&self.upstreams, name, query)
     }
 
     #[tracing::instrument(skip(self, query, head))]
@@ -632,5 +679,102 @@ mod tests {
         assert_eq!(u.plain_http_hosts(), vec!["127.0.0.1:5000".to_string()]);
         assert!(Upstreams::new(&["ftp://x".into()], &[]).is_err());
         assert!(Upstreams::new(&["http://x/path".into()], &[]).is_err());
+    }
+
+    #[test]
+    fn upstream_from_ns_or_path_prefix() {
+        let two =
+            Upstreams::new(&["https://r.example".into()], &["127.0.0.1:5000".into()]).expect("ok");
+        let origin = |host: &str, repository: &str| {
+            Some(Origin {
+                host: host.into(),
+                repository: repository.into(),
+            })
+        };
+        let code = |r: Result<Option<Origin>, MirrorError>| {
+            let e = r.expect_err("refused");
+            let (status, code) = e.status_and_code(false);
+            (status.as_u16(), code, e.to_string())
+        };
+        // containerd: ns names the upstream, the path is the repository (as before).
+        assert_eq!(
+            request_upstream(&two, "team/app", "ns=127.0.0.1%3A5000").expect("ok"),
+            origin("127.0.0.1:5000", "team/app")
+        );
+        // CRI-O: the path prefix names it; the repository is what follows.
+        assert_eq!(
+            request_upstream(&two, "imagestream--upstream/127.0.0.1_5000/team/app", "")
+                .expect("ok"),
+            origin("127.0.0.1:5000", "team/app")
+        );
+        assert_eq!(
+            request_upstream(&two, "imagestream--upstream/r.example/app", "").expect("ok"),
+            origin("r.example", "app")
+        );
+        // Neither, with two upstreams: the cache alone.
+        assert_eq!(request_upstream(&two, "team/app", "").expect("ok"), None);
+        // Neither, with one upstream: that one.
+        let one = Upstreams::new(&[], &["127.0.0.1:5000".into()]).expect("ok");
+        assert_eq!(
+            request_upstream(&one, "team/app", "").expect("ok"),
+            origin("127.0.0.1:5000", "team/app")
+        );
+        // A registry not allowed is refused the same way, however it is named.
+        let (status, c, msg) = code(request_upstream(
+            &two,
+            "imagestream--upstream/evil.example/app",
+            "",
+        ));
+        assert_eq!((status, c), (403, "DENIED"));
+        assert!(msg.contains("\"evil.example\""), "{msg}");
+        assert_eq!(
+            code(request_upstream(&two, "app", "ns=evil.example")).0,
+            403
+        );
+        // The prefix is refused even with one upstream when it names another.
+        assert_eq!(
+            code(request_upstream(
+                &one,
+                "imagestream--upstream/r.example/app",
+                ""
+            ))
+            .0,
+            403
+        );
+        // Both ns and a prefix: ambiguous.
+        let (status, c, msg) = code(request_upstream(
+            &two,
+            "imagestream--upstream/127.0.0.1_5000/app",
+            "ns=127.0.0.1%3A5000",
+        ));
+        assert_eq!((status, c), (400, "NAME_INVALID"));
+        assert!(msg.contains("named twice"), "{msg}");
+        // A name under the marker that does not spell HOST/REPOSITORY.
+        for bad in [
+            "imagestream--upstream/app",
+            "imagestream--upstream/127.0.0.1_05000/app",
+            "imagestream--upstream/a_b_c/app",
+        ] {
+            let (status, c, msg) = code(request_upstream(&two, bad, ""));
+            assert_eq!((status, c), (400, "NAME_INVALID"), "{bad}");
+            assert!(msg.contains("HOST[_PORT]/REPOSITORY"), "{msg}");
+        }
+        // Ordinary names that merely look alike are ordinary names.
+        assert_eq!(
+            request_upstream(&one, "imagestream--upstreams/x/app", "").expect("ok"),
+            origin("127.0.0.1:5000", "imagestream--upstreams/x/app")
+        );
+        // The full request path routes as usual and the whole name is checked first.
+        let d = format!("sha256:{}", "b".repeat(64));
+        let path = format!("/v2/imagestream--upstream/127.0.0.1_5000/team/app/blobs/{d}");
+        let Route::Blob { name, digest } = route(&Method::GET, &path) else {
+            panic!("not a blob route");
+        };
+        assert!(check_blob_request(name, digest).is_ok());
+        assert_eq!(
+            request_upstream(&two, name, "").expect("ok"),
+            origin("127.0.0.1:5000", "team/app")
+        );
+        assert!(check_name("imagestream--upstream/127.0.0.1:5000/app").is_err());
     }
 }
