@@ -625,7 +625,7 @@ async fn bench() {
     std::env::set_var("IMAGESTREAM_TEST_LOG", "info");
     let registry = Registry::start();
     let digest = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
-    let ctd = Containerd::start(&registry);
+    let ctd = RuntimeBed::start(&registry);
     let mut daemon = Daemon::start(&ctd.endpoint(), &[&registry.addr], &[]);
     daemon.cli_ok(&["stream", "create", "bench/app"]);
     daemon.cli_ok(&[

@@ -286,11 +286,9 @@ impl Drop for RssSampler {
 // containerd
 // ---------------------------------------------------------------------------------------------
 
-fn ctr(ctd: &Containerd, args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .arg("--address")
-        .arg(&ctd.socket)
-        .args(["--namespace", "k8s.io"])
+fn ctr(ctd: &RuntimeBed, args: &[&str]) -> String {
+    let out = ctd
+        .ctr()
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -306,7 +304,7 @@ fn ctr(ctd: &Containerd, args: &[&str]) -> String {
 /// Removes the image (CRI RemoveImage by id: every reference to it goes, and containerd
 /// collects the unreferenced content) and deletes any of `blobs` still in containerd's content
 /// store; then syncs the file systems. Returns how many blobs had to be deleted by hand.
-async fn purge(ctd: &Containerd, image_id: &str, blobs: &[String]) -> usize {
+async fn purge(ctd: &RuntimeBed, image_id: &str, blobs: &[String]) -> usize {
     if let Err(e) = cri_remove_image(&ctd.socket, image_id).await {
         assert_eq!(
             e.code(),
@@ -341,7 +339,7 @@ async fn purge(ctd: &Containerd, image_id: &str, blobs: &[String]) -> usize {
 }
 
 /// One CRI PullImage on containerd's socket; the time it took.
-async fn timed_pull(ctd: &Containerd, image: &str, want_id: &str) -> Duration {
+async fn timed_pull(ctd: &RuntimeBed, image: &str, want_id: &str) -> Duration {
     let t = Instant::now();
     let id = cri_pull_image(&ctd.socket, image)
         .await
@@ -618,7 +616,7 @@ async fn main() {
         None,
         &format!("proxy:\n  remoteurl: http://{}\n", origin.addr),
     );
-    let ctd = Containerd::start(&origin);
+    let ctd = RuntimeBed::start(&origin);
     let daemon = Daemon::start(&ctd.endpoint(), &[&origin.addr], &[]);
     daemon.route_through_mirror(&ctd, &origin.addr);
     let pid = daemon.pid().expect("daemon pid");

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of imagestream on this machine: installs what the tests need (Debian packages,
-# as root), then `cargo test`, which starts real containerd, docker-registry and the daemon in
-# temp dirs. Usage: sudo bash scripts/test.sh [extra cargo test args]
+# as root), builds the field's tools (scripts/test-tools.sh), then `cargo test` on each runtime of
+# the matrix, which starts real runtimes, docker-registry, a kubelet and the daemon in temp dirs.
+# Usage: sudo bash scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,5 +24,24 @@ fi
 IMAGESTREAM_TEST_TOOLS=$(bash scripts/test-tools.sh)
 export IMAGESTREAM_TEST_TOOLS
 
-echo "==> cargo test"
-cargo test --locked "$@"
+# The runtime matrix (tests/common/runtime.rs): the whole suite on containerd 2 (the default),
+# then the CRI-facing tests on each other runtime: the CRI transparency tests (cri_proxy), the
+# critest parity, the stream story (streams, crictl_story), access, and the mirror pull (cache).
+# IMAGESTREAM_TEST_RUNTIMES picks the legs (default: all three, in this order).
+CRI_FACING_TESTS=(--test cri_proxy --test critest --test streams --test crictl_story --test access --test cache)
+for runtime in ${IMAGESTREAM_TEST_RUNTIMES:-containerd2 containerd16 crio}; do
+  case $runtime in
+    containerd2)
+      echo "==> cargo test: the whole suite on containerd 2 (IMAGESTREAM_TEST_RUNTIME=containerd2)"
+      IMAGESTREAM_TEST_RUNTIME=containerd2 cargo test --locked "$@"
+      ;;
+    containerd16 | crio)
+      echo "==> cargo test: the CRI-facing tests on $runtime (IMAGESTREAM_TEST_RUNTIME=$runtime)"
+      IMAGESTREAM_TEST_RUNTIME=$runtime cargo test --locked "${CRI_FACING_TESTS[@]}" "$@"
+      ;;
+    *)
+      echo "test.sh: unknown runtime $runtime in IMAGESTREAM_TEST_RUNTIMES (containerd2, containerd16, crio)" >&2
+      exit 2
+      ;;
+  esac
+done

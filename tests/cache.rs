@@ -1,6 +1,8 @@
-//! The node's layer cache and registry mirror against real containerd and a real registry:
-//! containerd's hosts.toml (written by `imagestream mirror hosts-toml`) sends its pulls through
-//! the mirror; the mirror fills a content store of verified blobs, serves from it with the
+//! The node's layer cache and registry mirror against the real runtime of the test bed
+//! (containerd 2 or 1.6, or CRI-O) and a real registry: containerd's hosts.toml (written by
+//! `imagestream mirror hosts-toml`) or CRI-O's registries.conf drop-in (`imagestream mirror
+//! registries-conf`) sends its pulls through the mirror, and to the registry itself when the
+//! mirror is down; the mirror fills a content store of verified blobs, serves from it with the
 //! origin gone, refuses bytes that do not match their digest, fetches each blob from the origin
 //! once however many pulls ask at the same time, survives kill -9 mid-ingest without a partial
 //! blob, and never evicts what a stream tag pins.
@@ -93,21 +95,22 @@ fn assert_image_in_store(d: &Daemon, img: &RandomImage, store: &BTreeMap<String,
     }
 }
 
-/// containerd tries the mirror first and falls back to the origin itself when the mirror
-/// fails; such a fallback would hide a broken mirror, so tests check the origin never saw
-/// containerd fetch a blob.
+/// The runtime tries the mirror first and falls back to the origin itself when the mirror
+/// fails (containerd: the `server` of hosts.toml; CRI-O: the `[[registry]]` location); such a
+/// fallback would hide a broken mirror, so tests check that the origin saw no blob fetch but
+/// imagestream's.
 fn assert_no_fallback_to_origin(registry: &Registry, d: &Daemon, when: &str) {
-    let direct = registry.blob_gets_by("containerd/");
+    let direct = registry.blob_gets_not_by("imagestream/");
     assert!(
         direct.is_empty(),
-        "{when}: containerd fetched {} blob(s) from the origin itself instead of through the \
+        "{when}: the runtime fetched {} blob(s) from the origin itself instead of through the \
          mirror (the mirror failed them): {direct:?}\n{}",
         direct.len(),
         d.log_tail()
     );
 }
 
-/// Registry + containerd + daemon whose mirror containerd uses for `registry`.
+/// Registry + runtime + daemon whose mirror the runtime uses for `registry`.
 fn bed(config: Option<&str>) -> (Daemon, RuntimeBed, Registry) {
     let registry = Registry::start();
     let ctd = RuntimeBed::start_with_registry_addr(&registry.addr);
@@ -118,7 +121,7 @@ fn bed(config: Option<&str>) -> (Daemon, RuntimeBed, Registry) {
     let hosts = d.route_through_mirror(&ctd, &registry.addr);
     assert!(
         hosts.contains(&d.mirror_url()) && hosts.contains(&registry.addr),
-        "hosts.toml for {} names neither the mirror {} nor the registry:\n{hosts}",
+        "the mirror config for {} names neither the mirror {} nor the registry:\n{hosts}",
         registry.addr,
         d.mirror_url()
     );
@@ -641,5 +644,46 @@ async fn f_eviction_under_a_small_limit_never_removes_a_pinned_blob() {
     eprintln!(
         "limit {limit}, size {size}, gc {gc}, B/C blobs not in the cache: {evicted:?}, evictions metric {}",
         d.metric("imagestream_cache_evictions_total")
+    );
+}
+
+/// With imagestream (and so its mirror) stopped, the runtime still pulls, from the registry
+/// itself: the fallback that `mirror hosts-toml` / `mirror registries-conf` write. Prints how
+/// long the pull took against one through the mirror.
+#[tokio::test(flavor = "multi_thread")]
+async fn g_with_the_mirror_down_the_runtime_falls_back_to_the_registry() {
+    let (mut d, ctd, registry) = bed(None);
+    let img = push_random_image_to(&registry.addr, "app:v1", &[MIB]);
+    let started = Instant::now();
+    pull_ok(&d, &registry.image_ref("app:v1"), "pull through the mirror").await;
+    let through_mirror = started.elapsed();
+    assert_no_fallback_to_origin(&registry, &d, "pull through the mirror");
+    cri_remove_image(&d.cri_socket, &img.config)
+        .await
+        .unwrap_or_else(|e| panic!("RemoveImage {}: {e}", img.config));
+    d.stop();
+
+    let started = Instant::now();
+    let id = cri_pull_image(&ctd.socket, &registry.image_ref("app:v1"))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} did not fall back to the registry with the mirror down: {e}",
+                ctd.kind.name()
+            )
+        });
+    let fallback = started.elapsed();
+    assert_eq!(id, img.config);
+    let direct = registry.blob_gets_not_by("imagestream/");
+    assert!(
+        !direct.is_empty(),
+        "the pull succeeded but the origin saw no blob fetch by the runtime"
+    );
+    eprintln!(
+        "{}: pull through the mirror {through_mirror:.2?}; with the mirror down, from the \
+         registry {fallback:.2?} ({} blob GETs by {:?})",
+        ctd.kind.name(),
+        direct.len(),
+        direct[0].user_agent
     );
 }

@@ -604,12 +604,13 @@ impl Registry {
         counts
     }
 
-    /// Successful blob GETs whose User-Agent starts with `prefix`, e.g. "containerd/": a pull
-    /// that should go through a mirror but fetched from the origin itself.
-    pub fn blob_gets_by(&self, prefix: &str) -> Vec<AccessLogEntry> {
+    /// Successful blob GETs whose User-Agent does not start with `prefix`, e.g. "imagestream/":
+    /// a pull that should go through a mirror but that the runtime fetched from the origin
+    /// itself (containerd says "containerd/…", CRI-O "cri-o/…").
+    pub fn blob_gets_not_by(&self, prefix: &str) -> Vec<AccessLogEntry> {
         self.access_log()
             .into_iter()
-            .filter(|e| e.successful_blob_get().is_some() && e.user_agent.starts_with(prefix))
+            .filter(|e| e.successful_blob_get().is_some() && !e.user_agent.starts_with(prefix))
             .collect()
     }
 

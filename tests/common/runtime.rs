@@ -226,6 +226,21 @@ impl RuntimeBed {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// containerd's own client, `ctr --address SOCKET --namespace k8s.io` (the CRI's
+    /// namespace), of the bed's containerd version; panics on CRI-O.
+    pub fn ctr(&self) -> Command {
+        let bin = match self.kind {
+            RuntimeKind::Containerd16 => PathBuf::from("ctr"),
+            RuntimeKind::Containerd2 => containerd2_dir().join("ctr"),
+            RuntimeKind::Crio => panic!("ctr is containerd's; this bed runs CRI-O"),
+        };
+        let mut c = Command::new(bin);
+        c.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io"]);
+        c
+    }
+
     /// containerd's `<dir>/certs.d/<host>/hosts.toml` (re-read on every pull).
     pub fn hosts_toml(&self, host: &str) -> PathBuf {
         assert!(
