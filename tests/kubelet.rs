@@ -5,8 +5,9 @@
 //! The story:
 //! - A stream `team-a/app` with tag `prod` → v1. A static pod in namespace `team-a` with image
 //!   `imagestream.local/team-a/app:prod` runs; its container's image (CRI `ContainerStatus`
-//!   `image_ref`, and the kubelet's own pod status `imageID`) is v1's, as the runtime itself
-//!   names the pinned v1 image (`ImageStatus` directly on the runtime's socket).
+//!   `image_ref`, the same through imagestream as on the runtime's own socket, and the kubelet's
+//!   pod status `imageID`) is v1's, as the runtime itself names the pinned v1 image
+//!   (`ImageStatus` directly on the runtime's socket).
 //! - A static pod in namespace `team-b` with the same image never gets a container: the kubelet
 //!   reports it waiting in `ErrImagePull` / `ImagePullBackOff` with imagestream's
 //!   `PermissionDenied` message, in its pod status and in its log.
@@ -14,7 +15,7 @@
 //!   starts a pod of a new name at once; the same name with new content waits for the old pod's
 //!   cleanup, see the module docs of `common::kubelet`): the new pod runs v2 and the old one is
 //!   stopped.
-//! - Teardown leaves no process and no mount of the kubelet behind.
+//! - Teardown leaves no process, no mount and no pod sandbox of the kubelet behind.
 //!
 //! A kubelet that cannot start fails the test with the kubelet's own reason (never a skip):
 //! `a_kubelet_that_cannot_start_fails_with_its_reason`.
@@ -27,7 +28,9 @@ use std::time::{Duration, Instant};
 use common::daemon::Daemon;
 use common::kubelet::Kubelet;
 use common::*;
-use k8s_cri::v1::{ContainerStatus, Image, ImageStatusRequest};
+use k8s_cri::v1::{
+    ContainerStatus, ContainerStatusRequest, Image, ImageStatusRequest, ListPodSandboxRequest,
+};
 
 const STREAM_REF: &str = "imagestream.local/team-a/app:prod";
 const SLEEP: &[&str] = &["/bin/sleep", "infinity"];
@@ -63,6 +66,7 @@ fn kubelet_runs_static_pods_of_a_stream_reference_through_imagestream() {
     phases.done("imagestream, team-a/app:prod -> v1");
     let kubelet = Kubelet::start(&daemon.cri_socket);
     let kubelet_dir = kubelet.dir.clone();
+    let node_suffix = format!("-{}", kubelet.node_name);
     phases.done("kubelet up");
 
     // Both pods at once: team-a's runs v1, team-b's is refused.
@@ -70,7 +74,7 @@ fn kubelet_runs_static_pods_of_a_stream_reference_through_imagestream() {
     let denied = kubelet.write_static_pod("b", "team-b", STREAM_REF);
     let c1 = kubelet.wait_running_container(&app, "team-a", POD_TIMEOUT);
     let direct_v1 = runtime_image(&bed.socket, &pinned_v1);
-    assert_runs(&kubelet, &app, &c1, &direct_v1, &v1);
+    assert_runs(&kubelet, &bed.socket, &app, &c1, &direct_v1, &v1);
     phases.done("team-a pod runs v1");
 
     let (reason, message) = kubelet.wait_image_error(&denied, "team-b", POD_TIMEOUT);
@@ -109,12 +113,11 @@ fn kubelet_runs_static_pods_of_a_stream_reference_through_imagestream() {
         direct_v1.id, direct_v2.id,
         "v1 and v2 have the same image id"
     );
-    assert_runs(&kubelet, &app2, &c2, &direct_v2, &v2);
+    assert_runs(&kubelet, &bed.socket, &app2, &c2, &direct_v2, &v2);
     phases.done("prod -> v2, rewritten pod runs v2");
     kubelet.wait_no_running_container(&app, "team-a", Duration::from_secs(30));
     phases.done("deleted pod stopped");
 
-    std::fs::copy(&kubelet.log, "/tmp/kb1/last-kubelet.log").unwrap(); // DEBUG
     // Teardown, in order, and nothing of the kubelet left behind.
     drop(kubelet);
     assert_eq!(
@@ -126,6 +129,14 @@ fn kubelet_runs_static_pods_of_a_stream_reference_through_imagestream() {
         mounts_under(&kubelet_dir),
         Vec::<std::path::PathBuf>::new(),
         "mounts of the kubelet survived its teardown"
+    );
+    let left: Vec<String> = runtime_sandboxes(&bed.socket)
+        .into_iter()
+        .filter(|name| name.ends_with(&node_suffix))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "pod sandboxes left in the runtime: {left:?}"
     );
     assert!(
         !kubelet_dir.exists(),
@@ -149,12 +160,22 @@ fn a_kubelet_that_cannot_start_fails_with_its_reason() {
     let _kubelet = Kubelet::start(&dir.path().join("no-runtime.sock"));
 }
 
-/// Asserts that container `c` of pod `pod` (team-a) runs the image the runtime knows as
-/// `direct` (`ImageStatus` of the pinned reference, manifest digest `digest`), in the runtime's
-/// view and in the kubelet's.
-fn assert_runs(kubelet: &Kubelet, pod: &str, c: &ContainerStatus, direct: &Image, digest: &str) {
+/// Asserts that container `c` of pod `pod` (team-a; its status through imagestream) runs the
+/// image the runtime knows as `direct` (`ImageStatus` of the pinned reference, manifest digest
+/// `digest`), in the runtime's own view (on `runtime_socket`) and in the kubelet's.
+fn assert_runs(
+    kubelet: &Kubelet,
+    runtime_socket: &Path,
+    pod: &str,
+    c: &ContainerStatus,
+    direct: &Image,
+    digest: &str,
+) {
     assert!(
-        direct.repo_digests.iter().any(|d| d.ends_with(&format!("@{digest}"))),
+        direct
+            .repo_digests
+            .iter()
+            .any(|d| d.ends_with(&format!("@{digest}"))),
         "the runtime does not list {digest} among the repo digests of {}: {:?}",
         direct.id,
         direct.repo_digests
@@ -169,6 +190,13 @@ fn assert_runs(kubelet: &Kubelet, pod: &str, c: &ContainerStatus, direct: &Image
         c.id,
         c.image_ref,
         c.image
+    );
+    let own = runtime_container(runtime_socket, &c.id);
+    assert_eq!(
+        (&own.image_ref, &own.image),
+        (&c.image_ref, &c.image),
+        "ContainerStatus of {} through imagestream differs from the runtime's own",
+        c.id
     );
     if let Some(spec) = &c.image {
         // Runtimes that keep it (containerd 2, CRI-O) show what the pod named.
@@ -204,27 +232,62 @@ fn assert_runs(kubelet: &Kubelet, pod: &str, c: &ContainerStatus, direct: &Image
     }
 }
 
+/// `ContainerStatus` of container `id` directly on the runtime's socket.
+fn runtime_container(socket: &Path, id: &str) -> ContainerStatus {
+    block_on(async {
+        runtime_client(socket)
+            .await
+            .container_status(ContainerStatusRequest {
+                container_id: id.to_string(),
+                verbose: false,
+            })
+            .await
+            .expect("ContainerStatus on the runtime")
+            .into_inner()
+            .status
+            .unwrap_or_else(|| panic!("the runtime has no status of container {id}"))
+    })
+}
+
+/// The names of the pod sandboxes the runtime holds (`ListPodSandbox` on its own socket).
+fn runtime_sandboxes(socket: &Path) -> Vec<String> {
+    block_on(async {
+        runtime_client(socket)
+            .await
+            .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+            .await
+            .expect("ListPodSandbox on the runtime")
+            .into_inner()
+            .items
+            .into_iter()
+            .filter_map(|sb| sb.metadata.map(|m| m.name))
+            .collect()
+    })
+}
+
 /// `ImageStatus` of `reference` directly on the runtime's socket; panics unless it holds it.
 fn runtime_image(socket: &Path, reference: &str) -> Image {
-    let socket = socket.to_path_buf();
-    let reference = reference.to_string();
+    block_on(async {
+        image_client(socket)
+            .await
+            .image_status(ImageStatusRequest {
+                image: Some(image_spec(reference)),
+                verbose: false,
+            })
+            .await
+            .expect("ImageStatus on the runtime")
+            .into_inner()
+            .image
+            .unwrap_or_else(|| panic!("the runtime does not hold {reference}"))
+    })
+}
+
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime")
-        .block_on(async move {
-            image_client(&socket)
-                .await
-                .image_status(ImageStatusRequest {
-                    image: Some(image_spec(&reference)),
-                    verbose: false,
-                })
-                .await
-                .expect("ImageStatus on the runtime")
-                .into_inner()
-                .image
-                .unwrap_or_else(|| panic!("the runtime does not hold {reference}"))
-        })
+        .block_on(fut)
 }
 
 /// Phase timings, printed as they end.

@@ -61,6 +61,11 @@
 //! - `/var/log` and `/var/lib` are empty tmpfs there: the kubelet hard-codes
 //!   `/var/log/containers` (a symlink per container log) and
 //!   `/var/lib/kubelet/device-plugins/kubelet.sock`, whatever its flags say;
+//! - `/sys/kernel/mm/hugepages` is empty there: the kubelet gives every container a hugetlb
+//!   limit (0) for each page size the kernel lists, and on a machine whose hugetlb controller is
+//!   not mounted (cgroup v1 here has none) CRI-O's runc then fails every container ("runc
+//!   create failed: … cannot set hugetlb limit: container could not join or create cgroup";
+//!   containerd drops hugetlb limits by default, `disable_hugetlb_controller`);
 //! - the bind mount of its root dir onto itself (`--make-rshared`) stays inside and vanishes
 //!   with the kubelet. The runtime still sees the root dir's files (pod `etc-hosts`), which are
 //!   plain files on the host's file system.
@@ -72,13 +77,16 @@
 //! SIGTERM; the kubelet's minimum grace is still 2 s). What makes the kubelet start a pod again
 //! after the tag moved (it calls `ImageStatus`, imagestream says "not present", `PullImage`
 //! resolves the tag anew):
-//! - a manifest under a new name: the new pod starts at once (about 1 s), the old one is killed
-//!   alongside;
-//! - the same name with changed content (a new config hash, so a new pod UID): the kubelet kills
-//!   the old pod and starts the new one only once the old one has terminated and housekeeping
-//!   has cleaned it up (about 9 s with the 2 s grace);
-//! - the same file removed, the pod gone, and the same content written again (same UID): started
-//!   again about 2 s after the write.
+//! - a manifest under a new name: the new pod runs about 1 s after the write, the old one is
+//!   killed alongside;
+//! - the same name with changed content (a new config hash, so a new pod UID): the kubelet
+//!   starts the new pod only once the old one has terminated and been cleaned up: 15 s here
+//!   (11 s with `syncFrequency: 1s`);
+//! - the file removed and written again with the same content (same UID) at once: 20 s; after
+//!   waiting until the old container stopped (1–2 s): 2–3 s after the write.
+//!
+//! `syncFrequency` stays at its default (1 min): 1 s shortens none of these much and makes the
+//! kubelet call the runtime every second for every pod.
 //!
 //! # Seen on these machines (cgroup v1, no `CAP_SYS_RESOURCE`)
 //!
@@ -112,9 +120,8 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use super::{
-    block_on_fresh, free_port, harness_tempdir, http_get_status,
-    kill_processes_mentioning, log_file, require_binary, require_root, runtime_client, tools,
-    unmount_under,
+    block_on_fresh, free_port, harness_tempdir, http_get_status, kill_processes_mentioning,
+    log_file, require_binary, require_root, runtime_client, tools, unmount_under,
 };
 
 /// How long the kubelet may take until `/healthz` and `/pods` answer (about 1 s here).
@@ -133,6 +140,19 @@ pub const KERNEL_TUNABLES: &[(&str, &str)] = &[
 
 /// The name of the pod's only container in [`Kubelet::write_static_pod`].
 pub const CONTAINER: &str = "app";
+
+/// A container's `waiting` reasons in the kubelet's status that only back-off retries follow:
+/// [`Kubelet::wait_running_container`] fails at once on them.
+pub const CONTAINER_ERRORS: &[&str] = &[
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+    "CrashLoopBackOff",
+];
 
 /// A standalone kubelet with its own temp dir, ports and node name.
 pub struct Kubelet {
@@ -167,6 +187,14 @@ impl Kubelet {
         require_binary("unshare", "util-linux");
         require_binary("curl", "curl");
         let binary = tools::tool("kubelet");
+        // The launcher hides /var/lib and /var/log before it execs the kubelet.
+        let real = fs::canonicalize(&binary).unwrap_or_else(|_| binary.clone());
+        assert!(
+            !real.starts_with("/var/lib") && !real.starts_with("/var/log"),
+            "the kubelet binary {} is under /var/lib or /var/log, which its mount namespace \
+             hides: keep the test tools elsewhere",
+            real.display()
+        );
         let tmp = harness_tempdir("iskubelet-");
         let dir = tmp.path().to_path_buf();
         let node_name = format!("node-{}", super::unique_suffix());
@@ -275,6 +303,7 @@ oomScoreAdj: 0
         script.push_str(
             "mount -t tmpfs -o mode=0755 kubelet-var-log /var/log\n\
              mount -t tmpfs -o mode=0755 kubelet-var-lib /var/lib\n\
+             mount -t tmpfs -o mode=0755 kubelet-no-hugepages /sys/kernel/mm/hugepages\n\
              exec \"$@\"\n",
         );
         fs::write(self.dir.join("launch.sh"), script).expect("write launch.sh");
@@ -447,13 +476,28 @@ oomScoreAdj: 0
         timeout: Duration,
     ) -> ContainerStatus {
         let deadline = Instant::now() + timeout;
-        loop {
+        for poll in 1.. {
             if let Some(c) = self
                 .containers_of(pod, namespace)
                 .into_iter()
                 .find(|c| c.state == ContainerState::ContainerRunning as i32)
             {
                 return c;
+            }
+            // Every half second: give up at once on an error the kubelet will only retry.
+            if poll % 5 == 0 {
+                if let Some(c) = self.container_status(pod, namespace) {
+                    let waiting = &c["state"]["waiting"];
+                    let reason = waiting["reason"].as_str().unwrap_or("");
+                    if CONTAINER_ERRORS.contains(&reason) {
+                        panic!(
+                            "pod {namespace}/{pod} will not run: the kubelet reports {reason}: \
+                             {}\n{}",
+                            waiting["message"].as_str().unwrap_or(""),
+                            self.diagnose(pod, namespace)
+                        );
+                    }
+                }
             }
             if Instant::now() >= deadline {
                 panic!(
@@ -463,6 +507,7 @@ oomScoreAdj: 0
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        unreachable!("the poll loop returns or panics");
     }
 
     /// Waits until the runtime holds no container of pod `pod` in `namespace` that is running.
@@ -523,16 +568,13 @@ oomScoreAdj: 0
 
     /// The kubelet's pod object for `pod` in `namespace`, if it has one.
     pub fn pod(&self, pod: &str, namespace: &str) -> Option<Value> {
-        let pods = self.pods();
-        pods["items"].as_array()?.iter().find_map(|p| {
-            (p["metadata"]["name"] == pod && p["metadata"]["namespace"] == namespace)
-                .then(|| p.clone())
-        })
+        find_pod(&self.pods(), pod, namespace)
     }
 
-    /// The kubelet's status of container [`CONTAINER`] of the pod, if reported.
+    /// The kubelet's status of container [`CONTAINER`] of the pod, if it reports one (None too
+    /// if `/pods` does not answer).
     pub fn container_status(&self, pod: &str, namespace: &str) -> Option<Value> {
-        let p = self.pod(pod, namespace)?;
+        let p = find_pod(&self.try_pods().ok()?, pod, namespace)?;
         p["status"]["containerStatuses"]
             .as_array()?
             .iter()
@@ -542,7 +584,12 @@ oomScoreAdj: 0
 
     /// Waits until the kubelet reports container [`CONTAINER`] of the pod waiting for its image
     /// (`ErrImagePull` or `ImagePullBackOff`) with a message; returns (reason, message).
-    pub fn wait_image_error(&self, pod: &str, namespace: &str, timeout: Duration) -> (String, String) {
+    pub fn wait_image_error(
+        &self,
+        pod: &str,
+        namespace: &str,
+        timeout: Duration,
+    ) -> (String, String) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(c) = self.container_status(pod, namespace) {
@@ -617,13 +664,7 @@ oomScoreAdj: 0
     /// What the kubelet and the runtime say about a pod, for panic messages.
     fn diagnose(&self, pod: &str, namespace: &str) -> String {
         let status = match self.try_pods() {
-            Ok(pods) => pods["items"]
-                .as_array()
-                .and_then(|items| {
-                    items.iter().find(|p| {
-                        p["metadata"]["name"] == pod && p["metadata"]["namespace"] == namespace
-                    })
-                })
+            Ok(pods) => find_pod(&pods, pod, namespace)
                 .map(|p| serde_json::to_string_pretty(&p["status"]).unwrap_or_default())
                 .unwrap_or_else(|| "(the kubelet has no such pod)".into()),
             Err(e) => format!("(GET /pods failed: {e})"),
@@ -667,9 +708,8 @@ oomScoreAdj: 0
                 let channel = super::try_cri_channel(&socket)
                     .await
                     .map_err(|e| format!("connect {}: {e:?}", socket.display()))?;
-                let mut rt = k8s_cri::v1::runtime_service_client::RuntimeServiceClient::new(
-                    channel,
-                );
+                let mut rt =
+                    k8s_cri::v1::runtime_service_client::RuntimeServiceClient::new(channel);
                 let sandboxes = rt
                     .list_pod_sandbox(ListPodSandboxRequest { filter: None })
                     .await
@@ -736,6 +776,13 @@ impl Drop for Kubelet {
             }
         }
     }
+}
+
+/// The pod `pod` in `namespace` of a `/pods` answer.
+fn find_pod(pods: &Value, pod: &str, namespace: &str) -> Option<Value> {
+    pods["items"].as_array()?.iter().find_map(|p| {
+        (p["metadata"]["name"] == pod && p["metadata"]["namespace"] == namespace).then(|| p.clone())
+    })
 }
 
 /// `Some('I' | 'W' | 'E' | 'F')` for a klog line (`E1207 04:56:07.049147 ...`).
