@@ -9,7 +9,8 @@
 # It brings up a real, self-contained node in a scratch dir
 # (${IMAGESTREAM_QUICKSTART_DIR:-/tmp/imagestream-quickstart}):
 #   - a docker-registry on a free loopback port with demo images pushed by skopeo,
-#   - containerd (CRI plugin, native snapshotter) with its socket, state and root in the dir,
+#   - containerd 2.2 (its CRI plugin, overlayfs snapshotter, Debian's runc) with its sockets,
+#     state and root in the dir, and its containers' cgroups under a parent of their own,
 #   - `imagestream serve` in front of it, with embedded defaults except the scratch paths and a
 #     free mirror port, and containerd pulling from the registry through imagestream's layer
 #     cache (a hosts.toml written by `imagestream mirror hosts-toml`),
@@ -18,9 +19,11 @@
 #
 # The CRI calls are made with crictl (cri-tools, Kubernetes' own CRI command line), as an operator
 # on a node would: with $QS/crictl.yaml, which points it at imagestream's CRI socket. Debian 12
-# does not package cri-tools: the script uses the crictl that `scripts/test-tools.sh` caches
-# (${IMAGESTREAM_TEST_TOOLS:-/var/cache/imagestream-test/bin}/crictl), else a crictl on PATH, else
-# builds it with `scripts/test-tools.sh`, which needs Go (1.24+).
+# packages neither cri-tools nor containerd 2 (its containerd is 1.6): the script uses the crictl
+# and the containerd 2.2 that `scripts/test-tools.sh` caches
+# (${IMAGESTREAM_TEST_TOOLS:-/var/cache/imagestream-test/bin}/crictl and containerd2/, a dir
+# holding containerd, its runc shim and ctr), else a crictl on PATH, and builds what is missing
+# with `scripts/test-tools.sh`, which needs Go (1.24+) and builds all the test tools (minutes).
 #
 # Running the script again first stops the node of the previous run.
 set -euo pipefail
@@ -39,6 +42,15 @@ ADMIN_SOCK="$QS/admin.sock"
 STATE_DIR="$QS/imagestream"
 PAUSE_IMAGE_NAME="pause:quickstart"
 POD_NAMESPACE="demo"
+# The cgroup parent of the demo pods (cgroupfs: a path in every hierarchy), one per scratch dir;
+# `stop` removes it.
+if [[ $QS == /tmp/imagestream-quickstart ]]; then
+  CGROUP_PARENT=/imagestream-quickstart
+else
+  CGROUP_PARENT=/imagestream-quickstart-$(printf '%s' "$QS" | cksum | cut -d' ' -f1)
+fi
+# The test tools' bin dir (as scripts/test-tools.sh sets it): crictl, containerd2/.
+TOOLS=${IMAGESTREAM_TEST_TOOLS:-${IMAGESTREAM_TEST_CACHE:-/var/cache/imagestream-test}/bin}
 # crictl's config files: imagestream's CRI socket, and containerd's (to compare).
 CRICTL_CONFIG="$QS/crictl.yaml"
 CRICTL_CONTAINERD_CONFIG="$QS/crictl-containerd.yaml"
@@ -47,7 +59,8 @@ POD_CONFIG="$QS/pods/demo.json"
 OTHER_POD_CONFIG="$QS/pods/other.json"
 
 # protobuf-compiler, libprotobuf-dev: protoc and its well-known types, for building imagestream.
-APT_PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler libprotobuf-dev iproute2 curl)
+# (No containerd: Debian's is 1.6; containerd 2 comes from scripts/test-tools.sh. Its runc will do.)
+APT_PACKAGES=(runc docker-registry skopeo umoci busybox-static protobuf-compiler libprotobuf-dev iproute2 curl)
 
 # ------------------------------------------------------------------------------------------------
 # Output helpers
@@ -81,7 +94,7 @@ node_pids() {
   pid=$BASHPID
   while [[ -n $pid && $pid != 0 ]]; do
     spare[$pid]=1
-    read -r rest <"/proc/$pid/stat" 2>/dev/null || break
+    read -r rest 2>/dev/null <"/proc/$pid/stat" || break
     rest=${rest##*) }
     read -r _ pid _ <<<"$rest"
   done
@@ -90,7 +103,7 @@ node_pids() {
   for f in /proc/[0-9]*/stat; do
     pid=${f#/proc/}
     pid=${pid%/stat}
-    read -r rest <"$f" 2>/dev/null || continue
+    read -r rest 2>/dev/null <"$f" || continue
     # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
     rest=${rest##*) }
     read -r state ppid _ <<<"$rest"
@@ -132,6 +145,16 @@ socket_paths_of() {
 node_mounts() {
   awk -v dir="$QS" '{ m = $5; gsub(/\\040/, " ", m) } m == dir || index(m, dir "/") == 1 { print m }' \
     /proc/self/mountinfo | awk '{ print gsub("/", "/") "\t" $0 }' | sort -rn | cut -f2- | uniq
+}
+
+# The demo pods' cgroup dirs ($CGROUP_PARENT in every cgroup hierarchy), deepest first.
+node_cgroups() {
+  local m
+  while read -r m; do
+    [[ -d $m$CGROUP_PARENT ]] && find "$m$CGROUP_PARENT" -depth -type d
+  done < <(awk '{ for (i = 7; i < NF; i++) if ($i == "-") break }
+    $(i + 1) == "cgroup" || $(i + 1) == "cgroup2" { print $5 }' /proc/self/mountinfo)
+  return 0
 }
 
 stop_node() {
@@ -179,7 +202,7 @@ stop_node() {
     [[ $sock == /run/containerd/s/* ]] && rm -f "$sock"
   done
 
-  # Mounts under the dir (sandbox /dev/shm, snapshot bind mounts), deepest first.
+  # Mounts under the dir (sandbox /dev/shm, container rootfs overlays), deepest first.
   local m
   for _ in 1 2 3 4 5; do
     mapfile -t mounts < <(node_mounts)
@@ -188,6 +211,19 @@ stop_node() {
   done
   if [[ -n $(node_mounts) ]]; then
     die "still mounted under $QS: $(node_mounts | tr '\n' ' ')"
+  fi
+
+  # The pods' cgroups: containerd removes a container's when it removes the container, not when
+  # it is killed like this. (rmdir: a cgroup dir is empty once its processes are gone.)
+  local cg cgroups
+  for _ in $(seq 20); do
+    mapfile -t cgroups < <(node_cgroups)
+    ((${#cgroups[@]})) || break
+    for cg in "${cgroups[@]}"; do rmdir "$cg" 2>/dev/null || true; done
+    [[ -z $(node_cgroups) ]] || sleep 0.1
+  done
+  if [[ -n $(node_cgroups) ]]; then
+    say "warning: cgroups left behind: $(node_cgroups | tr '\n' ' ')"
   fi
 
   rm -rf --one-file-system "$QS"
@@ -225,25 +261,49 @@ build() {
   [[ -x $BIN ]] || die "build did not produce $BIN"
 }
 
-# Sets CRICTL: the crictl scripts/test-tools.sh caches, else one on PATH, else builds it (Go).
-find_crictl() {
-  heading "Finding crictl"
-  local dir=${IMAGESTREAM_TEST_TOOLS:-/var/cache/imagestream-test/bin}
-  if [[ -x $dir/crictl ]]; then
-    CRICTL=$dir/crictl
+# containerd2_in DIR: whether DIR holds a containerd 2.x and its runc shim.
+containerd2_in() {
+  [[ -x $1/containerd && -x $1/containerd-shim-runc-v2 ]] &&
+    [[ $("$1/containerd" --version 2>/dev/null) =~ \ v2\. ]]
+}
+
+containerd2_version() { "$CTD2_DIR/containerd" --version | awk '{ print $NF }'; }
+
+# Sets CRICTL and CTD2_DIR: the crictl and the containerd 2 dir (containerd, its shim, ctr) that
+# scripts/test-tools.sh caches in $TOOLS (crictl: else one on PATH); builds what is missing with
+# that script (Go).
+find_tools() {
+  heading "Finding crictl and containerd 2"
+  local missing=() dir what
+  CRICTL="" CTD2_DIR=""
+  if [[ -x $TOOLS/crictl ]]; then
+    CRICTL=$TOOLS/crictl
   elif type -P crictl >/dev/null; then # (not the crictl function below)
     CRICTL=$(type -P crictl)
   else
+    missing+=(crictl)
+  fi
+  if containerd2_in "$TOOLS/containerd2"; then CTD2_DIR=$TOOLS/containerd2; else missing+=("containerd 2"); fi
+  if ((${#missing[@]})); then
+    what=${missing[0]}${missing[1]:+ and ${missing[1]}}
     # sudo's secure_path often leaves out Go's default install dir.
     if ! command -v go >/dev/null && [[ -x /usr/local/go/bin/go ]]; then PATH=$PATH:/usr/local/go/bin; fi
     command -v go >/dev/null ||
-      die "crictl not found (not in $dir, not on PATH), and Go is not installed to build it: install Go >= 1.24 (https://go.dev/dl) and run again, or put crictl (cri-tools) on PATH"
-    say "building crictl with scripts/test-tools.sh ($(go version)); it also builds critest and h2spec, for the tests"
-    dir=$(bash "$REPO/scripts/test-tools.sh") || die "scripts/test-tools.sh failed to build crictl"
-    CRICTL=$dir/crictl
-    [[ -x $CRICTL ]] || die "scripts/test-tools.sh did not produce $CRICTL"
+      die "$what not found in $TOOLS, and Go is not installed to build it: install Go >= 1.24 (https://go.dev/dl) and run again"
+    say "building $what with scripts/test-tools.sh ($(go version)); it builds every test tool it lacks (also critest, h2spec, CRI-O and the kubelet): several minutes"
+    # It prints its bin dir. It may fail on a tool that the quick start does not need (CRI-O
+    # needs gcc and libseccomp-dev): what counts is what it left in that dir.
+    dir=$(bash "$REPO/scripts/test-tools.sh") || {
+      dir=$TOOLS
+      say "scripts/test-tools.sh failed (above); looking for what it built in $dir"
+    }
+    [[ -n $CRICTL || ! -x $dir/crictl ]] || CRICTL=$dir/crictl
+    [[ -n $CTD2_DIR ]] || ! containerd2_in "$dir/containerd2" || CTD2_DIR=$dir/containerd2
+    [[ -n $CRICTL ]] || die "scripts/test-tools.sh did not produce $dir/crictl"
+    [[ -n $CTD2_DIR ]] || die "scripts/test-tools.sh did not produce containerd 2 in $dir/containerd2"
   fi
   say "crictl: $CRICTL"
+  say "containerd 2: $CTD2_DIR (containerd $(containerd2_version))"
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -329,56 +389,72 @@ push_images() {
 }
 
 start_containerd() {
-  heading "Starting containerd"
+  heading "Starting containerd 2"
   local sub
   for sub in root state certs.d cni/net.d opt runc; do mkdir -p "$CTD_DIR/$sub"; done
-  # The CRI plugin without cgroups, apparmor or overlayfs; runc state in the dir too.
+  # Config version 3 (containerd 2.x): the CRI plugin with the overlayfs snapshotter, without
+  # AppArmor, CDI or NRI, oom_score_adj kept within bounds (no CAP_SYS_RESOURCE needed); Debian's
+  # runc with its state in the dir too, and every socket in the dir. (Host-network pods only:
+  # no CNI plugin is configured.)
   cat >"$CTD_DIR/config.toml" <<EOF
-version = 2
+version = 3
 root = "$CTD_DIR/root"
 state = "$CTD_DIR/state"
 disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.overlayfs",
+  "io.containerd.snapshotter.v1.erofs",
   "io.containerd.tracing.processor.v1.otlp",
   "io.containerd.internal.v1.tracing",
+  "io.containerd.nri.v1.nri",
 ]
 
 [grpc]
   address = "$CTD_SOCK"
+[ttrpc]
+  address = "$CTD_SOCK.ttrpc"
+[debug]
+  address = "$CTD_DIR/debug.sock"
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "$CTD_DIR/opt"
 
 [plugins."io.containerd.grpc.v1.cri"]
-  disable_cgroup = true
-  restrict_oom_score_adj = true
-  disable_apparmor = true
-  sandbox_image = "$REG/$PAUSE_IMAGE_NAME"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "native"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        Root = "$CTD_DIR/runc"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "$CTD_DIR/cni/net.d"
-  [plugins."io.containerd.grpc.v1.cri".registry]
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "$REG/$PAUSE_IMAGE_NAME"
+  [plugins."io.containerd.cri.v1.images".registry]
     config_path = "$CTD_DIR/certs.d"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  enable_cdi = false
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "/usr/sbin/runc"
+        Root = "$CTD_DIR/runc"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "$CTD_DIR/cni/net.d"
 EOF
-  containerd --config "$CTD_DIR/config.toml" >"$QS/containerd.log" 2>&1 </dev/null &
+  # Its own dir first on PATH: containerd starts the containerd-shim-runc-v2 it finds there
+  # (Debian's containerd 1.6 shim, if installed, is on PATH too).
+  PATH="$CTD2_DIR:$PATH" "$CTD2_DIR/containerd" --config "$CTD_DIR/config.toml" \
+    >"$QS/containerd.log" 2>&1 </dev/null &
   echo $! >"$QS/containerd.pid"
   write_crictl_config "$CRICTL_CONTAINERD_CONFIG" "$CTD_SOCK"
   for _ in $(seq 300); do
     if [[ -S $CTD_SOCK ]] && crictl_containerd version >/dev/null 2>&1; then
-      say "containerd at $CTD_SOCK (sandbox image $REG/$PAUSE_IMAGE_NAME)"
+      say "containerd $(containerd2_version) at $CTD_SOCK (sandbox image $REG/$PAUSE_IMAGE_NAME)"
       return 0
     fi
     kill -0 "$(cat "$QS/containerd.pid")" 2>/dev/null || break
@@ -442,16 +518,11 @@ disable-pull-on-run: false
 EOF
 }
 
-# run_crictl CONFIG ARGS...: crictl with that config. crictl warns on every pod config without a
-# cgroup_parent (containerd runs here without cgroups); that line is left out of stderr.
+# run_crictl CONFIG ARGS...: crictl with that config.
 run_crictl() {
-  local config=$1 err rc=0
+  local config=$1
   shift
-  err=$(mktemp "$QS/crictl-stderr.XXXXXX")
-  "$CRICTL" --config "$config" "$@" 2>"$err" || rc=$?
-  grep -v 'cgroup_parent is not set' "$err" >&2 || true
-  rm -f "$err"
-  return "$rc"
+  "$CRICTL" --config "$config" "$@"
 }
 
 # crictl ARGS...: through imagestream's CRI socket. crictl_containerd ARGS...: containerd direct.
@@ -479,14 +550,19 @@ refused_crictl() {
 }
 
 # write_pod_config FILE NAMESPACE: the config of the demo pod in NAMESPACE, with the node's network
-# (namespace_options.network 2 = NODE: no CNI needed).
+# (namespace_options.network 2 = NODE: no CNI needed), its cgroups (and its containers') under
+# $CGROUP_PARENT, as the kubelet's cgroupfs driver would put them under /kubepods. (Without a
+# cgroup_parent, crictl warns, and containerd puts them in /k8s.io/<id>.)
 write_pod_config() {
   mkdir -p "$QS/pods/logs"
   cat >"$1" <<EOF
 {
   "metadata": { "name": "quickstart", "uid": "quickstart-$2", "namespace": "$2", "attempt": 0 },
   "log_directory": "$QS/pods/logs",
-  "linux": { "security_context": { "namespace_options": { "network": 2, "pid": 0, "ipc": 0 } } }
+  "linux": {
+    "cgroup_parent": "$CGROUP_PARENT",
+    "security_context": { "namespace_options": { "network": 2, "pid": 0, "ipc": 0 } }
+  }
 }
 EOF
 }
@@ -611,7 +687,7 @@ summary() {
   cat <<EOF
 Scratch dir:     $QS   (logs: $QS/{imagestream,containerd,registry}.log)
 Registry:        http://$REG   (demo/app:v1, demo/app:v2, $PAUSE_IMAGE_NAME)
-containerd:      unix://$CTD_SOCK
+containerd:      unix://$CTD_SOCK   ($(containerd2_version) from $CTD2_DIR)
 imagestream:     CRI unix://$CRI_SOCK, admin $ADMIN_SOCK, mirror http://$MIRROR (/metrics)
                  ${IMAGESTREAM_CMD[*]}
 
@@ -636,7 +712,8 @@ Use it:
   bash $REPO/scripts/quickstart.sh run                       # imagestream.local/demo/app:prod
   bash $REPO/scripts/quickstart.sh run app:prod              # the short name
 
-Stop it (kills imagestream, containerd, its shims and containers, unmounts, removes $QS):
+Stop it (kills imagestream, containerd, its shims and containers, unmounts, removes $QS
+and the pods' cgroups, $CGROUP_PARENT):
   bash $REPO/scripts/quickstart.sh stop
 EOF
 }
@@ -661,7 +738,7 @@ main() {
     start)
       trap 'on_exit $?' EXIT
       install_deps
-      find_crictl
+      find_tools
       build
       stop_node # a node of an earlier run
       mkdir -p "$QS"
