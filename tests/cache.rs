@@ -110,6 +110,21 @@ fn assert_no_fallback_to_origin(registry: &Registry, d: &Daemon, when: &str) {
     );
 }
 
+/// What the bed's runtime answers a pull of `reference` (`HOST/REPO:TAG` or `HOST/REPO@DIGEST`)
+/// of `img` with: containerd the image id (the config digest), CRI-O `HOST/REPO@<manifest
+/// digest>`. RemoveImage takes either form back.
+fn pulled_ref(kind: RuntimeKind, reference: &str, img: &RandomImage) -> String {
+    if kind.is_containerd() {
+        return img.config.clone();
+    }
+    let name = reference.split('@').next().unwrap_or(reference);
+    let name = match name.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => name,
+    };
+    format!("{name}@{}", img.digest)
+}
+
 /// Registry + runtime + daemon whose mirror the runtime uses for `registry`.
 fn bed(config: Option<&str>) -> (Daemon, RuntimeBed, Registry) {
     let registry = Registry::start();
@@ -120,7 +135,7 @@ fn bed(config: Option<&str>) -> (Daemon, RuntimeBed, Registry) {
     };
     let hosts = d.route_through_mirror(&ctd, &registry.addr);
     assert!(
-        hosts.contains(&d.mirror_url()) && hosts.contains(&registry.addr),
+        hosts.contains(&d.mirror_addr) && hosts.contains(&registry.addr),
         "the mirror config for {} names neither the mirror {} nor the registry:\n{hosts}",
         registry.addr,
         d.mirror_url()
@@ -130,11 +145,16 @@ fn bed(config: Option<&str>) -> (Daemon, RuntimeBed, Registry) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pull_through_the_mirror_fills_the_cache_with_verified_blobs() {
-    let (d, _ctd, registry) = bed(None);
+    let (d, ctd, registry) = bed(None);
     let img = push_random_image_to(&registry.addr, "app:v1", &[MIB, 2 * MIB, 300 * KIB]);
 
-    let image_id = pull_ok(&d, &registry.image_ref("app:v1"), "first pull").await;
-    assert_eq!(image_id, img.config, "PullImage returned another image id");
+    let reference = registry.image_ref("app:v1");
+    let image_id = pull_ok(&d, &reference, "first pull").await;
+    assert_eq!(
+        image_id,
+        pulled_ref(ctd.kind, &reference, &img),
+        "PullImage returned another image"
+    );
     assert_no_fallback_to_origin(&registry, &d, "first pull");
 
     let store = verified_store(&d, "after the first pull");
@@ -245,17 +265,17 @@ async fn a_pull_through_the_mirror_fills_the_cache_with_verified_blobs() {
 /// Pull once, remove the image from containerd, stop the origin, pull `again` (a reference
 /// built from the image) from the cache alone.
 async fn pull_again_with_origin_down(again: impl Fn(&Registry, &RandomImage) -> String) {
-    let (d, _ctd, mut registry) = bed(None);
+    let (d, ctd, mut registry) = bed(None);
     let img = push_random_image_to(&registry.addr, "app:v1", &[MIB, 512 * KIB]);
-    pull_ok(&d, &registry.image_ref("app:v1"), "first pull").await;
+    let first = pull_ok(&d, &registry.image_ref("app:v1"), "first pull").await;
     assert_no_fallback_to_origin(&registry, &d, "first pull");
     let store = verified_store(&d, "after the first pull");
     assert_image_in_store(&d, &img, &store, "after the first pull");
 
     // containerd deletes the image's last reference synchronously, with a GC of its content.
-    cri_remove_image(&d.cri_socket, &img.config)
+    cri_remove_image(&d.cri_socket, &first)
         .await
-        .unwrap_or_else(|e| panic!("RemoveImage {}: {e}", img.config));
+        .unwrap_or_else(|e| panic!("RemoveImage {first}: {e}"));
     registry.stop();
     assert!(
         http_get_status(&registry.addr, "/v2/").is_none(),
@@ -271,7 +291,7 @@ async fn pull_again_with_origin_down(again: impl Fn(&Registry, &RandomImage) -> 
             d.log_tail()
         )
     });
-    assert_eq!(id, img.config);
+    assert_eq!(id, pulled_ref(ctd.kind, &reference, &img));
     let hits_after = d.metric("imagestream_cache_hits_total");
     assert!(
         hits_after > hits,
@@ -311,10 +331,15 @@ async fn c_an_origin_serving_wrong_bytes_fails_the_pull_and_caches_nothing_for_t
         ),
         Err(e) => e,
     };
-    assert!(
-        err.message().contains(&bad),
-        "the pull error does not name the corrupted layer {bad}: {err}"
-    );
+    // containerd names the layer it could not commit; CRI-O reports the cut-short body
+    // ("unexpected EOF") and the 502 of its retry, without the digest.
+    eprintln!("{} refused the pull: {}", ctd.kind.name(), err.message());
+    if ctd.kind.is_containerd() {
+        assert!(
+            err.message().contains(&bad),
+            "the pull error does not name the corrupted layer {bad}: {err}"
+        );
+    }
     let corrupted: Vec<_> = origin
         .requests()
         .into_iter()
@@ -323,7 +348,7 @@ async fn c_an_origin_serving_wrong_bytes_fails_the_pull_and_caches_nothing_for_t
     assert!(
         corrupted
             .iter()
-            .any(|r| !r.user_agent.starts_with("containerd/")),
+            .any(|r| r.user_agent.starts_with("imagestream/")),
         "the mirror never received the corrupted blob from the origin; corrupted responses: \
          {corrupted:?}\nall origin requests: {:?}\n{}",
         origin.requests(),
@@ -375,7 +400,7 @@ async fn c_an_origin_serving_wrong_bytes_fails_the_pull_and_caches_nothing_for_t
 
 #[tokio::test(flavor = "multi_thread")]
 async fn d_concurrent_pulls_fetch_each_blob_from_the_origin_once() {
-    let (d, _ctd, registry) = bed(None);
+    let (d, ctd, registry) = bed(None);
     let img = push_random_image_to(&registry.addr, "app:v1", &[3 * MIB, 2 * MIB, MIB]);
     let img2 = push_random_image_to(&registry.addr, "app2:v1", &[2 * MIB, MIB]);
 
@@ -391,7 +416,7 @@ async fn d_concurrent_pulls_fetch_each_blob_from_the_origin_once() {
     }
     for (i, t) in tasks.into_iter().enumerate() {
         match t.await.expect("pull task") {
-            Ok(Ok(id)) => assert_eq!(id, img.config, "pull {i}"),
+            Ok(Ok(id)) => assert_eq!(id, pulled_ref(ctd.kind, &reference, &img), "pull {i}"),
             Ok(Err(e)) => panic!("concurrent pull {i} failed: {e}\n{}", d.log_tail()),
             Err(_) => panic!("concurrent pull {i} timed out\n{}", d.log_tail()),
         }
@@ -518,16 +543,33 @@ async fn e_kill_9_mid_ingest_leaves_no_partial_blob_and_the_next_pull_works() {
     verified_store(&d, "after kill -9 and restart");
 
     let before = origin.requests().len();
-    let id = pull_ok(&d, &reference, "pull after kill -9 and restart").await;
-    assert_eq!(id, big.config);
+    // CRI-O joins a pull of an image to one in progress: its pull from before the kill may
+    // still be retrying, and then fails this one with its own error. The kubelet pulls again
+    // after a back-off; so does this test, a few times.
+    let mut attempt = 1;
+    let id = loop {
+        match pull(&d, &reference).await {
+            Ok(id) => break id,
+            Err(e) if attempt < 3 && !ctd.kind.is_containerd() => {
+                eprintln!("pull {attempt} after the restart failed, again in 2 s: {e}");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => panic!(
+                "pull after kill -9 and restart: PullImage {reference} failed: {e}\n{}",
+                d.log_tail()
+            ),
+        }
+    };
+    assert_eq!(id, pulled_ref(ctd.kind, &reference, &big));
     let direct: Vec<_> = origin.requests()[before..]
         .iter()
-        .filter(|r| r.user_agent.starts_with("containerd/") && r.target.contains("/blobs/"))
+        .filter(|r| !r.user_agent.starts_with("imagestream/") && r.target.contains("/blobs/"))
         .cloned()
         .collect();
     assert!(
         direct.is_empty(),
-        "after the restart containerd fetched blobs from the origin itself (the mirror failed \
+        "after the restart the runtime fetched blobs from the origin itself (the mirror failed \
          them): {direct:?}\n{}",
         d.log_tail()
     );
@@ -590,8 +632,9 @@ async fn f_eviction_under_a_small_limit_never_removes_a_pinned_blob() {
 
     // B and C through the mirror: together with A well over the limit.
     for (img, name) in [(&b, "b:v1"), (&c, "c:v1")] {
-        let id = pull_ok(&d, &registry.image_ref(name), name).await;
-        assert_eq!(id, img.config);
+        let reference = registry.image_ref(name);
+        let id = pull_ok(&d, &reference, name).await;
+        assert_eq!(id, pulled_ref(ctd.kind, &reference, img));
         assert_no_fallback_to_origin(&registry, &d, &format!("pull of {name} under the limit"));
     }
     let gc = d.cli_json(&["cache", "gc"]);
@@ -654,17 +697,18 @@ async fn f_eviction_under_a_small_limit_never_removes_a_pinned_blob() {
 async fn g_with_the_mirror_down_the_runtime_falls_back_to_the_registry() {
     let (mut d, ctd, registry) = bed(None);
     let img = push_random_image_to(&registry.addr, "app:v1", &[MIB]);
+    let reference = registry.image_ref("app:v1");
     let started = Instant::now();
-    pull_ok(&d, &registry.image_ref("app:v1"), "pull through the mirror").await;
+    let first = pull_ok(&d, &reference, "pull through the mirror").await;
     let through_mirror = started.elapsed();
     assert_no_fallback_to_origin(&registry, &d, "pull through the mirror");
-    cri_remove_image(&d.cri_socket, &img.config)
+    cri_remove_image(&d.cri_socket, &first)
         .await
-        .unwrap_or_else(|e| panic!("RemoveImage {}: {e}", img.config));
+        .unwrap_or_else(|e| panic!("RemoveImage {first}: {e}"));
     d.stop();
 
     let started = Instant::now();
-    let id = cri_pull_image(&ctd.socket, &registry.image_ref("app:v1"))
+    let id = cri_pull_image(&ctd.socket, &reference)
         .await
         .unwrap_or_else(|e| {
             panic!(
@@ -673,7 +717,7 @@ async fn g_with_the_mirror_down_the_runtime_falls_back_to_the_registry() {
             )
         });
     let fallback = started.elapsed();
-    assert_eq!(id, img.config);
+    assert_eq!(id, first);
     let direct = registry.blob_gets_not_by("imagestream/");
     assert!(
         !direct.is_empty(),

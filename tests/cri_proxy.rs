@@ -149,8 +149,7 @@ async fn client_sequence_through_the_proxy_matches_containerd() {
         let socket = daemon.cri_socket.clone();
         tokio::spawn(async move {
             let mut events =
-                raw_server_stream(&socket, "/containerd.services.events.v1.Events/Subscribe")
-                    .await;
+                raw_server_stream(&socket, "/containerd.services.events.v1.Events/Subscribe").await;
             events.message().await.map(|m| m.map(|b| b.len()))
         })
     } else {
@@ -186,7 +185,17 @@ async fn client_sequence_through_the_proxy_matches_containerd() {
         .await
         .expect("ImageStatus direct")
         .into_inner();
-    assert_eq!(status.image.map(|i| i.id), Some(image_ref.clone()));
+    // PullImage's image_ref names the pulled image (containerd: its id; CRI-O: repo@digest).
+    let by_ref = direct_img
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(&image_ref)),
+            verbose: false,
+        })
+        .await
+        .expect("ImageStatus of the image_ref direct")
+        .into_inner();
+    assert!(status.image.is_some());
+    assert_eq!(status.image.map(|i| i.id), by_ref.image.map(|i| i.id));
     let via_status = img
         .image_status(ImageStatusRequest {
             image: Some(image_spec(&app)),
@@ -383,8 +392,11 @@ async fn methods_unknown_to_the_proxy_are_forwarded() {
     .await;
     let direct = raw_version_call(&ctd.socket, "/runtime.v1alpha2.RuntimeService/Version").await;
     assert_eq!(
-        via.as_ref().map_err(|e| (e.code(), e.message().to_string())),
-        direct.as_ref().map_err(|e| (e.code(), e.message().to_string()))
+        via.as_ref()
+            .map_err(|e| (e.code(), e.message().to_string())),
+        direct
+            .as_ref()
+            .map_err(|e| (e.code(), e.message().to_string()))
     );
     if ctd.kind == RuntimeKind::Containerd16 {
         assert_eq!(via.expect("v1alpha2 Version through the proxy"), "v1alpha2");

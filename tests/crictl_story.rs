@@ -76,8 +76,10 @@ fn crictl_pulls_runs_moves_rolls_back_and_is_refused_through_the_proxy() {
         STREAM_REF,
     ]);
     let v1_id = common::crictl::image_ref_of_pull(&out);
+    // The answer a pull of the pinned digest gets directly (containerd: the image id; CRI-O:
+    // the pinned reference).
+    assert_eq!(direct.pull(&pinned_v1, &pod_a), v1_id);
     let held = direct.inspecti_status(&pinned_v1);
-    assert_eq!(held["id"], v1_id.as_str(), "{held:#}");
     assert!(
         held["repoDigests"]
             .as_array()
@@ -134,7 +136,7 @@ fn crictl_pulls_runs_moves_rolls_back_and_is_refused_through_the_proxy() {
     ]);
     let v2_id = proxy.pull(STREAM_REF, &pod_a);
     assert_ne!(v2_id, v1_id);
-    assert_eq!(direct.inspecti_status(&pinned_v2)["id"], v2_id.as_str());
+    assert_eq!(direct.pull(&pinned_v2, &pod_a), v2_id);
     let c2 = proxy.create(
         &pod_id,
         &proxy.container_config("app-2", STREAM_REF, SLEEP),
@@ -239,7 +241,7 @@ fn crictl_pulls_runs_moves_rolls_back_and_is_refused_through_the_proxy() {
         "{}",
         rmi.describe()
     );
-    assert_eq!(direct.inspecti_status(&pinned_v1)["id"], v1_id.as_str());
+    assert!(direct.inspecti_status(&pinned_v1)["id"].is_string());
     // `crictl rmi` of the pinned reference through the proxy removes it.
     let out = proxy.ok(&["rmi", &pinned_v1]);
     assert!(out.contains(&pinned_v1), "{out}");

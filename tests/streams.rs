@@ -137,7 +137,18 @@ async fn stream_story_set_move_rollback_restart() {
         .into_inner()
         .image
         .expect("runtime holds v1's digest");
-    assert_eq!(held.id, v1_id);
+    // The proxy's pull answered what a direct pull of the pinned digest answers (containerd:
+    // the image id; CRI-O: the pinned reference).
+    let direct_ref = direct
+        .pull_image(PullImageRequest {
+            image: Some(image_spec(&format!("{}/app@{v1}", registry.addr))),
+            ..Default::default()
+        })
+        .await
+        .expect("PullImage direct")
+        .into_inner()
+        .image_ref;
+    assert_eq!(direct_ref, v1_id, "the runtime holds {}", held.id);
     // A second pull of the same pinned digest is answered without pulling again.
     let again = node
         .pull("app:prod", &pod_config("p1b", "team-a", node.logs.path()))

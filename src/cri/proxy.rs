@@ -102,6 +102,39 @@ pub struct CriProxy {
     stream_host: String,
     policy: PullPolicy,
     private: Option<Arc<super::private::PrivateGate>>,
+    /// How the runtime names a pulled image, learned from its first `Version` answer.
+    image_ref_style: tokio::sync::OnceCell<ImageRefStyle>,
+}
+
+pub const VERSION: &str = "/runtime.v1.RuntimeService/Version";
+
+/// What a runtime answers in `PullImageResponse.image_ref`: containerd the image id (the config
+/// digest), CRI-O the pulled image as `repo@sha256:…`. The proxy's own answer for a pinned image
+/// the runtime already holds imitates it, so that a client sees the same answer as directly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ImageRefStyle {
+    ImageId,
+    RepoDigest,
+}
+
+impl ImageRefStyle {
+    /// By the runtime's `Version.runtime_name` (`containerd`, `cri-o`, …).
+    fn of_runtime(runtime_name: &str) -> Self {
+        if runtime_name == "cri-o" {
+            ImageRefStyle::RepoDigest
+        } else {
+            ImageRefStyle::ImageId
+        }
+    }
+
+    /// The `image_ref` for `image`, held by the runtime, pulled as `pinned`
+    /// (`registry/repo@sha256:…`).
+    fn image_ref(self, image: &k8s_cri::v1::Image, pinned: &str) -> String {
+        match self {
+            ImageRefStyle::ImageId => image.id.clone(),
+            ImageRefStyle::RepoDigest => pinned.to_string(),
+        }
+    }
 }
 
 impl CriProxy {
@@ -112,7 +145,22 @@ impl CriProxy {
             stream_host,
             policy,
             private: None,
+            image_ref_style: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The runtime's [`ImageRefStyle`], asked once (a failed `Version` call is not remembered).
+    async fn image_ref_style(&self) -> Result<ImageRefStyle, Status> {
+        self.image_ref_style
+            .get_or_try_init(|| async {
+                let version: k8s_cri::v1::VersionResponse = self
+                    .runtime
+                    .unary(VERSION, &k8s_cri::v1::VersionRequest::default())
+                    .await?;
+                Ok(ImageRefStyle::of_runtime(&version.runtime_name))
+            })
+            .await
+            .copied()
     }
 
     /// Keeps private images to pods with valid pull credentials (see [`super::private`]).
@@ -249,6 +297,7 @@ impl CriProxy {
         };
         if let Resolution::Pinned(_) = resolution {
             // The runtime may hold the pinned digest already: answer without a pull.
+            let pinned = spec.image.clone();
             let status: ImageStatusResponse = self
                 .runtime
                 .unary(
@@ -260,16 +309,16 @@ impl CriProxy {
                 )
                 .await?;
             if let Some(image) = status.image {
-                tracing::debug!(image_ref = %image.id, "pinned image already present");
+                let image_ref = self.image_ref_style().await?.image_ref(&image, &pinned);
+                tracing::debug!(%image_ref, "pinned image already present");
                 if let Some((gate, repo, uid)) = &private {
                     gate.granted(uid.as_deref(), repo, &image.id);
+                    if image_ref != image.id {
+                        gate.granted(uid.as_deref(), repo, &image_ref);
+                    }
                 }
                 return Ok(Decision::Answer(
-                    PullImageResponse {
-                        image_ref: image.id,
-                    }
-                    .encode_to_vec()
-                    .into(),
+                    PullImageResponse { image_ref }.encode_to_vec().into(),
                 ));
             }
         }
@@ -418,4 +467,26 @@ fn record(tag: &TagRef, digest: &str) {
     span.record("stream", format!("{}/{}", tag.namespace, tag.name));
     span.record("tag", tag.tag.as_str());
     span.record("digest", digest);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_image_is_named_as_the_runtime_names_a_pull() {
+        let image = k8s_cri::v1::Image {
+            id: "sha256:c0ffee".into(),
+            ..Default::default()
+        };
+        let pinned = "registry.example.com/app@sha256:feed";
+        assert_eq!(
+            ImageRefStyle::of_runtime("containerd").image_ref(&image, pinned),
+            "sha256:c0ffee"
+        );
+        assert_eq!(
+            ImageRefStyle::of_runtime("cri-o").image_ref(&image, pinned),
+            pinned
+        );
+    }
 }

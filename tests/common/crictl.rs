@@ -141,8 +141,9 @@ impl Crictl {
 
     /// Writes `<dir>/pod-NAME.json`, the config of a pod `name` in `namespace` (uid
     /// `uid-NAME`, attempt 0) with the node's network (`namespace_options.network: 2`, NODE:
-    /// no CNI needed), its own PID and IPC namespaces (POD), and `<dir>/logs/NAME` as log
-    /// directory (created). Returns the file's path.
+    /// no CNI needed), a PID namespace per container (CONTAINER, the kubelet's default; a
+    /// pod-level one fails on CRI-O here), the pod's IPC namespace (POD), and `<dir>/logs/NAME`
+    /// as log directory (created). Returns the file's path.
     pub fn pod_config(&self, name: &str, namespace: &str) -> PathBuf {
         let logs = self.dir.join("logs").join(name);
         fs::create_dir_all(&logs).unwrap_or_else(|e| panic!("create {}: {e}", logs.display()));
@@ -158,7 +159,7 @@ impl Crictl {
             "linux": {
                 "security_context": {
                     // NamespaceMode: POD = 0, CONTAINER = 1, NODE = 2.
-                    "namespace_options": { "network": 2, "pid": 0, "ipc": 0 }
+                    "namespace_options": namespace_options()
                 }
             }
         });
@@ -248,12 +249,19 @@ impl Crictl {
 }
 
 /// A container config (CRI `ContainerConfig` as crictl reads it) with the given `image` spec.
+/// Pod and container namespaces (NamespaceMode: POD = 0, CONTAINER = 1, NODE = 2): the node's
+/// network, a PID namespace per container, the pod's IPC namespace.
+fn namespace_options() -> serde_json::Value {
+    serde_json::json!({ "network": 2, "pid": 1, "ipc": 0 })
+}
+
 fn container_json(name: &str, image: serde_json::Value, command: &[&str]) -> serde_json::Value {
     let mut config = serde_json::json!({
         "metadata": { "name": name, "attempt": 0 },
         "image": image,
         "log_path": format!("{name}.log"),
-        "linux": {}
+        // The pod's namespaces, as the kubelet repeats them (a zero pid would mean POD).
+        "linux": { "security_context": { "namespace_options": namespace_options() } }
     });
     if !command.is_empty() {
         config["command"] = serde_json::json!(command);

@@ -57,9 +57,9 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ImageSpec, LinuxContainerConfig, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, VersionRequest,
+    ContainerConfig, ContainerMetadata, ImageSpec, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, VersionRequest,
 };
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -1127,14 +1127,7 @@ pub fn pod_config(name: &str, namespace: &str, log_dir: &Path) -> PodSandboxConf
         labels: HashMap::from([("imagestream.test/pod".to_string(), name.to_string())]),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
-                    // The kubelet's default (no shareProcessNamespace). A pod-level PID namespace
-                    // fails on CRI-O here (see the `runtime` module).
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(pod_namespace_options()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -1143,8 +1136,14 @@ pub fn pod_config(name: &str, namespace: &str, log_dir: &Path) -> PodSandboxConf
     }
 }
 
-/// Container config for `image` named `name`, log_path "name.log". `command`/`args` are empty
-/// (image entrypoint); set them on the result, e.g. `cfg.command = vec!["/bin/sleep".into(), "infinity".into()]`.
+/// Container config for `image` named `name`, log_path "name.log", for a pod of
+/// [`pod_config`]. `command`/`args` are empty (image entrypoint); set them on the result, e.g.
+/// `cfg.command = vec!["/bin/sleep".into(), "infinity".into()]`.
+///
+/// As the kubelet does, the image spec carries the reference as the user wrote it in
+/// `user_specified_image` (CRI-O checks its signature policy against that name and refuses a
+/// container without it), and the container's namespace options repeat the pod's (a proto3 zero
+/// would mean a pod-level PID namespace).
 pub fn container_config(name: &str, image: &str) -> ContainerConfig {
     ContainerConfig {
         metadata: Some(ContainerMetadata {
@@ -1153,10 +1152,29 @@ pub fn container_config(name: &str, image: &str) -> ContainerConfig {
         }),
         image: Some(ImageSpec {
             image: image.to_string(),
+            user_specified_image: image.to_string(),
             ..Default::default()
         }),
         log_path: format!("{name}.log"),
-        linux: Some(LinuxContainerConfig::default()),
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                namespace_options: Some(pod_namespace_options()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The namespaces of [`pod_config`]'s pods and their containers: the node's network, a PID
+/// namespace per container (the kubelet's default; a pod-level one fails on CRI-O here, see
+/// the `runtime` module), the pod's IPC namespace.
+pub fn pod_namespace_options() -> NamespaceOption {
+    NamespaceOption {
+        network: NamespaceMode::Node as i32,
+        pid: NamespaceMode::Container as i32,
+        ipc: NamespaceMode::Pod as i32,
         ..Default::default()
     }
 }

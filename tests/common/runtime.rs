@@ -619,6 +619,8 @@ container_attach_socket_dir = "{d}/state"
 namespaces_dir = "{d}/state/ns"
 pinns_path = "{pinns}"
 irqbalance_config_restore_file = "disable"
+# GetContainerEvents streams events (the kubelet's evented PLEG); off by default.
+enable_pod_events = true
 
 [crio.runtime.runtimes.runc]
 runtime_path = "/usr/sbin/runc"
