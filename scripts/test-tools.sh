@@ -12,7 +12,8 @@
 #                     needs gcc, make, pkg-config, libc6-dev, libseccomp-dev to build, conmon to run)
 #   kubelet           k8s.io/kubernetes         the kubelet, built in a generated module
 #
-# Usage: bash scripts/test-tools.sh            builds what is missing, prints the bin dir
+# Usage: bash scripts/test-tools.sh [TOOL...]   builds what is missing (of TOOLs, default all),
+#                                              prints the bin dir
 # The tests find the tools in $IMAGESTREAM_TEST_TOOLS (default /var/cache/imagestream-test/bin).
 # Everything but the bin dir goes to stderr.
 set -euo pipefail
@@ -211,11 +212,25 @@ build_kubelet() {
   (cd "$dir" && go mod tidy && go build -trimpath -ldflags "$ldflags" -o "$out" .)
 }
 
-build crictl "crictl-$CRI_TOOLS_VERSION-1" build_crictl
-build critest "critest-$CRI_TOOLS_VERSION-1" build_critest
-build h2spec "h2spec-$H2SPEC_VERSION" build_h2spec
-build containerd2 "containerd-$CONTAINERD_VERSION-1" build_containerd
-build crio "crio-$CRIO_VERSION-1" build_crio
-build pinns "pinns-$CRIO_VERSION-1" build_pinns
-build kubelet "kubelet-$KUBELET_VERSION-1" build_kubelet
+ALL_TOOLS=(crictl critest h2spec containerd2 crio pinns kubelet)
+WANTED=("$@")
+for w in "${WANTED[@]}"; do
+  [[ " ${ALL_TOOLS[*]} " == *" $w "* ]] || {
+    echo "test-tools: unknown tool $w (known: ${ALL_TOOLS[*]})" >&2
+    exit 2
+  }
+done
+# want NAME: whether NAME was asked for (no arguments: every tool).
+want() {
+  ((${#WANTED[@]} == 0)) && return 0
+  [[ " ${WANTED[*]} " == *" $1 "* ]]
+}
+
+want crictl && build crictl "crictl-$CRI_TOOLS_VERSION-1" build_crictl
+want critest && build critest "critest-$CRI_TOOLS_VERSION-1" build_critest
+want h2spec && build h2spec "h2spec-$H2SPEC_VERSION" build_h2spec
+want containerd2 && build containerd2 "containerd-$CONTAINERD_VERSION-1" build_containerd
+want crio && build crio "crio-$CRIO_VERSION-1" build_crio
+want pinns && build pinns "pinns-$CRIO_VERSION-1" build_pinns
+want kubelet && build kubelet "kubelet-$KUBELET_VERSION-1" build_kubelet
 echo "$bin"
