@@ -701,6 +701,7 @@ async fn g_with_the_mirror_down_the_runtime_falls_back_to_the_registry() {
     let started = Instant::now();
     let first = pull_ok(&d, &reference, "pull through the mirror").await;
     let through_mirror = started.elapsed();
+    assert_eq!(first, pulled_ref(ctd.kind, &reference, &img));
     assert_no_fallback_to_origin(&registry, &d, "pull through the mirror");
     cri_remove_image(&d.cri_socket, &first)
         .await
