@@ -241,8 +241,14 @@ impl Crictl {
         self.json(&["inspecti", "-o", "json", image])["status"].clone()
     }
 
-    /// `crictl stopp POD_ID` then `crictl rmp POD_ID` (its containers go with it).
+    /// `crictl stop --timeout 0` of the pod's containers (the test images' PID 1 ignores
+    /// SIGTERM, and CRI-O's StopPodSandbox would wait its 30 s stop timeout for each), then
+    /// `crictl stopp POD_ID` and `crictl rmp POD_ID` (its containers go with it).
     pub fn remove_pod(&self, pod_id: &str) {
+        let ids = self.ok(&["ps", "-a", "-q", "--pod", pod_id]);
+        for id in ids.split_whitespace() {
+            self.ok(&["stop", "--timeout", "0", id]);
+        }
         self.ok(&["stopp", pod_id]);
         self.ok(&["rmp", pod_id]);
     }

@@ -1249,8 +1249,29 @@ pub async fn start_sleeping_container(
     (rt, ctr)
 }
 
-/// StopPodSandbox then RemovePodSandbox.
+/// StopContainer (timeout 0) of its containers, StopPodSandbox, then RemovePodSandbox.
 pub async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod_id: &str) {
+    // The test images' PID 1 (`sleep`) ignores SIGTERM: stop the containers at once, or CRI-O's
+    // StopPodSandbox waits its 30 s stop timeout for each.
+    let containers = rt
+        .list_containers(k8s_cri::v1::ListContainersRequest {
+            filter: Some(k8s_cri::v1::ContainerFilter {
+                pod_sandbox_id: pod_id.to_string(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("ListContainers")
+        .into_inner()
+        .containers;
+    for c in containers {
+        rt.stop_container(k8s_cri::v1::StopContainerRequest {
+            container_id: c.id,
+            timeout: 0,
+        })
+        .await
+        .expect("StopContainer");
+    }
     rt.stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest {
         pod_sandbox_id: pod_id.to_string(),
     })

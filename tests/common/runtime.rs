@@ -621,6 +621,9 @@ pinns_path = "{pinns}"
 irqbalance_config_restore_file = "disable"
 # GetContainerEvents streams events (the kubelet's evented PLEG); off by default.
 enable_pod_events = true
+# Host ports by the CNI portmap plugin (critest's network has it): CRI-O 1.34.0's own host port
+# manager dereferences a nil nftables manager on a machine without nft and crashes.
+disable_hostport_mapping = true
 
 [crio.runtime.runtimes.runc]
 runtime_path = "/usr/sbin/runc"
