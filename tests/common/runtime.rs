@@ -25,10 +25,11 @@
 //! - containerd 1.6: `disable_cgroup` unless [`BedOptions::cgroups`], `restrict_oom_score_adj`.
 //! - containerd 2.x: `overlayfs` works here; `restrict_oom_score_adj`; NRI off; cgroups always on
 //!   (version 3 has no `disable_cgroup`).
-//! - CRI-O: `vfs` storage, `cgroupfs`, loopback registries insecure, and no pod-level PID
-//!   namespace: its infra (pause) container gets `oom_score_adj` -998, which needs
-//!   `CAP_SYS_RESOURCE` (pods that share one PID namespace fail to start here; the kubelet's
-//!   default, one PID namespace per container, works).
+//! - CRI-O: `vfs` storage, `cgroupfs`, loopback registries insecure, events on, host ports by the
+//!   CNI `portmap` plugin (CRI-O 1.34.0's own host-port manager crashes without `nft`), and runc
+//!   behind a wrapper that clamps a container's `oomScoreAdj` to its own ([`RUNC_RESTRICT_OOM`],
+//!   what containerd's `restrict_oom_score_adj` does): CRI-O gives its infra (pause) containers
+//!   -998, and lowering a score needs `CAP_SYS_RESOURCE`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -426,6 +427,7 @@ impl RuntimeBed {
                 let registries = crio_registries_conf(&self.routes);
                 fs::write(self.dir.join("registries.conf"), registries)
                     .expect("write registries.conf");
+                write_executable(&self.dir.join("runc-restrict-oom"), RUNC_RESTRICT_OOM);
                 fs::write(
                     self.dir.join("policy.json"),
                     "{\"default\":[{\"type\":\"insecureAcceptAnything\"}]}\n",
@@ -462,6 +464,38 @@ impl Drop for RuntimeBed {
             }
         }
     }
+}
+
+/// CRI-O's OCI runtime in the bed: runc, with a container's `oomScoreAdj` raised to at least
+/// this process's own before `create`, as containerd's `restrict_oom_score_adj` does. CRI-O
+/// gives every infra (pause) container -998, hard-coded, and lowering a score needs
+/// `CAP_SYS_RESOURCE`, which these machines lack: without this, every pod with a pod-level PID
+/// namespace (critest's default) fails ("nsexec: failed to update /proc/self/oom_score_adj:
+/// Permission denied"). The bundle's `config.json` is rewritten in place (CRI-O writes it
+/// compact).
+const RUNC_RESTRICT_OOM: &str = r#"#!/bin/sh
+# Test bed only: runc with oomScoreAdj clamped to this process's own (containerd's
+# restrict_oom_score_adj), for a machine without CAP_SYS_RESOURCE. See tests/common/runtime.rs.
+bundle=.
+create=
+prev=
+for a in "$@"; do
+  case "$prev" in --bundle|-b) bundle=$a ;; esac
+  case "$a" in create|run) create=1 ;; --bundle=*) bundle=${a#--bundle=} ;; esac
+  prev=$a
+done
+if [ -n "$create" ] && [ -f "$bundle/config.json" ]; then
+  own=$(cat /proc/self/oom_score_adj)
+  sed -i -E "s/\"oomScoreAdj\": *-[0-9]+/\"oomScoreAdj\":$own/" "$bundle/config.json"
+fi
+exec /usr/sbin/runc "$@"
+"#;
+
+fn write_executable(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
 }
 
 /// The dir holding containerd 2's `containerd`, `containerd-shim-runc-v2` and `ctr`
@@ -626,7 +660,7 @@ enable_pod_events = true
 disable_hostport_mapping = true
 
 [crio.runtime.runtimes.runc]
-runtime_path = "/usr/sbin/runc"
+runtime_path = "{d}/runc-restrict-oom"
 runtime_type = "oci"
 runtime_root = "{d}/runc"
 monitor_path = "/usr/bin/conmon"
