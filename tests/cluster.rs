@@ -499,16 +499,13 @@ fn a_watch_from_a_compacted_revision_lists_again() {
         );
         let mut last = 0;
         for name in ["a", "b", "c"] {
-            let s = store.clone();
-            let written = tokio::task::spawn_blocking(move || {
-                s.put(
+            let written = store
+                .put(
                     &Stream::new(&StreamKey::new("team-a", name), false),
                     Expect::Absent,
                 )
-            })
-            .await
-            .expect("join")
-            .expect("put");
+                .await
+                .expect("put");
             last = written.revision.expect("etcd revision");
         }
         // Everything up to the last write is compacted: a watch from revision 2 cannot start.

@@ -1,11 +1,15 @@
 //! The embedded store: one redb database file (`streams.redb` in the state dir). redb commits
 //! are crash-safe (copy-on-write B-tree with a checksummed commit slot), so a crash at any
 //! moment leaves the old or the new state, never a torn one. Records are JSON.
+//!
+//! redb's calls block on disk I/O, so every [`StreamStore`] method runs its transaction on
+//! tokio's blocking pool (`spawn_blocking`) and only awaits the result there.
 
 use super::{Expect, StoreError, StreamStore, Written};
 use crate::stream::model::{Stream, StreamKey};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// File name of the database inside the state dir.
 pub const DB_FILE: &str = "streams.redb";
@@ -13,6 +17,11 @@ pub const DB_FILE: &str = "streams.redb";
 const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
 
 pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+/// The database and its path, shared with the blocking tasks that run the transactions.
+struct Inner {
     db: Database,
     path: PathBuf,
 }
@@ -22,21 +31,37 @@ fn key_string(key: &StreamKey) -> String {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the database at `state_dir/streams.redb`.
+    /// Opens (or creates) the database at `state_dir/streams.redb`. Blocks on disk I/O.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         let path = state_dir.join(DB_FILE);
         let db = Database::create(&path).map_err(|e| StoreError::Backend {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        let store = Self { db, path };
+        let inner = Inner { db, path };
         // Create the table so that readers find it.
-        let txn = store.db.begin_write().map_err(|e| store.backend(e))?;
-        txn.open_table(STREAMS).map_err(|e| store.backend(e))?;
-        txn.commit().map_err(|e| store.backend(e))?;
-        Ok(store)
+        let txn = inner.db.begin_write().map_err(|e| inner.backend(e))?;
+        txn.open_table(STREAMS).map_err(|e| inner.backend(e))?;
+        txn.commit().map_err(|e| inner.backend(e))?;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
+    /// Runs `f` on the database from tokio's blocking pool.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || f(&inner)).await {
+            Ok(r) => r,
+            Err(e) => Err(self.inner.backend(format!("store task failed: {e}"))),
+        }
+    }
+}
+
+impl Inner {
     fn backend(&self, e: impl std::fmt::Display) -> StoreError {
         StoreError::Backend {
             path: self.path.display().to_string(),
@@ -50,9 +75,7 @@ impl EmbeddedStore {
             message: e.to_string(),
         })
     }
-}
 
-impl StreamStore for EmbeddedStore {
     fn list(&self) -> Result<Vec<Stream>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.backend(e))?;
         let table = txn.open_table(STREAMS).map_err(|e| self.backend(e))?;
@@ -113,32 +136,54 @@ impl StreamStore for EmbeddedStore {
     }
 }
 
+#[async_trait::async_trait]
+impl StreamStore for EmbeddedStore {
+    async fn list(&self) -> Result<Vec<Stream>, StoreError> {
+        self.run(|db| db.list()).await
+    }
+
+    async fn get(&self, key: &StreamKey) -> Result<Option<Stream>, StoreError> {
+        let key = key.clone();
+        self.run(move |db| db.get(&key)).await
+    }
+
+    async fn put(&self, stream: &Stream, expect: Expect) -> Result<Written, StoreError> {
+        let stream = stream.clone();
+        self.run(move |db| db.put(&stream, expect)).await
+    }
+
+    async fn delete(&self, key: &StreamKey) -> Result<Option<Written>, StoreError> {
+        let key = key.clone();
+        self.run(move |db| db.delete(&key)).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn roundtrip_and_cas() {
+    #[tokio::test]
+    async fn roundtrip_and_cas() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = EmbeddedStore::open(dir.path()).expect("open");
         let key = StreamKey::new("ns", "app");
         let mut s = Stream::new(&key, true);
-        store.put(&s, Expect::Absent).expect("create");
+        store.put(&s, Expect::Absent).await.expect("create");
         assert!(matches!(
-            store.put(&s, Expect::Absent),
+            store.put(&s, Expect::Absent).await,
             Err(StoreError::AlreadyExists(_))
         ));
         s.revision = 1;
-        store.put(&s, Expect::Revision(0)).expect("update");
+        store.put(&s, Expect::Revision(0)).await.expect("update");
         assert!(matches!(
-            store.put(&s, Expect::Revision(0)),
+            store.put(&s, Expect::Revision(0)).await,
             Err(StoreError::Conflict(_))
         ));
         drop(store);
         let store = EmbeddedStore::open(dir.path()).expect("reopen");
-        assert_eq!(store.get(&key).expect("get"), Some(s));
-        assert_eq!(store.list().expect("list").len(), 1);
-        assert!(store.delete(&key).expect("delete").is_some());
-        assert!(store.delete(&key).expect("delete again").is_none());
+        assert_eq!(store.get(&key).await.expect("get"), Some(s));
+        assert_eq!(store.list().await.expect("list").len(), 1);
+        assert!(store.delete(&key).await.expect("delete").is_some());
+        assert!(store.delete(&key).await.expect("delete again").is_none());
     }
 }

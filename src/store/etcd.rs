@@ -112,7 +112,6 @@ pub struct EtcdStore {
     preferred: std::sync::atomic::AtomicUsize,
     settings: EtcdSettings,
     endpoints_text: String,
-    handle: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -179,7 +178,6 @@ impl EtcdStore {
             preferred: std::sync::atomic::AtomicUsize::new(0),
             endpoints_text,
             settings,
-            handle: tokio::runtime::Handle::current(),
         })
     }
 
@@ -308,11 +306,6 @@ impl EtcdStore {
         }
     }
 
-    /// Runs `fut` to completion from the blocking thread the stream service calls us on.
-    fn block_on<T>(&self, fut: impl Future<Output = T>) -> T {
-        self.handle.block_on(fut)
-    }
-
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<Stream, StoreError> {
         serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
             key: String::from_utf8_lossy(key).into_owned(),
@@ -342,97 +335,90 @@ impl EtcdStore {
     }
 }
 
+#[async_trait::async_trait]
 impl StreamStore for EtcdStore {
-    fn list(&self) -> Result<Vec<Stream>, StoreError> {
-        self.block_on(async {
-            Ok(self
-                .list_at()
-                .await?
-                .0
-                .into_iter()
-                .map(|(s, _)| s)
-                .collect())
-        })
+    async fn list(&self) -> Result<Vec<Stream>, StoreError> {
+        Ok(self
+            .list_at()
+            .await?
+            .0
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect())
     }
 
-    fn get(&self, key: &StreamKey) -> Result<Option<Stream>, StoreError> {
+    async fn get(&self, key: &StreamKey) -> Result<Option<Stream>, StoreError> {
         let k = self.stream_key(key);
-        self.block_on(async {
-            let resp = self
-                .call_any(true, |mut c| {
-                    let k = k.clone();
-                    async move { c.get(k, None).await }
-                })
-                .await?;
-            resp.kvs()
-                .first()
-                .map(|kv| self.decode(kv.key(), kv.value()))
-                .transpose()
-        })
+        let resp = self
+            .call_any(true, |mut c| {
+                let k = k.clone();
+                async move { c.get(k, None).await }
+            })
+            .await?;
+        resp.kvs()
+            .first()
+            .map(|kv| self.decode(kv.key(), kv.value()))
+            .transpose()
     }
 
-    fn put(&self, stream: &Stream, expect: Expect) -> Result<Written, StoreError> {
+    async fn put(&self, stream: &Stream, expect: Expect) -> Result<Written, StoreError> {
         let key = stream.key();
         let k = self.stream_key(&key);
         let bytes = serde_json::to_vec(stream).map_err(|e| StoreError::Backend {
             path: k.clone(),
             message: e.to_string(),
         })?;
-        self.block_on(async {
-            let compare = match expect {
-                Expect::Absent => Compare::create_revision(k.as_str(), CompareOp::Equal, 0),
-                Expect::Revision(r) => {
-                    // Compare on etcd's own revision of the record we checked, so that any
-                    // write in between (by any node) makes this one lose.
-                    let resp = self
-                        .call_any(true, |mut c| {
-                            let k = k.clone();
-                            async move { c.get(k, None).await }
-                        })
-                        .await?;
-                    let Some(current) = resp.kvs().first() else {
-                        return Err(StoreError::Conflict(key));
-                    };
-                    if self.decode(current.key(), current.value())?.revision != r {
-                        return Err(StoreError::Conflict(key));
-                    }
-                    Compare::mod_revision(k.as_str(), CompareOp::Equal, current.mod_revision())
+        let compare = match expect {
+            Expect::Absent => Compare::create_revision(k.as_str(), CompareOp::Equal, 0),
+            Expect::Revision(r) => {
+                // Compare on etcd's own revision of the record we checked, so that any
+                // write in between (by any node) makes this one lose.
+                let resp = self
+                    .call_any(true, |mut c| {
+                        let k = k.clone();
+                        async move { c.get(k, None).await }
+                    })
+                    .await?;
+                let Some(current) = resp.kvs().first() else {
+                    return Err(StoreError::Conflict(key));
+                };
+                if self.decode(current.key(), current.value())?.revision != r {
+                    return Err(StoreError::Conflict(key));
                 }
-            };
-            let txn = Txn::new()
-                .when([compare])
-                .and_then([TxnOp::put(k.as_str(), bytes, None)]);
-            let resp = self
-                .call_any(false, |mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
-                .await?;
-            if !resp.succeeded() {
-                return Err(match expect {
-                    Expect::Absent => StoreError::AlreadyExists(key),
-                    Expect::Revision(_) => StoreError::Conflict(key),
-                });
+                Compare::mod_revision(k.as_str(), CompareOp::Equal, current.mod_revision())
             }
-            Ok(Written {
-                revision: resp.header().map(|h| h.revision().max(0) as u64),
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::put(k.as_str(), bytes, None)]);
+        let resp = self
+            .call_any(false, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
             })
+            .await?;
+        if !resp.succeeded() {
+            return Err(match expect {
+                Expect::Absent => StoreError::AlreadyExists(key),
+                Expect::Revision(_) => StoreError::Conflict(key),
+            });
+        }
+        Ok(Written {
+            revision: resp.header().map(|h| h.revision().max(0) as u64),
         })
     }
 
-    fn delete(&self, key: &StreamKey) -> Result<Option<Written>, StoreError> {
+    async fn delete(&self, key: &StreamKey) -> Result<Option<Written>, StoreError> {
         let k = self.stream_key(key);
-        self.block_on(async {
-            let resp = self
-                .call_any(false, |mut c| {
-                    let k = k.clone();
-                    async move { c.delete(k, None).await }
-                })
-                .await?;
-            Ok((resp.deleted() > 0).then(|| Written {
-                revision: resp.header().map(|h| h.revision().max(0) as u64),
-            }))
-        })
+        let resp = self
+            .call_any(false, |mut c| {
+                let k = k.clone();
+                async move { c.delete(k, None).await }
+            })
+            .await?;
+        Ok((resp.deleted() > 0).then(|| Written {
+            revision: resp.header().map(|h| h.revision().max(0) as u64),
+        }))
     }
 }
 

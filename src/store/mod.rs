@@ -1,9 +1,13 @@
-//! Stream stores: where streams are persisted. The store is a narrow, synchronous key-value
+//! Stream stores: where streams are persisted. The store is a narrow, async key-value
 //! interface over whole [`Stream`] records with compare-and-swap on the record's revision, so
 //! that an embedded database (the default, [`embedded::EmbeddedStore`] on redb) and a
 //! cluster-wide one ([`etcd::EtcdStore`]) slot in behind the same [`StreamStore`] trait. The CRI
 //! path never touches a store: it reads the in-memory view that the stream service keeps, which
 //! a cluster store also feeds from its watch ([`etcd::feed`]).
+//!
+//! Every method is async and safe to await on the runtime: the etcd store calls its async
+//! client directly, and the embedded store runs redb's blocking disk I/O on tokio's blocking
+//! pool itself, so callers never wrap store calls in `spawn_blocking`.
 
 pub mod embedded;
 pub mod etcd;
@@ -45,13 +49,16 @@ pub enum Expect {
 }
 
 /// A persistent map of streams. Writes are atomic and durable when they return `Ok`.
+///
+/// Async through [`async_trait`] so that it stays object safe (`Arc<dyn StreamStore>`).
+#[async_trait::async_trait]
 pub trait StreamStore: Send + Sync + 'static {
     /// Every stream, for building the view at start.
-    fn list(&self) -> Result<Vec<Stream>, StoreError>;
-    fn get(&self, key: &StreamKey) -> Result<Option<Stream>, StoreError>;
+    async fn list(&self) -> Result<Vec<Stream>, StoreError>;
+    async fn get(&self, key: &StreamKey) -> Result<Option<Stream>, StoreError>;
     /// Writes `stream` if the stored record matches `expect`; the stored revision becomes
     /// `stream.revision`, which the caller has already incremented.
-    fn put(&self, stream: &Stream, expect: Expect) -> Result<Written, StoreError>;
+    async fn put(&self, stream: &Stream, expect: Expect) -> Result<Written, StoreError>;
     /// Removes the record; `Ok(None)` if there was none.
-    fn delete(&self, key: &StreamKey) -> Result<Option<Written>, StoreError>;
+    async fn delete(&self, key: &StreamKey) -> Result<Option<Written>, StoreError>;
 }

@@ -82,18 +82,6 @@ fn now_rfc3339() -> String {
         .unwrap_or_else(|_| "unknown".to_string())
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StreamError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(StreamError::from),
-        Err(e) => Err(StreamError::Store(StoreError::Backend {
-            path: "store".into(),
-            message: format!("store task failed: {e}"),
-        })),
-    }
-}
-
 impl StreamService {
     /// Builds the service and its view from everything in `store`.
     pub async fn new(
@@ -101,8 +89,7 @@ impl StreamService {
         registry: RegistryClient,
         settings: StreamSettings,
     ) -> Result<Self, StreamError> {
-        let s = store.clone();
-        let streams = blocking(move || s.list()).await?;
+        let streams = store.list().await?;
         Ok(Self::with_view(
             store,
             registry,
@@ -155,8 +142,7 @@ impl StreamService {
         validate_key(&key)?;
         let _guard = self.write_lock.lock().await;
         let stream = Stream::new(&key, lookup_local);
-        let (s, st) = (self.store.clone(), stream.clone());
-        let written = blocking(move || s.put(&st, Expect::Absent)).await?;
+        let written = self.store.put(&stream, Expect::Absent).await?;
         self.view
             .apply_at(&key, Some(stream.clone()), written.revision);
         tracing::info!(stream = %key, lookup_local, "stream created");
@@ -200,8 +186,7 @@ impl StreamService {
     pub async fn delete(&self, key: &StreamKey) -> Result<(), StreamError> {
         validate_key(key)?;
         let _guard = self.write_lock.lock().await;
-        let (s, k) = (self.store.clone(), key.clone());
-        let Some(written) = blocking(move || s.delete(&k)).await? else {
+        let Some(written) = self.store.delete(key).await? else {
             return Err(StreamError::StreamNotFound(key.clone()));
         };
         self.view.apply_at(key, None, written.revision);
@@ -619,22 +604,22 @@ impl StreamService {
         validate_key(&key)?;
         let _guard = self.write_lock.lock().await;
         for _ in 0..CAS_RETRIES {
-            let (s, k) = (self.store.clone(), key.clone());
-            let mut stream = blocking(move || s.get(&k))
+            let mut stream = self
+                .store
+                .get(&key)
                 .await?
                 .ok_or_else(|| StreamError::StreamNotFound(key.clone()))?;
             let expect = Expect::Revision(stream.revision);
             f(&mut stream)?;
             stream.revision += 1;
-            let (s, st) = (self.store.clone(), stream.clone());
-            match blocking(move || s.put(&st, expect)).await {
+            match self.store.put(&stream, expect).await {
                 Ok(written) => {
                     self.view
                         .apply_at(&key, Some(stream.clone()), written.revision);
                     return Ok(stream);
                 }
-                Err(StreamError::Store(StoreError::Conflict(_))) => continue,
-                Err(e) => return Err(e),
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
             }
         }
         Err(StreamError::Store(StoreError::Conflict(key)))
