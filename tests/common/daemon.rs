@@ -222,25 +222,19 @@ impl Daemon {
             String::from_utf8_lossy(&out.stdout)
         );
         bed.reload_registries();
-        let written = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .flat_map(|p| {
-                if p.is_dir() {
-                    vec![p.join("hosts.toml")]
-                } else {
-                    vec![p]
-                }
-            })
-            .filter(|p| p.is_file())
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .find(|text| text.contains(registry_host));
-        written.unwrap_or_else(|| {
+        let path = if bed.kind.is_containerd() {
+            bed.hosts_toml(registry_host)
+        } else {
+            let drop_in =
+                imagestream::mirror::registries_conf::DropIn::new(registry_host, &url, &[])
+                    .and_then(|d| d.file_name())
+                    .unwrap_or_else(|e| panic!("drop-in name for {registry_host}: {e}"));
+            dir.join(drop_in)
+        };
+        std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
-                "mirror {subcommand} wrote nothing about {registry_host} under {}; it printed: {}",
-                dir.display(),
+                "mirror {subcommand} did not write {} ({e}); it printed: {}",
+                path.display(),
                 String::from_utf8_lossy(&out.stdout)
             )
         })

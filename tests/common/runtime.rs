@@ -98,15 +98,6 @@ impl RuntimeKind {
     pub fn is_containerd(self) -> bool {
         !matches!(self, RuntimeKind::Crio)
     }
-
-    /// The CRI `runtime_name` it answers `Version` with.
-    pub fn cri_name(self) -> &'static str {
-        if self.is_containerd() {
-            "containerd"
-        } else {
-            "cri-o"
-        }
-    }
 }
 
 /// Settings of a bed beyond the defaults (which suit pods with host networking).
