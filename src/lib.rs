@@ -42,6 +42,7 @@ pub mod cri;
 pub mod importer;
 pub mod metrics;
 pub mod mirror;
+pub mod peer;
 pub mod registry;
 pub mod server;
 pub mod socket;

@@ -1,0 +1,2 @@
+//! Benchmark placeholder: discovery at scale (issue 20).
+fn main() {}

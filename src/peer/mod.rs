@@ -1,0 +1,2 @@
+//! Peers: the node caches of a cluster as one cache (issue 20). Work in progress.
+pub mod tls;
