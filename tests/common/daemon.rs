@@ -4,6 +4,10 @@
 //!
 //! Every daemon gets its own free registry-mirror port ([`Daemon::mirror_addr`], unless `extra`
 //! names `--mirror-listen`), so parallel tests never meet on the default 127.0.0.1:5050.
+//!
+//! [`Daemon::start_in`] runs it in a [`super::netns::NetHost`]'s network namespace with its
+//! mirror on `<host ip>:5050`: the runtime in the same namespace pulls through it, the test (in
+//! its own namespace) reads `/metrics` over the LAN, and the unix sockets are files as usual.
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpStream};
@@ -28,6 +32,8 @@ pub struct Daemon {
     pub config_file: Option<PathBuf>,
     args: Vec<String>,
     child: Option<Child>,
+    /// The network namespace it runs in ([`Daemon::start_in`]); `None`: the test's own.
+    netns: Option<String>,
 }
 
 impl Daemon {
@@ -35,7 +41,49 @@ impl Daemon {
     /// reached over HTTP and `extra` flags; waits until both sockets (and the mirror port, if
     /// the binary has a mirror) accept.
     pub fn start(runtime_endpoint: &str, insecure: &[&str], extra: &[&str]) -> Daemon {
-        Self::start_inner(runtime_endpoint, insecure, extra, None)
+        Self::start_inner(runtime_endpoint, insecure, extra, None, None)
+    }
+
+    /// Like [`Daemon::start`], inside `host`'s network namespace, with the mirror (and
+    /// `/metrics`) on `<host.ip>:5050` unless `extra` names `--mirror-listen`: reachable by a
+    /// runtime in the same namespace ([`Daemon::route_through_mirror`]) and by the test over
+    /// the LAN ([`Daemon::metrics`]). `runtime_endpoint` is usually the unix socket of a
+    /// [`super::RuntimeBed::start_in`] bed on the same host.
+    pub fn start_in(
+        host: &super::netns::NetHost,
+        runtime_endpoint: &str,
+        insecure: &[&str],
+        extra: &[&str],
+    ) -> Daemon {
+        Self::start_inner(
+            runtime_endpoint,
+            insecure,
+            extra,
+            None,
+            Some((host.netns.clone(), host.addr(5050))),
+        )
+    }
+
+    /// [`Daemon::start_in`] with a config file, as [`Daemon::start_with_config`].
+    pub fn start_in_with_config(
+        host: &super::netns::NetHost,
+        runtime_endpoint: &str,
+        insecure: &[&str],
+        extra: &[&str],
+        config_toml: &str,
+    ) -> Daemon {
+        Self::start_inner(
+            runtime_endpoint,
+            insecure,
+            extra,
+            Some(config_toml),
+            Some((host.netns.clone(), host.addr(5050))),
+        )
+    }
+
+    /// The network namespace the daemon runs in, if not the test's own.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     /// Like [`Daemon::start`], with `config_toml` written to `<dir>/config.toml` and passed as
@@ -46,14 +94,16 @@ impl Daemon {
         extra: &[&str],
         config_toml: &str,
     ) -> Daemon {
-        Self::start_inner(runtime_endpoint, insecure, extra, Some(config_toml))
+        Self::start_inner(runtime_endpoint, insecure, extra, Some(config_toml), None)
     }
 
+    /// `netns`: the namespace to run in and the default mirror address there.
     fn start_inner(
         runtime_endpoint: &str,
         insecure: &[&str],
         extra: &[&str],
         config_toml: Option<&str>,
+        netns: Option<(String, String)>,
     ) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("imagestream-daemon-")
@@ -93,7 +143,10 @@ impl Daemon {
         let mirror_addr = match given {
             Some(a) => a.to_string(),
             None => {
-                let a = format!("127.0.0.1:{}", super::free_port());
+                let a = match &netns {
+                    Some((_, addr)) => addr.clone(),
+                    None => format!("127.0.0.1:{}", super::free_port()),
+                };
                 args.push("--mirror-listen".into());
                 args.push(a.clone());
                 a
@@ -110,6 +163,7 @@ impl Daemon {
             config_file,
             args,
             child: None,
+            netns: netns.map(|(name, _)| name),
         };
         d.start_again();
         d
@@ -123,7 +177,7 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("daemon log file");
-        let child = Command::new(binary())
+        let child = super::netns::command_in(self.netns.as_deref(), binary())
             .args(&self.args)
             .env(
                 "RUST_LOG",

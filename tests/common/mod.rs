@@ -17,6 +17,9 @@
 //!   store, `/metrics`, raw HTTP and CRI pull/remove helpers ([`mirror`]).
 //! - Fake, fault-injecting registries that answer however a test wants, and an htpasswd
 //!   docker-registry ([`hostile`]).
+//! - Several "nodes" on one machine ([`netns`]): a bridge and network namespaces, with the
+//!   registry, runtime and daemon started inside one on request ([`Registry::start_in`],
+//!   [`RuntimeBed::start_in`], [`daemon::Daemon::start_in`]).
 //!
 //! Everything is torn down on `Drop`: processes (the runtime, its shims or conmons and their
 //! containers) are killed, mounts under the bed dir are lazily unmounted deepest first, shim
@@ -34,6 +37,7 @@ pub mod etcd;
 pub mod hostile;
 pub mod kubelet;
 pub mod mirror;
+pub mod netns;
 pub mod origin;
 pub mod runtime;
 pub mod tools;
@@ -455,12 +459,31 @@ pub struct Registry {
     child: Option<Child>,
     pause_pushed: Mutex<bool>,
     tmp: Option<TempDir>,
+    /// The network namespace it runs in ([`Registry::start_in`]); `None`: the test's own.
+    netns: Option<String>,
 }
 
 impl Registry {
     /// Starts a registry on a free port with storage in a fresh temp dir (delete enabled) and waits
     /// until `GET /v2/` answers 200.
     pub fn start() -> Registry {
+        Self::start_on(None, || format!("127.0.0.1:{}", free_port()))
+    }
+
+    /// Like [`Registry::start`], inside `host`'s network namespace, listening on
+    /// `<host.ip>:5000` (another port if that one is taken there), e.g. `10.213.7.2:5000`.
+    /// The test reaches it from its own namespace over the LAN; the access log, `stop` and
+    /// `restart` work as for [`Registry::start`].
+    pub fn start_in(host: &netns::NetHost) -> Registry {
+        let ip = host.ip.clone();
+        let mut attempt = 0u16;
+        Self::start_on(Some(host.netns.clone()), move || {
+            attempt += 1;
+            format!("{ip}:{}", 4999 + attempt)
+        })
+    }
+
+    fn start_on(netns: Option<String>, mut next_addr: impl FnMut() -> String) -> Registry {
         require_binary("docker-registry", "docker-registry");
         let tmp = harness_tempdir("isreg-");
         let dir = tmp.path().to_path_buf();
@@ -471,7 +494,7 @@ impl Registry {
         let mut last_err = String::new();
         // The free port can be taken between probing and binding; retry with a new one.
         for _attempt in 0..5 {
-            let addr = format!("127.0.0.1:{}", free_port());
+            let addr = next_addr();
             let yml = format!(
                 "version: 0.1\n\
                  log:\n  level: warn\n  accesslog:\n    disabled: false\n\
@@ -489,6 +512,7 @@ impl Registry {
                 child: None,
                 pause_pushed: Mutex::new(false),
                 tmp: None,
+                netns: netns.clone(),
             };
             match reg.spawn_and_wait() {
                 Ok(()) => {
@@ -509,7 +533,7 @@ impl Registry {
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
         let (out, err) = log_file(&self.log);
-        let child = Command::new("docker-registry")
+        let child = netns::command_in(self.netns.as_deref(), "docker-registry")
             .arg("serve")
             .arg(&self.config)
             .stdin(Stdio::null())

@@ -10,7 +10,9 @@
 //! [`RuntimeBed::start`] writes the runtime's config (everything — root, state, sockets, runc
 //! root, logs — under the bed's dir), starts it and waits until CRI `Version` answers;
 //! [`RuntimeBed::stop`] / [`RuntimeBed::start_again`] keep its state; `Drop` kills it, its shims or
-//! conmons and their containers, and unmounts what it left.
+//! conmons and their containers, and unmounts what it left. [`RuntimeBed::start_in`] /
+//! [`RuntimeBed::start_kind_in`] run it in a network namespace of a [`super::netns::Lan`]
+//! (`nsenter --net`, so the shims and host-network containers are there too).
 //!
 //! Registry routing, the same call for every runtime:
 //! - [`RuntimeBed::route_registry`] sends pulls of a registry host to another address (critest's
@@ -126,6 +128,9 @@ pub struct RuntimeBed {
     /// Where pod networks are configured (`*.conflist`).
     pub cni_conf_dir: PathBuf,
     options: BedOptions,
+    /// The network namespace the runtime (and so its shims and host-network containers) runs
+    /// in ([`RuntimeBed::start_in`]); `None`: the test's own.
+    netns: Option<String>,
     /// CRI-O: registry host → location, rendered into `registries.conf`.
     routes: BTreeMap<String, String>,
     child: Option<Child>,
@@ -152,6 +157,44 @@ impl RuntimeBed {
 
     /// A bed of the given kind and options.
     pub fn start_kind(kind: RuntimeKind, registry_addr: &str, options: BedOptions) -> RuntimeBed {
+        Self::start_kind_netns(kind, registry_addr, options, None)
+    }
+
+    /// Like [`RuntimeBed::start`], with the runtime of `IMAGESTREAM_TEST_RUNTIME` running in
+    /// `host`'s network namespace: the runtime, its shims (or conmons) and the containers of
+    /// host-network pods see only that host's interfaces (`lo` and its LAN address). Its unix
+    /// sockets and state are files under [`RuntimeBed::dir`] as usual.
+    pub fn start_in(host: &super::netns::NetHost, registry: &Registry) -> RuntimeBed {
+        push_pause_image(registry);
+        Self::start_kind_in(
+            RuntimeKind::from_env(),
+            &registry.addr,
+            BedOptions::default(),
+            host,
+        )
+    }
+
+    /// [`RuntimeBed::start_kind`] in `host`'s network namespace (see [`RuntimeBed::start_in`]).
+    pub fn start_kind_in(
+        kind: RuntimeKind,
+        registry_addr: &str,
+        options: BedOptions,
+        host: &super::netns::NetHost,
+    ) -> RuntimeBed {
+        Self::start_kind_netns(kind, registry_addr, options, Some(host.netns.clone()))
+    }
+
+    /// The network namespace the runtime runs in, if not the test's own.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    fn start_kind_netns(
+        kind: RuntimeKind,
+        registry_addr: &str,
+        options: BedOptions,
+        netns: Option<String>,
+    ) -> RuntimeBed {
         require_root(kind.name());
         require_binary("runc", "runc");
         let tmp = harness_tempdir(match kind {
@@ -193,6 +236,7 @@ impl RuntimeBed {
             config,
             registry_addr: registry_addr.to_string(),
             options,
+            netns,
             routes: BTreeMap::new(),
             dir,
             child: None,
@@ -330,7 +374,7 @@ impl RuntimeBed {
             RuntimeKind::Containerd16 => {
                 require_binary("containerd", "containerd");
                 require_binary("containerd-shim-runc-v2", "containerd");
-                let mut c = Command::new("containerd");
+                let mut c = super::netns::command_in(self.netns.as_deref(), "containerd");
                 c.arg("--config").arg(&self.config);
                 c
             }
@@ -342,13 +386,13 @@ impl RuntimeBed {
                     std::iter::once(bin.clone()).chain(std::env::split_paths(&path)),
                 )
                 .expect("PATH");
-                let mut c = Command::new(bin.join("containerd"));
+                let mut c = super::netns::command_in(self.netns.as_deref(), bin.join("containerd"));
                 c.env("PATH", path).arg("--config").arg(&self.config);
                 c
             }
             RuntimeKind::Crio => {
                 require_binary("conmon", "conmon");
-                let mut c = Command::new(tools::tool("crio"));
+                let mut c = super::netns::command_in(self.netns.as_deref(), tools::tool("crio"));
                 c.arg("--config")
                     .arg(&self.config)
                     .arg("--config-dir")
