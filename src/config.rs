@@ -93,6 +93,16 @@ pub struct FileConfig {
     pub private_images: Option<bool>,
     pub private_images_ttl_secs: Option<u64>,
     pub private_images_offline: Option<crate::cri::private::OfflinePolicy>,
+    pub peer_listen: Option<String>,
+    pub peer_advertise: Option<String>,
+    #[serde(default)]
+    pub peers: Vec<String>,
+    pub peer_ca_file: Option<PathBuf>,
+    pub peer_cert_file: Option<PathBuf>,
+    pub peer_key_file: Option<PathBuf>,
+    pub peer_replicas: Option<usize>,
+    pub peer_first_byte_timeout_ms: Option<u64>,
+    pub peer_lease_ttl_secs: Option<u64>,
 }
 
 /// Flags of `imagestream serve` that override the file.
@@ -183,6 +193,27 @@ pub struct Config {
     pub private_images_ttl_secs: u64,
     /// Private image, registry unreachable: `verified-before`, `deny` or `allow`.
     pub private_images_offline: crate::cri::private::OfflinePolicy,
+    /// `IP:PORT` of the peer endpoint (mutual TLS; docs/cluster.md); unset: peers are off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_listen: Option<String>,
+    /// `HOST:PORT` other nodes reach the peer endpoint at [default: `peer_listen`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_advertise: Option<String>,
+    /// The other nodes (`NAME=HOST:PORT`), without etcd; with etcd they are discovered.
+    pub peers: Vec<String>,
+    /// Cluster CA, and this node's certificate and key (`imagestream peer certs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_ca_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_key_file: Option<PathBuf>,
+    /// Home nodes per blob: they keep streams' pinned images for the cluster.
+    pub peer_replicas: usize,
+    /// How long a peer may take to answer before the next one is asked.
+    pub peer_first_byte_timeout_ms: u64,
+    /// Lease TTL of this node's registration in etcd.
+    pub peer_lease_ttl_secs: u64,
 }
 
 impl Default for Config {
@@ -225,6 +256,15 @@ impl Default for Config {
             private_images: true,
             private_images_ttl_secs: crate::cri::private::DEFAULT_TTL_SECS,
             private_images_offline: crate::cri::private::OfflinePolicy::VerifiedBefore,
+            peer_listen: None,
+            peer_advertise: None,
+            peers: Vec::new(),
+            peer_ca_file: None,
+            peer_cert_file: None,
+            peer_key_file: None,
+            peer_replicas: crate::peer::DEFAULT_REPLICAS,
+            peer_first_byte_timeout_ms: crate::peer::DEFAULT_FIRST_BYTE_TIMEOUT.as_millis() as u64,
+            peer_lease_ttl_secs: crate::peer::DEFAULT_LEASE_TTL_SECS,
         }
     }
 }
@@ -292,6 +332,15 @@ impl Config {
             private_images,
             private_images_ttl_secs,
             private_images_offline,
+            peer_listen,
+            peer_advertise,
+            peers,
+            peer_ca_file,
+            peer_cert_file,
+            peer_key_file,
+            peer_replicas,
+            peer_first_byte_timeout_ms,
+            peer_lease_ttl_secs,
         } = f;
         set(&mut self.state_dir, state_dir);
         set(&mut self.cri_socket, cri_socket);
@@ -333,6 +382,15 @@ impl Config {
         set(&mut self.private_images, private_images);
         set(&mut self.private_images_ttl_secs, private_images_ttl_secs);
         set(&mut self.private_images_offline, private_images_offline);
+        self.peer_listen = peer_listen.or(self.peer_listen.take());
+        self.peer_advertise = peer_advertise.or(self.peer_advertise.take());
+        self.peers.extend(peers);
+        self.peer_ca_file = peer_ca_file.or(self.peer_ca_file.take());
+        self.peer_cert_file = peer_cert_file.or(self.peer_cert_file.take());
+        self.peer_key_file = peer_key_file.or(self.peer_key_file.take());
+        set(&mut self.peer_replicas, peer_replicas);
+        set(&mut self.peer_first_byte_timeout_ms, peer_first_byte_timeout_ms);
+        set(&mut self.peer_lease_ttl_secs, peer_lease_ttl_secs);
     }
 
     fn apply_overrides(&mut self, o: Overrides) {
@@ -449,6 +507,7 @@ impl Config {
                 message: "must be at least 2".into(),
             });
         }
+        self.peer_check()?;
         if self.cache_max_bytes == 0 {
             return Err(ConfigError::Invalid {
                 key: "cache_max_bytes",
@@ -456,6 +515,91 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    fn peer_check(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let Some(listen) = &self.peer_listen else {
+            if !self.peers.is_empty() {
+                return invalid("peers", "peers need peer_listen (this node's peer endpoint)".into());
+            }
+            return Ok(());
+        };
+        if listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid("peer_listen", format!("{listen:?} is not IP:PORT"));
+        }
+        if !crate::peer::discovery::check_name(&self.node_name) {
+            return invalid(
+                "node_name",
+                format!("{:?} is not a node name (letters, digits, '-', '.', '_')", self.node_name),
+            );
+        }
+        let advertise = self.peer_advertise();
+        if !crate::peer::discovery::check_addr(&advertise)
+            || advertise.starts_with("0.0.0.0:")
+            || advertise.starts_with("[::]:")
+        {
+            return invalid(
+                "peer_advertise",
+                format!("{advertise:?} is not an address other nodes can reach (HOST:PORT)"),
+            );
+        }
+        for (key, file) in [
+            ("peer_ca_file", &self.peer_ca_file),
+            ("peer_cert_file", &self.peer_cert_file),
+            ("peer_key_file", &self.peer_key_file),
+        ] {
+            if file.is_none() {
+                return invalid(
+                    key,
+                    "peer_listen needs peer_ca_file, peer_cert_file and peer_key_file \
+                     (make them with `imagestream peer certs`)"
+                        .into(),
+                );
+            }
+        }
+        if self.store == StoreKind::Embedded {
+            crate::peer::discovery::static_members(&self.peer_member(), &self.peers)
+                .map_err(|e| ConfigError::Invalid {
+                    key: "peers",
+                    message: e.to_string(),
+                })?;
+        }
+        if self.peer_replicas == 0 {
+            return invalid("peer_replicas", "must be at least 1".into());
+        }
+        if self.peer_first_byte_timeout_ms == 0 {
+            return invalid("peer_first_byte_timeout_ms", "must be more than 0".into());
+        }
+        if self.peer_lease_ttl_secs < 2 {
+            return invalid("peer_lease_ttl_secs", "must be at least 2".into());
+        }
+        Ok(())
+    }
+
+    /// Where other nodes reach this node's peer endpoint.
+    pub fn peer_advertise(&self) -> String {
+        self.peer_advertise
+            .clone()
+            .or_else(|| self.peer_listen.clone())
+            .unwrap_or_default()
+    }
+
+    /// This node as a member of the cluster.
+    pub fn peer_member(&self) -> crate::peer::Member {
+        crate::peer::Member {
+            name: self.node_name.clone(),
+            addr: self.peer_advertise(),
+        }
+    }
+
+    /// The peer TLS files, when all three are set.
+    pub fn peer_tls_files(&self) -> Option<crate::peer::tls::TlsFiles> {
+        Some(crate::peer::tls::TlsFiles {
+            ca_file: self.peer_ca_file.clone()?,
+            cert_file: self.peer_cert_file.clone()?,
+            key_file: self.peer_key_file.clone()?,
+        })
     }
 
     /// The mirror's listen address.
@@ -549,6 +693,30 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(again, c);
+        let bad = parse("history_limit = 0").expect("parses");
+        assert!(Config::build(Some(bad), Overrides::default()).is_err());
+        let peers = parse(
+            "node_name = \"n1\"\npeer_listen = \"10.0.0.1:5051\"\npeer_ca_file = \"/p/ca.pem\"\n\
+             peer_cert_file = \"/p/n1.pem\"\npeer_key_file = \"/p/n1-key.pem\"\n\
+             peers = [\"n2=10.0.0.2:5051\"]\n",
+        )
+        .expect("parses");
+        let c = Config::build(Some(peers), Overrides::default()).expect("valid");
+        assert_eq!(c.peer_advertise(), "10.0.0.1:5051");
+        let printed = toml::to_string(&c).expect("prints");
+        let again = Config::build(Some(parse(&printed).expect("reparses")), Overrides::default())
+            .expect("valid");
+        assert_eq!(again, c);
+        for (bad, key) in [
+            ("peers = [\"n2=10.0.0.2:5051\"]", "peers"),
+            ("peer_listen = \"x\"", "peer_listen"),
+            ("peer_listen = \"0.0.0.0:5051\"\nnode_name = \"n\"", "peer_advertise"),
+            ("peer_listen = \"10.0.0.1:5051\"\nnode_name = \"n\"", "peer_ca_file"),
+        ] {
+            let e = Config::build(Some(parse(bad).expect("parses")), Overrides::default())
+                .expect_err(bad);
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
         let bad = parse("history_limit = 0").expect("parses");
         assert!(Config::build(Some(bad), Overrides::default()).is_err());
     }

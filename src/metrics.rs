@@ -67,6 +67,23 @@ pub struct MirrorLabels {
     pub code: String,
 }
 
+/// Labels of `imagestream_peer_fetches_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerFetchLabels {
+    /// The peer's node name.
+    pub peer: String,
+    /// `ok`, `not_found`, `unreachable`, `slow` (no first byte in time), `cut` (body ended
+    /// early or stalled), `mismatch` (wrong bytes: refused), `refused` (TLS or HTTP error).
+    pub outcome: &'static str,
+}
+
+/// Labels of `imagestream_peer_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerServedLabels {
+    /// The HTTP status of the answer to a peer, as a number.
+    pub code: String,
+}
+
 /// gRPC status code names by code number (`tonic::Code as usize`), as in the gRPC spec.
 pub const GRPC_CODE_NAMES: [&str; 17] = [
     "OK",
@@ -141,6 +158,14 @@ pub struct Metrics {
     pub store_revision: Gauge,
     /// `imagestream_importer_leader`: 1 on the node that runs scheduled imports.
     pub importer_leader: Gauge,
+    /// `imagestream_peer_fetches_total{peer,outcome}`: blobs asked of peers.
+    pub peer_fetches: Family<PeerFetchLabels, Counter>,
+    /// `imagestream_peer_requests_total{code}`: blob requests peers made of this node.
+    pub peer_requests: Family<PeerServedLabels, Counter>,
+    /// `imagestream_peer_members`: live members of the cluster as this node sees them.
+    pub peer_members: Gauge,
+    /// `imagestream_peer_discovery_errors_total`.
+    pub peer_discovery_errors: Counter,
 }
 
 impl Metrics {
@@ -258,7 +283,34 @@ impl Metrics {
             "1 on the node that runs scheduled imports (the elected one, with etcd)",
             importer_leader.clone(),
         );
+        let peer_fetches = Family::<PeerFetchLabels, Counter>::default();
+        registry.register(
+            "peer_fetches",
+            "Blobs asked of peers on a cache miss, by peer and outcome (ok, not_found, unreachable, slow, cut, mismatch, refused)",
+            peer_fetches.clone(),
+        );
+        let peer_requests = Family::<PeerServedLabels, Counter>::default();
+        registry.register(
+            "peer_requests",
+            "Blob requests from peers on the peer endpoint, by HTTP status",
+            peer_requests.clone(),
+        );
+        let peer_members = Gauge::default();
+        registry.register(
+            "peer_members",
+            "Live members of the cluster (this node included) as peer discovery sees them",
+            peer_members.clone(),
+        );
+        let peer_discovery_errors = counter(
+            &mut registry,
+            "peer_discovery_errors",
+            "Peer discovery sessions with etcd that failed (retried)",
+        );
         Self {
+            peer_fetches,
+            peer_requests,
+            peer_members,
+            peer_discovery_errors,
             store_view_stale_seconds,
             store_connected,
             store_revision,
@@ -317,6 +369,16 @@ impl Metrics {
                 })
                 .inc_by(bytes),
         };
+    }
+
+    /// Counts one blob asked of `peer` with its `outcome` (see [`PeerFetchLabels`]).
+    pub fn peer_fetch(&self, peer: &str, outcome: &'static str) {
+        self.peer_fetches
+            .get_or_create(&PeerFetchLabels {
+                peer: peer.to_string(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Counts one mirror request of `kind` (`manifest`, `blob`, `other`) answered with HTTP

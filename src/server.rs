@@ -52,6 +52,14 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("peer endpoint: {0}")]
+    Peer(String),
+    #[error("cannot listen on {addr} for the peer endpoint: {source}")]
+    PeerBind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs the daemon with `config` until `shutdown` completes.
@@ -198,6 +206,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
 
+    // Peers: TLS files and the listener now, so that a bad certificate fails the start.
+    let (peers, peer_listener, members_tx) = match start_peers(&config, cluster.is_some()).await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            socket::remove(&config.cri_socket);
+            socket::remove(&config.admin_socket);
+            return Err(e);
+        }
+    };
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -222,7 +241,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.stream_host.clone(),
         policy,
     );
-    if let Some(gate) = private {
+    if let Some(gate) = private.clone() {
         proxy = proxy.with_private_gate(gate);
     }
     let cri_listener = cri_listener
@@ -256,6 +275,39 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 stopped(stop_rx.clone()),
             ),
     );
+    let peer_task = match peer_listener {
+        Some((listener, tls)) => Some(tokio::spawn(crate::mirror::peer_endpoint::serve(
+            listener,
+            tls,
+            Arc::new(crate::mirror::peer_endpoint::PeerEndpoint::new(
+                cache.clone(),
+                upstreams.clone(),
+            )),
+            stopped(stop_rx.clone()),
+            grace,
+        ))),
+        None => None,
+    };
+    if let Some(peers) = peers {
+        let permit: Arc<dyn Fn(&crate::cache::Origin) -> bool + Send + Sync> = match &private {
+            Some(gate) => {
+                let gate = gate.clone();
+                Arc::new(move |o: &crate::cache::Origin| gate.peers_allowed(&o.host, &o.repository))
+            }
+            None => Arc::new(|_: &crate::cache::Origin| true),
+        };
+        cache.set_peers(crate::cache::PeerHook { peers, permit });
+        tokio::spawn(cache.clone().home_loop(stop_rx.clone()));
+    }
+    if let (Some(tx), Some((etcd, _, _, _))) = (members_tx, cluster.as_ref()) {
+        tokio::spawn(crate::peer::discovery::run_etcd(
+            etcd.clone(),
+            config.peer_member(),
+            config.peer_lease_ttl_secs,
+            tx,
+            stop_rx.clone(),
+        ));
+    }
     let mirror_task = tokio::spawn(crate::mirror::serve(
         mirror_listener,
         Arc::new(Mirror::new(cache.clone(), upstreams)),
@@ -335,6 +387,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let drained = tokio::time::timeout(grace + std::time::Duration::from_secs(1), async {
         let _ = cri_task.await;
         let _ = mirror_task.await;
+        if let Some(t) = peer_task {
+            let _ = t.await;
+        }
         admin_task.await
     })
     .await;
@@ -349,6 +404,57 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Ok(())
         }
     }
+}
+
+type PeerStart = (
+    Option<Arc<crate::peer::Peers>>,
+    Option<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    Option<tokio::sync::watch::Sender<crate::peer::Members>>,
+);
+
+/// With `peer_listen`: the peer layer (members from the static list, or only this node until
+/// etcd discovery fills them in), the peer endpoint's listener and TLS, and (with etcd) the
+/// sender discovery updates the members through.
+async fn start_peers(config: &Config, with_etcd: bool) -> Result<PeerStart, ServerError> {
+    let Some(listen) = &config.peer_listen else {
+        return Ok((None, None, None));
+    };
+    let files = config
+        .peer_tls_files()
+        .ok_or_else(|| ServerError::Peer("peer_ca_file, peer_cert_file and peer_key_file are required".into()))?;
+    let tls = crate::peer::tls::server_config(&files).map_err(|e| ServerError::Peer(e.to_string()))?;
+    let first_byte = std::time::Duration::from_millis(config.peer_first_byte_timeout_ms);
+    let client = crate::peer::client::PeerClient::new(&files, first_byte)
+        .map_err(|e| ServerError::Peer(e.to_string()))?;
+    let me = config.peer_member();
+    let initial = if with_etcd {
+        Arc::new(vec![me.clone()])
+    } else {
+        crate::peer::discovery::static_members(&me, &config.peers)
+            .map_err(|e| ServerError::Peer(e.to_string()))?
+    };
+    crate::metrics::metrics()
+        .peer_members
+        .set(i64::try_from(initial.len()).unwrap_or(i64::MAX));
+    let (tx, rx) = tokio::sync::watch::channel(initial);
+    let peers = crate::peer::Peers::new(
+        crate::peer::PeerSettings {
+            node_name: config.node_name.clone(),
+            replicas: config.peer_replicas,
+            first_byte_timeout: first_byte,
+            idle_timeout: crate::peer::DEFAULT_IDLE_TIMEOUT,
+        },
+        rx,
+        client,
+    );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServerError::PeerBind {
+            addr: listen.clone(),
+            source,
+        })?;
+    tracing::info!(listen = %listen, advertise = %me.addr, node = %me.name, "peer endpoint ready");
+    Ok((Some(peers), Some((listener, tls)), with_etcd.then_some(tx)))
 }
 
 /// Re-hashes the cache every `every` until shutdown (the first pass after one interval).

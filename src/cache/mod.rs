@@ -152,7 +152,8 @@ pub struct CacheSettings {
 enum FillState {
     Connecting,
     Running { written: u64, size: Option<u64> },
-    Done { size: u64 },
+    /// Stored; `file` is what was committed (a peer fill writes a file of its own).
+    Done { size: u64, file: Arc<File> },
     Failed(Arc<CacheError>),
 }
 
@@ -207,8 +208,18 @@ pub struct VerifyReport {
     pub evicted: Vec<Digest>,
 }
 
+/// The peer layer as the cache uses it: who to ask ([`crate::peer::Peers`]) and whether a
+/// repository's blobs may come from (or be filled by) peers at all: the private-image gate
+/// answers no for a private repository that no pull with valid credentials asked for.
+#[derive(Clone)]
+pub struct PeerHook {
+    pub peers: Arc<crate::peer::Peers>,
+    pub permit: Arc<dyn Fn(&Origin) -> bool + Send + Sync>,
+}
+
 pub struct Cache {
     store: Arc<ContentStore>,
+    peers: std::sync::OnceLock<PeerHook>,
     registry: RegistryClient,
     settings: CacheSettings,
     view: View,
@@ -240,6 +251,7 @@ impl Cache {
             .collect();
         let cache = Arc::new(Self {
             store,
+            peers: std::sync::OnceLock::new(),
             registry,
             settings,
             view,
@@ -249,6 +261,16 @@ impl Cache {
         });
         cache.update_size_gauge();
         Ok(cache)
+    }
+
+    /// Turns peer fills on (once; the daemon does it at start when `peer_listen` is set).
+    pub fn set_peers(&self, hook: PeerHook) {
+        let _ = self.peers.set(hook);
+    }
+
+    /// The peer layer, when on.
+    pub fn peers(&self) -> Option<&Arc<crate::peer::Peers>> {
+        self.peers.get().map(|h| &h.peers)
     }
 
     pub fn settings(&self) -> &CacheSettings {
@@ -292,6 +314,39 @@ impl Cache {
         digest: &Digest,
         origin: Option<&Origin>,
     ) -> Result<Blob, CacheError> {
+        self.blob_with(digest, origin, true).await
+    }
+
+    /// A blob for a peer ([`crate::mirror::peer_endpoint`]): from the cache, joining a fill in
+    /// progress, or (with `fill_from`) filled from that registry only, never from another
+    /// peer, so that peers asking each other cannot loop.
+    pub async fn blob_for_peer(
+        self: &Arc<Self>,
+        digest: &Digest,
+        fill_from: Option<&Origin>,
+    ) -> Result<Blob, CacheError> {
+        let joined = self
+            .fills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(digest);
+        if fill_from.is_none() && joined {
+            // A fill in progress is joined even without an origin.
+            let origin = Origin {
+                host: String::new(),
+                repository: String::new(),
+            };
+            return self.blob_with(digest, Some(&origin), false).await;
+        }
+        self.blob_with(digest, fill_from, false).await
+    }
+
+    async fn blob_with(
+        self: &Arc<Self>,
+        digest: &Digest,
+        origin: Option<&Origin>,
+        use_peers: bool,
+    ) -> Result<Blob, CacheError> {
         if let Some((file, size, verified)) = self.store.open_read(digest)? {
             metrics().cache_hits.inc();
             return Ok(Blob {
@@ -310,7 +365,7 @@ impl Cache {
             });
         };
         metrics().cache_misses.inc();
-        let fill = self.start_fill(digest, origin)?;
+        let fill = self.start_fill(digest, origin, use_peers)?;
         let mut rx = fill.state.subscribe();
         loop {
             let state = rx.borrow_and_update().clone();
@@ -328,14 +383,14 @@ impl Cache {
                         store: None,
                     });
                 }
-                FillState::Done { size } => {
+                FillState::Done { size, file } => {
                     return Ok(Blob {
                         digest: digest.clone(),
                         size: Some(size),
                         from_cache: false,
                         // Checked by the fill itself.
                         verified: true,
-                        file: fill.file.clone(),
+                        file,
                         fill: None,
                         store: None,
                     });
@@ -365,11 +420,11 @@ impl Cache {
         if let Some(e) = self.store.get(digest) {
             return Ok(e.size);
         }
-        let fill = self.start_fill(digest, origin)?;
+        let fill = self.start_fill(digest, origin, true)?;
         let mut rx = fill.state.subscribe();
         loop {
             match rx.borrow_and_update().clone() {
-                FillState::Done { size } => return Ok(size),
+                FillState::Done { size, .. } => return Ok(size),
                 FillState::Failed(cause) => {
                     return Err(CacheError::Fill {
                         digest: digest.clone(),
@@ -392,6 +447,7 @@ impl Cache {
         self: &Arc<Self>,
         digest: &Digest,
         origin: &Origin,
+        use_peers: bool,
     ) -> Result<Arc<Fill>, CacheError> {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = fills.get(digest) {
@@ -410,16 +466,18 @@ impl Cache {
         let origin = origin.clone();
         let task_fill = fill.clone();
         tokio::spawn(async move {
-            let result = cache.run_fill(&digest, &origin, ingest, &task_fill).await;
+            let result = cache
+                .run_fill(&digest, &origin, ingest, &task_fill, use_peers)
+                .await;
             cache
                 .fills
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&digest);
             match result {
-                Ok(size) => {
+                Ok((size, file)) => {
                     tracing::debug!(%digest, size, host = %origin.host, "cached");
-                    task_fill.state.send_replace(FillState::Done { size });
+                    task_fill.state.send_replace(FillState::Done { size, file });
                     cache.update_size_gauge();
                     if cache.store.total() > cache.settings.max_bytes {
                         let c = cache.clone();
@@ -442,7 +500,189 @@ impl Cache {
         Ok(fill)
     }
 
+    /// One fill: from peers first unless this node is the blob's primary home (or peers are
+    /// off for it), else from the registry; the primary tries peers when the registry fails
+    /// before sending anything.
     async fn run_fill(
+        &self,
+        digest: &Digest,
+        origin: &Origin,
+        ingest: store::Ingest,
+        fill: &Fill,
+        use_peers: bool,
+    ) -> Result<(u64, Arc<File>), CacheError> {
+        let hook = self
+            .peers
+            .get()
+            .filter(|_| use_peers && !origin.host.is_empty())
+            .filter(|h| (h.permit)(origin));
+        let plan = hook.map(|h| h.peers.plan(digest));
+        if let (Some(hook), Some(plan)) = (hook, &plan) {
+            if !plan.registry_first {
+                if let Some(done) = self.fill_from_peers(hook, plan, digest, origin).await {
+                    return Ok(done);
+                }
+            }
+        }
+        let file = ingest.file();
+        match self.fill_from_registry(digest, origin, ingest, fill).await {
+            Ok(size) => Ok((size, file)),
+            Err(e) => {
+                let untouched = matches!(*fill.state.borrow(), FillState::Connecting);
+                if let (Some(hook), Some(plan), true) = (hook, &plan, untouched) {
+                    if plan.registry_first && !plan.peers.is_empty() {
+                        tracing::info!(%digest, error = %e, "registry failed; asking peers");
+                        if let Some(done) = self.fill_from_peers(hook, plan, digest, origin).await
+                        {
+                            return Ok(done);
+                        }
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Asks `plan.peers` in order; the first whose bytes match the digest wins (stored). The
+    /// primary home (first, unless this node is the primary) is asked to fill from `origin`.
+    async fn fill_from_peers(
+        &self,
+        hook: &PeerHook,
+        plan: &crate::peer::FillPlan,
+        digest: &Digest,
+        origin: &Origin,
+    ) -> Option<(u64, Arc<File>)> {
+        for (i, peer) in plan.peers.iter().enumerate() {
+            let fill_from = (i == 0 && !plan.registry_first)
+                .then_some((origin.host.as_str(), origin.repository.as_str()));
+            let span = tracing::debug_span!("peer_fill", peer = %peer.name, %digest);
+            match self
+                .fill_from_peer(&hook.peers, peer, digest, fill_from)
+                .instrument(span)
+                .await
+            {
+                Ok(done) => {
+                    metrics().peer_fetch(&peer.name, "ok");
+                    tracing::debug!(%digest, peer = %peer.name, size = done.0, "filled from a peer");
+                    return Some(done);
+                }
+                Err((outcome, e)) => {
+                    metrics().peer_fetch(&peer.name, outcome);
+                    if outcome == "mismatch" {
+                        metrics().digest_mismatches.inc();
+                        tracing::warn!(%digest, peer = %peer.name, error = %e, "peer sent wrong bytes; refused");
+                    } else if outcome == "not_found" {
+                        tracing::debug!(%digest, peer = %peer.name, "peer does not hold the blob");
+                    } else {
+                        tracing::info!(%digest, peer = %peer.name, error = %e, "peer fill failed; trying the next source");
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// One peer's copy of `digest`, hashed as it arrives and committed only if it matches.
+    /// Nothing is visible to readers before that (the fill stays `Connecting`), so wrong bytes
+    /// from a peer never reach a client. Errors carry their metrics outcome.
+    async fn fill_from_peer(
+        &self,
+        peers: &crate::peer::Peers,
+        peer: &crate::peer::Member,
+        digest: &Digest,
+        fill_from: Option<(&str, &str)>,
+    ) -> Result<(u64, Arc<File>), (&'static str, String)> {
+        let body = peers
+            .client()
+            .open(peer, digest, fill_from)
+            .await
+            .map_err(|e| (e.outcome(), e.to_string()))?;
+        let size = body.size;
+        let limit = self.settings.max_bytes.max(MIN_UNSIZED_BLOB_LIMIT);
+        if size > limit {
+            return Err((
+                "refused",
+                format!("peer {} offers {size} bytes, over the limit {limit}", peer.name),
+            ));
+        }
+        let local = |e: CacheError| ("local", e.to_string());
+        let mut ingest = self.store.begin(digest).map_err(local)?;
+        ingest = tokio::task::spawn_blocking(move || ingest.reserve(size).map(|()| ingest))
+            .await
+            .map_err(|e| ("local", e.to_string()))?
+            .map_err(local)?;
+        let idle = peers.settings().idle_timeout;
+        let mut stream = body.stream;
+        let mut buf = BytesMut::with_capacity(CHUNK_BYTES);
+        loop {
+            let next = match tokio::time::timeout(idle, stream.next()).await {
+                Err(_) => {
+                    return Err((
+                        "cut",
+                        format!(
+                            "no byte from peer {} for {idle:?} after {} of {size}",
+                            peer.name,
+                            ingest.written() + buf.len() as u64
+                        ),
+                    ))
+                }
+                Ok(n) => n,
+            };
+            match next {
+                Some(Ok(chunk)) => {
+                    buf.extend_from_slice(&chunk);
+                    let got = ingest.written() + buf.len() as u64;
+                    if got > size {
+                        return Err((
+                            "mismatch",
+                            format!("peer {} sent more than its {size} bytes", peer.name),
+                        ));
+                    }
+                    if buf.len() >= CHUNK_BYTES {
+                        ingest = write_off_thread(ingest, buf.split().freeze())
+                            .await
+                            .map_err(local)?;
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err((
+                        "cut",
+                        format!(
+                            "reading from peer {} after {} of {size} bytes: {e}",
+                            peer.name,
+                            ingest.written() + buf.len() as u64
+                        ),
+                    ))
+                }
+                None => break,
+            }
+        }
+        ingest = write_off_thread(ingest, buf.split().freeze())
+            .await
+            .map_err(local)?;
+        if ingest.written() != size {
+            return Err((
+                "cut",
+                format!(
+                    "peer {} ended after {} of {size} bytes",
+                    peer.name,
+                    ingest.written()
+                ),
+            ));
+        }
+        let file = ingest.file();
+        let store = self.store.clone();
+        let committed = tokio::task::spawn_blocking(move || store.commit(ingest, Some(size)))
+            .await
+            .map_err(|e| ("local", e.to_string()))?;
+        match committed {
+            Ok(size) => Ok((size, file)),
+            Err(e @ CacheError::DigestMismatch { .. }) => Err(("mismatch", e.to_string())),
+            Err(e) => Err(local(e)),
+        }
+    }
+
+    async fn fill_from_registry(
         &self,
         digest: &Digest,
         origin: &Origin,
@@ -817,6 +1057,16 @@ impl Cache {
         reference: &str,
         digest: &Digest,
     ) -> Result<u64, CacheError> {
+        self.prefetch_some(reference, digest, |_| true).await
+    }
+
+    /// [`Cache::prefetch`] of the manifests and of the blobs `keep` selects.
+    async fn prefetch_some(
+        self: &Arc<Self>,
+        reference: &str,
+        digest: &Digest,
+        keep: impl Fn(&Digest) -> bool,
+    ) -> Result<u64, CacheError> {
         let parsed = RegistryClient::parse(reference)?;
         let origin = Origin {
             host: parsed.registry().to_string(),
@@ -848,7 +1098,7 @@ impl Cache {
                 queue.push(child);
             }
             for blob in children.blobs {
-                if seen.insert(blob.clone()) {
+                if seen.insert(blob.clone()) && keep(&blob) {
                     bytes += self.ensure(&blob, &origin).await?;
                 }
             }
@@ -888,6 +1138,61 @@ impl Cache {
         }
     }
 }
+
+impl Cache {
+    /// Keeps the cluster able to roll back without the registry: every blob of every pinned
+    /// image (each stream tag's current and last `pin_history` digests) is fetched onto its
+    /// home nodes ([`crate::peer::Peers::is_home`]), from peers or the registry, and the pins
+    /// keep it there whatever the LRU does. Runs again when the streams or the members change,
+    /// and every [`HOME_RECHECK`] for what failed, until `shutdown`.
+    pub async fn home_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Some(peers) = self.peers().cloned() else {
+            return;
+        };
+        let mut changes = self.view.subscribe();
+        let mut members = peers.members_watch();
+        loop {
+            let roots = pins::roots(&self.view.load(), self.settings.pin_history);
+            let mut failed = 0;
+            for root in roots {
+                if *shutdown.borrow() {
+                    return;
+                }
+                let span = tracing::debug_span!("home_fill", digest = %root.digest);
+                let p = peers.clone();
+                match self
+                    .prefetch_some(&root.reference, &root.digest, move |d| p.is_home(d))
+                    .instrument(span)
+                    .await
+                {
+                    Ok(bytes) => {
+                        tracing::debug!(digest = %root.digest, bytes, "home blobs held")
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        tracing::info!(digest = %root.digest, error = %e, "cannot hold this node's share of a pinned image yet; retrying")
+                    }
+                }
+            }
+            let recheck = async {
+                if failed > 0 {
+                    tokio::time::sleep(HOME_RECHECK).await
+                } else {
+                    std::future::pending::<()>().await
+                }
+            };
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                r = members.changed() => if r.is_err() { return },
+                _ = recheck => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+/// How often [`Cache::home_loop`] retries images it could not fetch.
+pub const HOME_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Blob {
     /// The bytes `[start, end)` (`end` defaults to the end of the blob) as a stream of chunks.
@@ -935,7 +1240,7 @@ impl Blob {
                 Some(FillState::Connecting) => (0, false),
                 // The last byte waits for the size and digest check.
                 Some(FillState::Running { written, .. }) => (written.saturating_sub(1), false),
-                Some(FillState::Done { size }) => (size, true),
+                Some(FillState::Done { size, .. }) => (size, true),
                 Some(FillState::Failed(m)) => {
                     return Err(std::io::Error::other(format!("{}: {m}", self.digest)))
                 }
@@ -1059,6 +1364,19 @@ fn remove_stale_temporaries(path: &std::path::Path) {
             }
         }
     }
+}
+
+/// Appends `data` to `ingest` on the blocking pool.
+async fn write_off_thread(
+    mut ingest: store::Ingest,
+    data: Bytes,
+) -> Result<store::Ingest, CacheError> {
+    tokio::task::spawn_blocking(move || ingest.write(&data).map(|()| ingest))
+        .await
+        .map_err(|e| CacheError::Io {
+            path: "(blocking task)".into(),
+            source: std::io::Error::other(e),
+        })?
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.

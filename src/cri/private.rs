@@ -207,6 +207,9 @@ struct State {
     public: Table<String>,
     /// Credential keys ([`PullAuth::key`]) the registry accepted.
     verified: Table<String>,
+    /// Private repositories a pull with verified credentials was allowed for: their blobs may
+    /// come from peers ([`PrivateGate::peers_allowed`]).
+    admitted: Table<String>,
     /// (pod sandbox uid, repository) pairs allowed by a verified pull.
     grants: Table<(String, String)>,
     /// Image ids (config digests) the runtime returned for private repositories.
@@ -310,6 +313,31 @@ impl PrivateGate {
 
     /// Checks a `PullImage` of `image` (a plain reference, after stream resolution).
     pub async fn check_pull(
+        &self,
+        image: &str,
+        auth: Option<&PullAuth>,
+    ) -> Result<PullDecision, PrivateError> {
+        let decision = self.decide_pull(image, auth).await;
+        if let Ok(PullDecision::Private { repo }) = &decision {
+            self.state().admitted.insert(repo.clone());
+        }
+        decision
+    }
+
+    /// Whether blobs of `host/repository` may be asked of (or filled by) peers: always,
+    /// unless the repository is known private and no pull of it with verified credentials
+    /// went through this gate within the TTL. The gate runs in `PullImage`, before the
+    /// runtime asks the mirror, so a pod's allowed pull has been recorded by then.
+    pub fn peers_allowed(&self, host: &str, repository: &str) -> bool {
+        if !self.settings.enabled {
+            return true;
+        }
+        let repo = format!("{host}/{repository}");
+        let s = self.state();
+        !s.private.seen(&repo) || s.admitted.fresh(&repo, self.settings.ttl)
+    }
+
+    async fn decide_pull(
         &self,
         image: &str,
         auth: Option<&PullAuth>,
@@ -513,5 +541,31 @@ mod tests {
         assert!(gate
             .check_create(&["r.io/team/other:v1"], Some("pod-b"))
             .is_ok());
+    }
+
+    #[tokio::test]
+    async fn peers_only_for_private_repositories_a_verified_pull_let_through() {
+        let gate = PrivateGate::new(PrivateSettings {
+            enabled: true,
+            ttl: Duration::from_secs(60),
+            offline: OfflinePolicy::VerifiedBefore,
+            insecure_registries: vec![],
+        });
+        // Unknown or public: peers may serve it.
+        assert!(gate.peers_allowed("r.io", "team/app"));
+        gate.state().private.insert("r.io/team/app".into());
+        assert!(!gate.peers_allowed("r.io", "team/app"));
+        // A pull with credentials verified before goes through the gate: now peers may.
+        let auth = PullAuth {
+            username: "u".into(),
+            password: "p".into(),
+            auth: String::new(),
+            identity_token: String::new(),
+            registry_token: String::new(),
+        };
+        gate.state().verified.insert(auth.key("r.io/team/app"));
+        let d = gate.check_pull("r.io/team/app:v1", Some(&auth)).await;
+        assert!(matches!(d, Ok(PullDecision::Private { .. })), "{d:?}");
+        assert!(gate.peers_allowed("r.io", "team/app"));
     }
 }

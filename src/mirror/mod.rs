@@ -27,6 +27,7 @@
 //! - Anything that writes is refused (`405 UNSUPPORTED`).
 
 pub mod hosts_toml;
+pub mod peer_endpoint;
 pub mod registries_conf;
 pub mod registry_host;
 

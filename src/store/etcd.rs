@@ -209,7 +209,7 @@ impl EtcdStore {
         Some(StreamKey::new(ns, name))
     }
 
-    fn unavailable(&self, message: impl std::fmt::Display) -> StoreError {
+    pub(crate) fn unavailable(&self, message: impl std::fmt::Display) -> StoreError {
         StoreError::Unavailable {
             endpoints: self.endpoints_text.clone(),
             message: message.to_string(),
@@ -240,7 +240,7 @@ impl EtcdStore {
     }
 
     /// The client of the endpoint that answered last (for watches and lease keep-alives).
-    fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         let i = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % self.clients.len();
         self.clients[i].1.clone()
     }
@@ -250,7 +250,7 @@ impl EtcdStore {
     /// connection was refused (it certainly did not reach etcd); after a timeout or a broken
     /// connection its outcome is unknown, so it fails with `Unavailable` instead of risking a
     /// second application.
-    async fn call_any<T, F, Fut>(&self, idempotent: bool, mut op: F) -> Result<T, StoreError>
+    pub(crate) async fn call_any<T, F, Fut>(&self, idempotent: bool, mut op: F) -> Result<T, StoreError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -294,7 +294,7 @@ impl EtcdStore {
     }
 
     /// Runs one etcd call, bounded by [`REQUEST_TIMEOUT`].
-    async fn call<T>(
+    pub(crate) async fn call<T>(
         &self,
         fut: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {

@@ -39,6 +39,7 @@ pub mod kubelet;
 pub mod mirror;
 pub mod netns;
 pub mod origin;
+pub mod peer;
 pub mod runtime;
 pub mod tools;
 
