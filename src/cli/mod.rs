@@ -86,6 +86,51 @@ enum Command {
     Mirror(MirrorCommand),
     /// Print the effective daemon configuration (defaults, config file, flags) as TOML
     Config(ServeArgs),
+    /// Set up the peer endpoint (nodes serving cached blobs to each other over mutual TLS)
+    #[command(subcommand)]
+    Peer(PeerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PeerCommand {
+    /// Make the cluster CA and node certificates for mutual TLS between nodes (runs locally,
+    /// no daemon needed)
+    #[command(
+        long_about = "Make the cluster CA and node certificates for mutual TLS between nodes. \
+Runs locally; no daemon is needed.\n\n\
+Nodes serve cached blobs to each other over HTTPS. Both sides present a certificate issued by \
+the cluster CA and accept only certificates issued by it (no system roots): a node refuses \
+clients without such a certificate, and clients refuse nodes without one.\n\n\
+Files written in DIR (mode 0600; DIR is created with mode 0700):\n  \
+ca.pem           the cluster CA certificate: copy it to every node (config key peer_ca_file)\n  \
+ca-key.pem       the CA's private key: keep it here, no node needs it\n  \
+NAME.pem         node NAME's certificate (config key peer_cert_file)\n  \
+NAME-key.pem     node NAME's private key (config key peer_key_file): copy it to that node only\n\n\
+A CA already in DIR (ca.pem and ca-key.pem) is reused, so nodes can be added later by running \
+the command again with just the new nodes. Running it for an existing node re-issues its \
+certificate with a new key (e.g. to renew it). Node certificates are valid for 1 year, the CA \
+for 10 years; there is no revocation: to shut a node out before its certificate expires, make a \
+new CA (remove ca.pem and ca-key.pem) and re-issue every node.",
+        after_help = "Each certificate names the node (NAME, a DNS label) and its addresses: the IPs \
+other nodes dial it at (at least one) and any DNS names.\n\n\
+Examples:\n  \
+imagestream peer certs --dir /root/imagestream-ca --node node-a=10.0.0.1 --node node-b=10.0.0.2,node-b.lan\n  \
+imagestream peer certs --dir /root/imagestream-ca --node node-c=10.0.0.3   # later: same CA\n\n\
+Then on node-a, in /etc/imagestream/config.toml:\n  \
+peer_ca_file = \"/etc/imagestream/peer/ca.pem\"\n  \
+peer_cert_file = \"/etc/imagestream/peer/node-a.pem\"\n  \
+peer_key_file = \"/etc/imagestream/peer/node-a-key.pem\""
+    )]
+    Certs {
+        /// Directory of the CA and node files (created with mode 0700 if missing; a CA in it is
+        /// reused)
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A node to issue a certificate for: NAME=IP[,IP|DNS...], e.g.
+        /// node-a=10.0.0.1,node-a.lan (repeatable; at least one)
+        #[arg(long = "node", value_name = "NAME=IP[,IP|DNS...]", required = true)]
+        nodes: Vec<crate::peer::tls::NodeSpec>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -729,6 +774,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                     path.display()
                 ));
             }
+            Ok(())
+        }
+        Command::Peer(PeerCommand::Certs { dir, nodes }) => {
+            let written = crate::peer::tls::generate(&dir, &nodes).map_err(|e| e.to_string())?;
+            printer.peer_certs(&dir, &nodes, &written);
             Ok(())
         }
         Command::Resolve {

@@ -153,6 +153,62 @@ impl Printer {
         }
     }
 
+    /// The files `peer certs` wrote, and each node's three files.
+    pub fn peer_certs(
+        &self,
+        dir: &std::path::Path,
+        nodes: &[crate::peer::tls::NodeSpec],
+        written: &[std::path::PathBuf],
+    ) {
+        use crate::peer::tls::{TlsFiles, CA_CERT_FILE};
+        let node_files: Vec<(String, TlsFiles)> = nodes
+            .iter()
+            .map(|n| {
+                let files = TlsFiles {
+                    ca_file: dir.join(CA_CERT_FILE),
+                    cert_file: dir.join(format!("{}.pem", n.name)),
+                    key_file: dir.join(format!("{}-key.pem", n.name)),
+                };
+                (n.name.clone(), files)
+            })
+            .collect();
+        match self.format {
+            Format::Json => self.json(&json!({
+                "written": written,
+                "nodes": node_files
+                    .iter()
+                    .map(|(name, f)| json!({
+                        "name": name,
+                        "peer_ca_file": f.ca_file,
+                        "peer_cert_file": f.cert_file,
+                        "peer_key_file": f.key_file,
+                    }))
+                    .collect::<Vec<_>>(),
+            })),
+            Format::Table => {
+                for path in written {
+                    println!("wrote {}", path.display());
+                }
+                println!();
+                let rows: Vec<Vec<String>> = node_files
+                    .iter()
+                    .map(|(name, f)| {
+                        vec![
+                            name.clone(),
+                            f.ca_file.display().to_string(),
+                            f.cert_file.display().to_string(),
+                            f.key_file.display().to_string(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["NODE", "PEER_CA_FILE", "PEER_CERT_FILE", "PEER_KEY_FILE"],
+                    &rows,
+                );
+            }
+        }
+    }
+
     pub fn status(&self, r: &pb::StatusResponse) {
         match self.format {
             Format::Json => self.json(&json!({

@@ -1009,6 +1009,24 @@ mod tests {
     }
 
     #[test]
+    fn a_foreign_ca_is_not_reused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let key = new_key("test CA").expect("key");
+        let mut params = ca_params(&key);
+        params.distinguished_name = subject("some other CA");
+        let cert = params.self_signed(&key).expect("self-signed");
+        std::fs::write(tmp.path().join(CA_CERT_FILE), cert.pem()).expect("write");
+        std::fs::write(tmp.path().join(CA_KEY_FILE), key.serialize_pem()).expect("write");
+        match generate(tmp.path(), &[node("node-a=10.0.0.1")]) {
+            Err(e @ PeerTlsError::CaInvalid { .. }) => {
+                assert!(e.to_string().contains("ca.pem"), "{e}")
+            }
+            other => panic!("expected CaInvalid, got {other:?}"),
+        }
+        assert!(!tmp.path().join("node-a.pem").exists());
+    }
+
+    #[test]
     fn generate_refuses_bad_node_lists() {
         let tmp = tempfile::tempdir().expect("tempdir");
         assert!(matches!(
