@@ -389,7 +389,10 @@ impl Config {
         self.peer_cert_file = peer_cert_file.or(self.peer_cert_file.take());
         self.peer_key_file = peer_key_file.or(self.peer_key_file.take());
         set(&mut self.peer_replicas, peer_replicas);
-        set(&mut self.peer_first_byte_timeout_ms, peer_first_byte_timeout_ms);
+        set(
+            &mut self.peer_first_byte_timeout_ms,
+            peer_first_byte_timeout_ms,
+        );
         set(&mut self.peer_lease_ttl_secs, peer_lease_ttl_secs);
     }
 
@@ -521,7 +524,10 @@ impl Config {
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
         let Some(listen) = &self.peer_listen else {
             if !self.peers.is_empty() {
-                return invalid("peers", "peers need peer_listen (this node's peer endpoint)".into());
+                return invalid(
+                    "peers",
+                    "peers need peer_listen (this node's peer endpoint)".into(),
+                );
             }
             return Ok(());
         };
@@ -531,7 +537,10 @@ impl Config {
         if !crate::peer::discovery::check_name(&self.node_name) {
             return invalid(
                 "node_name",
-                format!("{:?} is not a node name (letters, digits, '-', '.', '_')", self.node_name),
+                format!(
+                    "{:?} is not a node name (letters, digits, '-', '.', '_')",
+                    self.node_name
+                ),
             );
         }
         let advertise = self.peer_advertise();
@@ -559,11 +568,12 @@ impl Config {
             }
         }
         if self.store == StoreKind::Embedded {
-            crate::peer::discovery::static_members(&self.peer_member(), &self.peers)
-                .map_err(|e| ConfigError::Invalid {
+            crate::peer::discovery::static_members(&self.peer_member(), &self.peers).map_err(
+                |e| ConfigError::Invalid {
                     key: "peers",
                     message: e.to_string(),
-                })?;
+                },
+            )?;
         }
         if self.peer_replicas == 0 {
             return invalid("peer_replicas", "must be at least 1".into());
@@ -704,14 +714,23 @@ mod tests {
         let c = Config::build(Some(peers), Overrides::default()).expect("valid");
         assert_eq!(c.peer_advertise(), "10.0.0.1:5051");
         let printed = toml::to_string(&c).expect("prints");
-        let again = Config::build(Some(parse(&printed).expect("reparses")), Overrides::default())
-            .expect("valid");
+        let again = Config::build(
+            Some(parse(&printed).expect("reparses")),
+            Overrides::default(),
+        )
+        .expect("valid");
         assert_eq!(again, c);
         for (bad, key) in [
             ("peers = [\"n2=10.0.0.2:5051\"]", "peers"),
             ("peer_listen = \"x\"", "peer_listen"),
-            ("peer_listen = \"0.0.0.0:5051\"\nnode_name = \"n\"", "peer_advertise"),
-            ("peer_listen = \"10.0.0.1:5051\"\nnode_name = \"n\"", "peer_ca_file"),
+            (
+                "peer_listen = \"0.0.0.0:5051\"\nnode_name = \"n\"",
+                "peer_advertise",
+            ),
+            (
+                "peer_listen = \"10.0.0.1:5051\"\nnode_name = \"n\"",
+                "peer_ca_file",
+            ),
         ] {
             let e = Config::build(Some(parse(bad).expect("parses")), Overrides::default())
                 .expect_err(bad);

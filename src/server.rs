@@ -207,8 +207,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
 
     // Peers: TLS files and the listener now, so that a bad certificate fails the start.
-    let (peers, peer_listener, members_tx) = match start_peers(&config, cluster.is_some()).await
-    {
+    let (peers, peer_listener, members_tx) = match start_peers(&config, cluster.is_some()).await {
         Ok(p) => p,
         Err(e) => {
             socket::remove(&config.cri_socket);
@@ -275,8 +274,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 stopped(stop_rx.clone()),
             ),
     );
-    let peer_task = match peer_listener {
-        Some((listener, tls)) => Some(tokio::spawn(crate::mirror::peer_endpoint::serve(
+    let peer_task = peer_listener.map(|(listener, tls)| {
+        tokio::spawn(crate::mirror::peer_endpoint::serve(
             listener,
             tls,
             Arc::new(crate::mirror::peer_endpoint::PeerEndpoint::new(
@@ -285,9 +284,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             )),
             stopped(stop_rx.clone()),
             grace,
-        ))),
-        None => None,
-    };
+        ))
+    });
     if let Some(peers) = peers {
         let permit: Arc<dyn Fn(&crate::cache::Origin) -> bool + Send + Sync> = match &private {
             Some(gate) => {
@@ -419,10 +417,11 @@ async fn start_peers(config: &Config, with_etcd: bool) -> Result<PeerStart, Serv
     let Some(listen) = &config.peer_listen else {
         return Ok((None, None, None));
     };
-    let files = config
-        .peer_tls_files()
-        .ok_or_else(|| ServerError::Peer("peer_ca_file, peer_cert_file and peer_key_file are required".into()))?;
-    let tls = crate::peer::tls::server_config(&files).map_err(|e| ServerError::Peer(e.to_string()))?;
+    let files = config.peer_tls_files().ok_or_else(|| {
+        ServerError::Peer("peer_ca_file, peer_cert_file and peer_key_file are required".into())
+    })?;
+    let tls =
+        crate::peer::tls::server_config(&files).map_err(|e| ServerError::Peer(e.to_string()))?;
     let first_byte = std::time::Duration::from_millis(config.peer_first_byte_timeout_ms);
     let client = crate::peer::client::PeerClient::new(&files, first_byte)
         .map_err(|e| ServerError::Peer(e.to_string()))?;

@@ -151,9 +151,15 @@ pub struct CacheSettings {
 #[derive(Debug, Clone)]
 enum FillState {
     Connecting,
-    Running { written: u64, size: Option<u64> },
+    Running {
+        written: u64,
+        size: Option<u64>,
+    },
     /// Stored; `file` is what was committed (a peer fill writes a file of its own).
-    Done { size: u64, file: Arc<File> },
+    Done {
+        size: u64,
+        file: Arc<File>,
+    },
     Failed(Arc<CacheError>),
 }
 
@@ -532,8 +538,7 @@ impl Cache {
                 if let (Some(hook), Some(plan), true) = (hook, &plan, untouched) {
                     if plan.registry_first && !plan.peers.is_empty() {
                         tracing::info!(%digest, error = %e, "registry failed; asking peers");
-                        if let Some(done) = self.fill_from_peers(hook, plan, digest, origin).await
-                        {
+                        if let Some(done) = self.fill_from_peers(hook, plan, digest, origin).await {
                             return Ok(done);
                         }
                     }
@@ -602,7 +607,10 @@ impl Cache {
         if size > limit {
             return Err((
                 "refused",
-                format!("peer {} offers {size} bytes, over the limit {limit}", peer.name),
+                format!(
+                    "peer {} offers {size} bytes, over the limit {limit}",
+                    peer.name
+                ),
             ));
         }
         let local = |e: CacheError| ("local", e.to_string());

@@ -98,7 +98,10 @@ impl PeerEndpoint {
         let Ok(digest) = Digest::parse(raw) else {
             return text(
                 StatusCode::BAD_REQUEST,
-                format!("invalid digest {:?}", raw.chars().take(200).collect::<String>()),
+                format!(
+                    "invalid digest {:?}",
+                    raw.chars().take(200).collect::<String>()
+                ),
                 head,
             );
         };
@@ -234,8 +237,7 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let remote = stream.peer_addr().ok();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-            {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     crate::metrics::metrics()

@@ -142,7 +142,9 @@ async fn session(
     let key = format!("{prefix}{}", me.name);
     let value = serde_json::to_vec(me).map_err(|e| store.unavailable(e))?;
     let lease = store
-        .call_any(true, |mut c| async move { c.lease_grant(ttl as i64, None).await })
+        .call_any(true, |mut c| async move {
+            c.lease_grant(ttl as i64, None).await
+        })
         .await?
         .id();
     let mut client = store.client();
@@ -168,14 +170,16 @@ async fn session(
     publish(members, &known);
     let rev = listing.header().map_or(0, |h| h.revision());
     let mut events = store
-        .call(client.watch(
-            prefix.as_str(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(rev + 1),
+        .call(
+            client.watch(
+                prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(rev + 1),
+                ),
             ),
-        ))
+        )
         .await?;
     tracing::info!(node = %me.name, addr = %me.addr, members = known.len(), ttl, "registered as a peer");
     let beat = Duration::from_millis(ttl * 1000 / 3).max(Duration::from_millis(300));

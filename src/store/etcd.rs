@@ -250,7 +250,11 @@ impl EtcdStore {
     /// connection was refused (it certainly did not reach etcd); after a timeout or a broken
     /// connection its outcome is unknown, so it fails with `Unavailable` instead of risking a
     /// second application.
-    pub(crate) async fn call_any<T, F, Fut>(&self, idempotent: bool, mut op: F) -> Result<T, StoreError>
+    pub(crate) async fn call_any<T, F, Fut>(
+        &self,
+        idempotent: bool,
+        mut op: F,
+    ) -> Result<T, StoreError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,

@@ -132,19 +132,23 @@ impl FaultInjectingPeer {
                         let Ok(tls) = acceptor.accept(tcp).await else {
                             return;
                         };
-                        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                            let blobs = blobs.clone();
-                            let seen = seen.clone();
-                            async move {
-                                let digest = req
-                                    .uri()
-                                    .path()
-                                    .trim_start_matches("/v1/blobs/")
-                                    .to_string();
-                                seen.lock().expect("requests").push(digest.clone());
-                                Ok::<_, std::convert::Infallible>(answer(&blobs, &digest, fault).await)
-                            }
-                        });
+                        let svc = hyper::service::service_fn(
+                            move |req: http::Request<hyper::body::Incoming>| {
+                                let blobs = blobs.clone();
+                                let seen = seen.clone();
+                                async move {
+                                    let digest = req
+                                        .uri()
+                                        .path()
+                                        .trim_start_matches("/v1/blobs/")
+                                        .to_string();
+                                    seen.lock().expect("requests").push(digest.clone());
+                                    Ok::<_, std::convert::Infallible>(
+                                        answer(&blobs, &digest, fault).await,
+                                    )
+                                }
+                            },
+                        );
                         let _ = hyper_util::server::conn::auto::Builder::new(
                             hyper_util::rt::TokioExecutor::new(),
                         )
@@ -198,10 +202,23 @@ async fn answer(
         }
         PeerFault::CutShort => {
             let half = bytes::Bytes::from(bytes[..len / 2].to_vec());
-            let stream = futures_util::stream::iter(vec![
-                Ok(hyper::body::Frame::data(half)),
-                Err(std::io::Error::other("fake peer: killed mid-transfer")),
-            ]);
+            // The first half goes out (headers included), then the connection breaks.
+            let stream = futures_util::stream::unfold(0u8, move |step| {
+                let half = half.clone();
+                async move {
+                    match step {
+                        0 => Some((Ok(hyper::body::Frame::data(half)), 1)),
+                        1 => {
+                            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                            Some((
+                                Err(std::io::Error::other("fake peer: killed mid-transfer")),
+                                2,
+                            ))
+                        }
+                        _ => None,
+                    }
+                }
+            });
             http_body_util::StreamBody::new(stream).boxed()
         }
         PeerFault::Stall => return std::future::pending().await,
