@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -163,7 +163,7 @@ fn etcd_pid(client_url: &str) -> Option<u32> {
         };
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         let is_etcd = args.first().map(|a| a.ends_with(b"etcd")).unwrap_or(false);
-        if is_etcd && args.iter().any(|a| *a == client_url.as_bytes()) {
+        if is_etcd && args.contains(&client_url.as_bytes()) {
             return Some(pid);
         }
     }
@@ -188,7 +188,14 @@ struct Shared {
     responses: AtomicU64,
     keepalives_sent: AtomicU64,
     keepalives_acked: AtomicU64,
-    keepalive_lost: AtomicBool,
+    keepalive_errors: AtomicU64,
+    leases_lost: AtomicU64,
+    /// Retries of registration steps (grant, put, keepalive open, list, watch).
+    retries: AtomicU64,
+    /// Watch streams that ended without being cancelled here.
+    watch_errors: AtomicU64,
+    /// Errors seen, by message.
+    errors: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 struct SimNode {
@@ -208,14 +215,17 @@ fn peer_index(key: &[u8]) -> Option<usize> {
 /// Lists the peers once, then watches them from the list's revision + 1; returns when the watch
 /// is created, with the task that keeps the node's view of the peers.
 async fn open_watch(
-    mut client: Client,
+    client: Client,
     idx: usize,
     shared: Arc<Shared>,
 ) -> Result<JoinHandle<()>, etcd_client::Error> {
     let prefix = peers_prefix();
-    let list = client
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await?;
+    let list = retry(&shared, idx, "list", || {
+        let mut c = client.clone();
+        let prefix = prefix.clone();
+        async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+    })
+    .await?;
     let rev = list.header().map(|h| h.revision()).unwrap_or(0);
     let mut seen = vec![false; shared.n];
     let mut count = 0usize;
@@ -228,23 +238,47 @@ async fn open_watch(
         }
     }
     shared.views[idx].store(count, Ordering::Release);
-    let mut stream = client
-        .watch(
-            prefix.as_str(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(rev + 1),
-            ),
-        )
-        .await?;
-    // The first response confirms the watch.
-    let created = stream.message().await?;
-    if !created.map(|r| r.created()).unwrap_or(false) {
-        return Err(etcd_client::Error::WatchError("watch not created".into()));
-    }
+    let mut stream = retry(&shared, idx, "watch", || {
+        let mut c = client.clone();
+        let prefix = prefix.clone();
+        async move {
+            let mut stream = c
+                .watch(
+                    prefix,
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(rev + 1),
+                    ),
+                )
+                .await?;
+            // The first response confirms the watch.
+            let created = stream.message().await?;
+            if !created.map(|r| r.created()).unwrap_or(false) {
+                return Err(etcd_client::Error::WatchError("watch not created".into()));
+            }
+            Ok(stream)
+        }
+    })
+    .await?;
     Ok(tokio::spawn(async move {
-        while let Ok(Some(resp)) = stream.message().await {
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    shared.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    shared.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    note_error(&shared, "watch stream", &e);
+                    return;
+                }
+            };
+            if resp.canceled() {
+                shared.watch_errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             for ev in resp.events() {
                 let Some(i) = ev
                     .kv()
@@ -274,14 +308,70 @@ async fn open_watch(
     }))
 }
 
-/// Lease grant + put of the node's key under it + the keepalive stream. Returns the lease, the
-/// keepalive handles and the moment the put was acknowledged.
+/// Counts an error by its message (the first 110 characters), for the table.
+fn note_error(shared: &Shared, what: &str, e: &etcd_client::Error) {
+    let detail = match e {
+        etcd_client::Error::GRpcStatus(st) => format!("{:?}: {}", st.code(), st.message()),
+        e => e.to_string(),
+    };
+    let msg: String = format!("{what}: {detail}").chars().take(110).collect();
+    *shared
+        .errors
+        .lock()
+        .expect("errors")
+        .entry(msg)
+        .or_insert(0) += 1;
+}
+
+/// Runs `f` until it succeeds, up to 20 attempts, with exponential backoff (50 ms .. 2 s, with
+/// a per-node jitter) as a real node would; every retry is counted.
+async fn retry<T, F, Fut>(
+    shared: &Shared,
+    idx: usize,
+    what: &str,
+    mut f: F,
+) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut delay = Duration::from_millis(50);
+    let jitter = 1.0 + (idx * 7919 % 100) as f64 / 100.0;
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                note_error(shared, what, &e);
+                attempt += 1;
+                if attempt >= 20 {
+                    return Err(e);
+                }
+                shared.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(delay.mul_f64(jitter)).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Lease grant + put of the node's key under it + the keepalive stream, each retried, then the
+/// keepalive loop. Returns the lease, the loop and the moment the put was acknowledged.
 async fn register(
-    mut client: Client,
+    client: Client,
     idx: usize,
     ttl: i64,
-) -> Result<(i64, LeaseKeeper, LeaseKeepAliveStream, Instant), etcd_client::Error> {
-    let lease = client.lease_grant(ttl, None).await?.id();
+    period: Duration,
+    offset: Duration,
+    shared: Arc<Shared>,
+) -> Result<(i64, JoinHandle<()>, Instant), etcd_client::Error> {
+    let sh = &*shared;
+    let lease = retry(sh, idx, "lease grant", || {
+        let mut c = client.clone();
+        async move { c.lease_grant(ttl, None).await }
+    })
+    .await?
+    .id();
     let name = node_name(idx);
     let value = format!(
         "{{\"name\":\"{name}\",\"addr\":\"10.{}.{}.{}:5051\"}}",
@@ -289,44 +379,87 @@ async fn register(
         (idx / 256) % 256,
         idx % 256
     );
-    client
-        .put(
-            format!("{}{name}", peers_prefix()),
-            value,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await?;
+    let key = format!("{}{name}", peers_prefix());
+    retry(sh, idx, "put", || {
+        let mut c = client.clone();
+        let (key, value) = (key.clone(), value.clone());
+        async move {
+            c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await
+        }
+    })
+    .await?;
     let put_acked = Instant::now();
-    let (keeper, stream) = client.lease_keep_alive(lease).await?;
-    Ok((lease, keeper, stream, put_acked))
+    let keepalive = retry(sh, idx, "keepalive open", || {
+        let mut c = client.clone();
+        async move { c.lease_keep_alive(lease).await }
+    })
+    .await?;
+    let task = spawn_keepalive(client, lease, keepalive, period, offset, shared.clone());
+    Ok((lease, task, put_acked))
 }
 
 /// The keepalive loop: one request every `period`, the first after `offset` (nodes are not in
-/// phase), each awaiting its response.
+/// phase), each awaiting its response. A failed keepalive is counted and the stream opened
+/// again at once (which sends a keepalive); "lease not found" counts as a lost lease.
 fn spawn_keepalive(
-    mut keeper: LeaseKeeper,
-    mut stream: LeaseKeepAliveStream,
+    client: Client,
+    lease: i64,
+    keepalive: (LeaseKeeper, LeaseKeepAliveStream),
     period: Duration,
     offset: Duration,
     shared: Arc<Shared>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let mut ka = Some(keepalive);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if keeper.keep_alive().await.is_err() {
-                shared.keepalive_lost.store(true, Ordering::Relaxed);
-                return;
-            }
-            shared.keepalives_sent.fetch_add(1, Ordering::Relaxed);
-            match stream.message().await {
-                Ok(Some(r)) if r.ttl() > 0 => {
-                    shared.keepalives_acked.fetch_add(1, Ordering::Relaxed);
+            if let Some((keeper, stream)) = ka.as_mut() {
+                shared.keepalives_sent.fetch_add(1, Ordering::Relaxed);
+                let res = match keeper.keep_alive().await {
+                    Err(e) => Err(e),
+                    Ok(()) => match stream.message().await {
+                        Ok(Some(r)) if r.ttl() > 0 => Ok(()),
+                        Ok(Some(_)) => Err(etcd_client::Error::LeaseKeepAliveError(
+                            "lease not found (ttl <= 0)".into(),
+                        )),
+                        Ok(None) => Err(etcd_client::Error::LeaseKeepAliveError(
+                            "keepalive stream ended".into(),
+                        )),
+                        Err(e) => Err(e),
+                    },
+                };
+                match res {
+                    Ok(()) => {
+                        shared.keepalives_acked.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(e) => {
+                        shared.keepalive_errors.fetch_add(1, Ordering::Relaxed);
+                        note_error(&shared, "keepalive", &e);
+                        if e.to_string().contains("lease not found") {
+                            shared.leases_lost.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
                 }
-                _ => {
-                    shared.keepalive_lost.store(true, Ordering::Relaxed);
-                    return;
+            }
+            ka = None;
+            shared.keepalives_sent.fetch_add(1, Ordering::Relaxed);
+            match client.clone().lease_keep_alive(lease).await {
+                Ok(pair) => {
+                    shared.keepalives_acked.fetch_add(1, Ordering::Relaxed);
+                    ka = Some(pair);
+                }
+                Err(e) => {
+                    shared.keepalive_errors.fetch_add(1, Ordering::Relaxed);
+                    note_error(&shared, "keepalive reopen", &e);
+                    if e.to_string().contains("lease not found") {
+                        shared.leases_lost.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
                 }
             }
         }
@@ -490,7 +623,11 @@ fn main() {
         responses: AtomicU64::new(0),
         keepalives_sent: AtomicU64::new(0),
         keepalives_acked: AtomicU64::new(0),
-        keepalive_lost: AtomicBool::new(false),
+        keepalive_errors: AtomicU64::new(0),
+        leases_lost: AtomicU64::new(0),
+        retries: AtomicU64::new(0),
+        watch_errors: AtomicU64::new(0),
+        errors: std::sync::Mutex::new(Default::default()),
     });
 
     rt.block_on(async {
@@ -526,14 +663,23 @@ fn main() {
 
         let t_join = Instant::now();
         let regs: Vec<_> = (0..n)
-            .map(|i| tokio::spawn(register(client_of(i), i, ttl)))
+            .map(|i| {
+                tokio::spawn(register(
+                    client_of(i),
+                    i,
+                    ttl,
+                    period,
+                    offset_of(i),
+                    shared.clone(),
+                ))
+            })
             .collect();
         let mut last_put = t_join;
-        let mut keepers = Vec::with_capacity(n);
-        for h in regs {
-            let (lease, keeper, stream, acked) = h.await.expect("join").expect("register");
+        for (i, h) in regs.into_iter().enumerate() {
+            let (lease, task, acked) = h.await.expect("join").expect("register");
             last_put = last_put.max(acked);
-            keepers.push((lease, keeper, stream));
+            nodes[i].lease = lease;
+            nodes[i].keepalive = Some(task);
         }
         let registered = last_put - t_join;
         let join_conv = wait_converged(&shared, converge_timeout, |_, v| v == n)
@@ -541,16 +687,6 @@ fn main() {
             .map(|_| t_join.elapsed());
         let join_events = shared.events.load(Ordering::Relaxed);
         let join_responses = shared.responses.load(Ordering::Relaxed);
-        for (i, (lease, keeper, stream)) in keepers.into_iter().enumerate() {
-            nodes[i].lease = lease;
-            nodes[i].keepalive = Some(spawn_keepalive(
-                keeper,
-                stream,
-                period,
-                offset_of(i),
-                shared.clone(),
-            ));
-        }
         let m1 = Metrics::scrape(&url);
         let cpu1 = cpu_secs(pid);
 
@@ -595,6 +731,15 @@ fn main() {
             format!("{}", m1.proposals() - m0.proposals()),
             "grant + put per node",
         );
+        t.row(
+            "retries / keepalive errors during join",
+            format!(
+                "{} / {}",
+                shared.retries.load(Ordering::Relaxed),
+                shared.keepalive_errors.load(Ordering::Relaxed)
+            ),
+            "errors by message at the end",
+        );
 
         // ---- 2. Steady state ------------------------------------------------------------
         // Let the keepalive loops reach their phase first.
@@ -603,6 +748,7 @@ fn main() {
         let c0 = cpu_secs(pid);
         let k0 = shared.keepalives_sent.load(Ordering::Relaxed);
         let e0 = shared.events.load(Ordering::Relaxed);
+        let ke0 = shared.keepalive_errors.load(Ordering::Relaxed);
         let ts = Instant::now();
         tokio::time::sleep(Duration::from_secs(steady_secs)).await;
         let el = ts.elapsed().as_secs_f64();
@@ -610,6 +756,7 @@ fn main() {
         let c1 = cpu_secs(pid);
         let k1 = shared.keepalives_sent.load(Ordering::Relaxed);
         let e1 = shared.events.load(Ordering::Relaxed);
+        let ke1 = shared.keepalive_errors.load(Ordering::Relaxed);
         t.section(&format!("2. steady state over {el:.1} s"));
         t.row(
             "keepalives sent",
@@ -631,6 +778,7 @@ fn main() {
             "",
         );
         t.row("watch events", rate((e1 - e0) as f64 / el), "");
+        t.row("keepalive errors", (ke1 - ke0).to_string(), "");
         t.row(
             "etcd CPU",
             format!("{:.3} cores", (c1 - c0) / el),
@@ -662,11 +810,6 @@ fn main() {
         t.row(
             "etcd watchers / watch streams",
             format!("{} / {}", s1.watchers(), s1.watch_streams()),
-            "",
-        );
-        t.row(
-            "keepalive lost",
-            shared.keepalive_lost.load(Ordering::Relaxed).to_string(),
             "",
         );
 
@@ -711,24 +854,19 @@ fn main() {
             .map(|&i| {
                 let c = client_of(i);
                 let sh = shared.clone();
+                let offset = offset_of(i);
                 tokio::spawn(async move {
-                    let reg = register(c.clone(), i, ttl).await?;
+                    let reg = register(c.clone(), i, ttl, period, offset, sh.clone()).await?;
                     let w = open_watch(c, i, sh).await?;
                     Ok::<_, etcd_client::Error>((i, reg, w))
                 })
             })
             .collect();
         for h in rejoins {
-            let (i, (lease, keeper, stream, _), w) = h.await.expect("join").expect("rejoin");
+            let (i, (lease, task, _), w) = h.await.expect("join").expect("rejoin");
             nodes[i].lease = lease;
             nodes[i].watch = Some(w);
-            nodes[i].keepalive = Some(spawn_keepalive(
-                keeper,
-                stream,
-                period,
-                offset_of(i),
-                shared.clone(),
-            ));
+            nodes[i].keepalive = Some(task);
         }
         let rejoin_conv = wait_converged(&shared, converge_timeout, |_, v| v == n)
             .await
@@ -875,7 +1013,7 @@ fn main() {
         t.row(
             "RSS growth",
             mib(b1.rss() - b0.rss()),
-            &format!("{rss_per_key:.0} B per key"),
+            &format!("{rss_per_key:.0} B per key (incl. Go heap slack, mmapped db pages)"),
         );
         t.row(
             "full list of holds/ by one node",
@@ -925,6 +1063,30 @@ fn main() {
             format!("{:.0} keys deleted", TARGET_BLOBS),
             &format!("x {TARGET_NODES} watchers = {:.0}M events", TARGET_BLOBS * TARGET_NODES / 1e6),
         );
+
+        t.section("health over the whole run");
+        t.row(
+            "retries (grant, put, keepalive open, list, watch)",
+            shared.retries.load(Ordering::Relaxed).to_string(),
+            "",
+        );
+        t.row(
+            "keepalive errors / leases lost",
+            format!(
+                "{} / {}",
+                shared.keepalive_errors.load(Ordering::Relaxed),
+                shared.leases_lost.load(Ordering::Relaxed)
+            ),
+            "",
+        );
+        t.row(
+            "watch streams broken",
+            shared.watch_errors.load(Ordering::Relaxed).to_string(),
+            "",
+        );
+        for (msg, count) in shared.errors.lock().expect("errors").iter() {
+            t.row(&format!("error x{count}"), String::new(), msg);
+        }
 
         // Stop the nodes before etcd goes.
         for node in &mut nodes {
