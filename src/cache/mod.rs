@@ -523,9 +523,13 @@ impl Cache {
             .filter(|_| use_peers && !origin.host.is_empty())
             .filter(|h| (h.permit)(origin));
         let plan = hook.map(|h| h.peers.plan(digest));
+        let blob_limit = self.settings.max_bytes.max(MIN_UNSIZED_BLOB_LIMIT);
         if let (Some(hook), Some(plan)) = (hook, &plan) {
             if !plan.registry_first {
-                if let Some(done) = self.fill_from_peers(hook, plan, digest, origin).await {
+                if let Some(done) = self
+                    .fill_from_peers(hook, plan, digest, origin, blob_limit)
+                    .await
+                {
                     return Ok(done);
                 }
             }
@@ -538,7 +542,10 @@ impl Cache {
                 if let (Some(hook), Some(plan), true) = (hook, &plan, untouched) {
                     if plan.registry_first && !plan.peers.is_empty() {
                         tracing::info!(%digest, error = %e, "registry failed; asking peers");
-                        if let Some(done) = self.fill_from_peers(hook, plan, digest, origin).await {
+                        if let Some(done) = self
+                            .fill_from_peers(hook, plan, digest, origin, blob_limit)
+                            .await
+                        {
                             return Ok(done);
                         }
                     }
@@ -556,13 +563,14 @@ impl Cache {
         plan: &crate::peer::FillPlan,
         digest: &Digest,
         origin: &Origin,
+        limit: u64,
     ) -> Option<(u64, Arc<File>)> {
         for (i, peer) in plan.peers.iter().enumerate() {
             let fill_from = (i == 0 && !plan.registry_first)
                 .then_some((origin.host.as_str(), origin.repository.as_str()));
             let span = tracing::debug_span!("peer_fill", peer = %peer.name, %digest);
             match self
-                .fill_from_peer(&hook.peers, peer, digest, fill_from)
+                .fill_from_peer(&hook.peers, peer, digest, fill_from, limit)
                 .instrument(span)
                 .await
             {
@@ -596,6 +604,7 @@ impl Cache {
         peer: &crate::peer::Member,
         digest: &Digest,
         fill_from: Option<(&str, &str)>,
+        limit: u64,
     ) -> Result<(u64, Arc<File>), (&'static str, String)> {
         let body = peers
             .client()
@@ -603,7 +612,6 @@ impl Cache {
             .await
             .map_err(|e| (e.outcome(), e.to_string()))?;
         let size = body.size;
-        let limit = self.settings.max_bytes.max(MIN_UNSIZED_BLOB_LIMIT);
         if size > limit {
             return Err((
                 "refused",
@@ -815,7 +823,17 @@ impl Cache {
                 return Err(CacheError::NotCached { digest });
             };
             metrics().cache_misses.inc();
-            return self.fetch_manifest(origin, reference).await;
+            return match self.fetch_manifest(origin, reference).await {
+                // The registry is down or misbehaves: a peer may hold the manifest (stored
+                // like any blob, served by digest, verified here before it is kept).
+                Err(CacheError::Upstream(e)) if e.is_upstream_fault() => {
+                    match self.manifest_from_peers(&digest, origin).await {
+                        Some(m) => Ok(m),
+                        None => Err(CacheError::Upstream(e)),
+                    }
+                }
+                other => other,
+            };
         }
         let Some(origin) = origin else {
             return Err(CacheError::Upstream(RegistryError::NotFound {
@@ -852,6 +870,25 @@ impl Cache {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A manifest by digest from the peers (never asking them to fill it), when peers are on.
+    async fn manifest_from_peers(&self, digest: &Digest, origin: &Origin) -> Option<Manifest> {
+        let hook = self.peers.get().filter(|h| (h.permit)(origin))?;
+        let plan = crate::peer::FillPlan {
+            registry_first: true,
+            peers: hook.peers.plan(digest).peers,
+        };
+        self.fill_from_peers(hook, &plan, digest, origin, MAX_MANIFEST_BYTES)
+            .await?;
+        let bytes = self.read_manifest(digest).await.ok()??;
+        tracing::info!(%digest, "registry failed; manifest from a peer");
+        Some(Manifest {
+            media_type: crate::registry::manifest_media_type(&bytes),
+            bytes: bytes.into(),
+            digest: digest.clone(),
+            from_cache: false,
+        })
     }
 
     async fn fetch_manifest(

@@ -1,0 +1,305 @@
+//! Peers across real nodes: each node is a network namespace with its own containerd 2,
+//! imagestream and address; one etcd (streams and peer discovery) reached over the LAN; one
+//! docker-registry in a namespace of its own. The streams are shared through etcd and the
+//! layers through the peers:
+//!
+//! 1. A new tag rolls out on three nodes at once: every blob comes from the registry once (its
+//!    access log), and a container of the new image runs on all three.
+//! 2. The registry stops; a fourth node that never pulled the image joins (etcd discovery) and
+//!    runs it, its layers from the peers.
+//!
+//! The peer faults (wrong bytes, a transfer cut short, a stall, a client without a node
+//! certificate) are in `tests/peers.rs`, where a fault-injecting peer can be put first.
+
+mod common;
+
+use common::daemon::Daemon;
+use common::etcd::Etcd;
+use common::mirror::cri_pull_image;
+use common::netns::{Lan, NetHost};
+use common::peer::Certs;
+use common::*;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+const STREAM: &str = "default/app";
+const STREAM_REF: &str = "imagestream.local/default/app:prod";
+const PULL_TIMEOUT: Duration = Duration::from_secs(120);
+const PEER_PORT: u16 = 5051;
+
+/// One node: its namespace, runtime and daemon.
+struct Node {
+    host: NetHost,
+    daemon: Daemon,
+    /// Dropped after the daemon: the runtime outlives the proxy in front of it.
+    bed: RuntimeBed,
+}
+
+fn start_node(host: NetHost, registry: &Registry, etcd: &str, certs: &Certs) -> Node {
+    let name = host.netns.rsplit('-').next().unwrap_or("node").to_string();
+    let bed = RuntimeBed::start_kind_in(
+        RuntimeKind::Containerd2,
+        &registry.addr,
+        BedOptions::default(),
+        &host,
+    );
+    let toml = format!(
+        "store = \"etcd\"\netcd_endpoints = [\"http://{etcd}\"]\n{}",
+        certs.node_toml(&name, &name, &host.addr(PEER_PORT), &[])
+    );
+    let daemon =
+        Daemon::start_in_with_config(&host, &bed.endpoint(), &[&registry.addr], &[], &toml);
+    daemon.route_through_mirror(&bed, &registry.addr);
+    Node { host, daemon, bed }
+}
+
+/// Successful blob GETs at the registry per digest, by any client.
+fn registry_gets(registry: &Registry) -> HashMap<String, usize> {
+    registry.blob_gets()
+}
+
+/// Runs a container of the stream reference on `node` (PullImage through the stream, then a
+/// sandbox and a container that sleeps); returns the image ref PullImage answered.
+async fn run_stream_image(node: &Node, pod: String) -> String {
+    let pod = pod.as_str();
+    let started = Instant::now();
+    let image = tokio::time::timeout(
+        PULL_TIMEOUT,
+        cri_pull_image(&node.daemon.cri_socket, STREAM_REF),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{}: PullImage timed out\n{}",
+            node.host.netns,
+            node.daemon.log_tail()
+        )
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{}: PullImage failed: {e}\n{}",
+            node.host.netns,
+            node.daemon.log_tail()
+        )
+    });
+    let logs = node.daemon.dir.path().join(format!("pods-{pod}"));
+    std::fs::create_dir_all(&logs).expect("pod log dir");
+    let (mut rt, ctr) =
+        start_sleeping_container(&node.daemon.cri_socket, STREAM_REF, pod, &logs).await;
+    let status = rt
+        .container_status(k8s_cri::v1::ContainerStatusRequest {
+            container_id: ctr,
+            verbose: false,
+        })
+        .await
+        .expect("ContainerStatus")
+        .into_inner()
+        .status
+        .expect("a status");
+    assert_eq!(
+        status.state,
+        k8s_cri::v1::ContainerState::ContainerRunning as i32,
+        "{}: the container does not run: {status:?}",
+        node.host.netns
+    );
+    eprintln!("{}: running in {:?}", node.host.netns, started.elapsed());
+    image
+}
+
+fn lan_tmp(node: &Node) -> std::path::PathBuf {
+    node.daemon.dir.path().to_path_buf()
+}
+
+/// `ctr` against `node`'s containerd (namespace k8s.io).
+fn run_ctr(node: &Node, args: &[&str]) {
+    let out = node.bed.ctr().args(args).output().expect("run ctr");
+    assert!(
+        out.status.success(),
+        "ctr {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until `node`'s view of the stream (through etcd) shows `digest`.
+fn wait_for_tag(node: &Node, digest: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = node.daemon.cli_ok(&["stream", "get", STREAM]);
+        // The table shows the first 12 hex digits.
+        if out.contains(&digest[..19]) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: the stream never showed {digest}:\n{out}",
+            node.host.netns
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for_members(node: &Node, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = common::mirror::metric_value(&node.daemon.metrics(), "imagestream_peer_members");
+        if m == Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {m:?} peer members, expected {n}\n{}",
+            node.host.netns,
+            node.daemon.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_fetches_each_blob_once_and_a_new_node_runs_it_with_the_registry_down() {
+    require_root("the multi-node peer test");
+    let t0 = Instant::now();
+    let lan = Lan::new();
+    let reg_host = lan.host("registry");
+    let hosts: Vec<NetHost> = ["n1", "n2", "n3", "n4"]
+        .iter()
+        .map(|n| lan.host(n))
+        .collect();
+    let mut registry = Registry::start_in(&reg_host);
+    let etcd = Etcd::start();
+    let etcd_lan = lan.expose(etcd.members[0].client_url.trim_start_matches("http://"));
+    let certs = Certs::make(
+        &hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.netns.rsplit('-').next().unwrap_or("node").to_string(),
+                    h.ip.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|(n, ip)| (n.as_str(), ip.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    push_pause_image(&registry);
+    let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
+    let v2 = push_image(&registry, "app", "v2", "v2", &["/bin/sleep", "infinity"]);
+    let blobs_of = |digest: &str| -> Vec<String> {
+        let m = registry_manifest(&registry.addr, "app", digest);
+        let mut b = vec![m["config"]["digest"].as_str().expect("config").to_string()];
+        for l in m["layers"].as_array().expect("layers") {
+            b.push(l["digest"].as_str().expect("layer").to_string());
+        }
+        b
+    };
+    let (v1_blobs, v2_blobs) = (blobs_of(&v1), blobs_of(&v2));
+    let new_blobs: Vec<&String> = v2_blobs.iter().filter(|b| !v1_blobs.contains(b)).collect();
+    assert!(!new_blobs.is_empty(), "v2 shares every blob with v1");
+    eprintln!("LAN, registry, etcd, images: {:?}", t0.elapsed());
+
+    let mut hosts = hosts.into_iter();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|_| start_node(hosts.next().expect("host"), &registry, &etcd_lan, &certs))
+        .collect();
+    for n in &nodes {
+        wait_for_members(n, 3.0);
+    }
+    eprintln!("three nodes up and discovered: {:?}", t0.elapsed());
+
+    // The stream, shared through etcd; v1 first so that the pause image is everywhere.
+    nodes[0].daemon.cli_ok(&["stream", "create", STREAM]);
+    nodes[0].daemon.cli_ok(&[
+        "tag",
+        "set",
+        "default/app:prod",
+        &registry.image_ref("app:v1"),
+    ]);
+    let before = registry_gets(&registry);
+
+    // The rollout: the tag moves to v2 (a new config and top layer over v1's base), every
+    // node prefetches it and runs it at once.
+    nodes[0].daemon.cli_ok(&[
+        "tag",
+        "set",
+        "default/app:prod",
+        &registry.image_ref("app:v2"),
+    ]);
+    for n in &nodes {
+        wait_for_tag(n, &v2);
+    }
+    let t = Instant::now();
+    let pods: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| run_stream_image(n, format!("rollout-{i}")))
+        .collect();
+    let refs = futures_util::future::join_all(pods).await;
+    eprintln!("rollout on three nodes: {:?}", t.elapsed());
+    for r in &refs {
+        assert_eq!(r, &refs[0], "every node runs the same image");
+    }
+    let after = registry_gets(&registry);
+    let direct = registry.blob_gets_not_by("imagestream/");
+    assert!(
+        direct.is_empty(),
+        "runtime fetched from the registry itself: {direct:?}"
+    );
+    for blob in &v2_blobs {
+        let n = after.get(blob).copied().unwrap_or(0) - before.get(blob).copied().unwrap_or(0);
+        let expected = usize::from(new_blobs.contains(&blob));
+        assert_eq!(
+            n,
+            expected,
+            "{blob}: {n} registry fetches for a rollout on three nodes\n{}",
+            nodes
+                .iter()
+                .map(|n| n
+                    .daemon
+                    .metrics()
+                    .lines()
+                    .filter(|l| l.starts_with("imagestream_peer_fetches_total"))
+                    .collect::<Vec<_>>()
+                    .join("\n"))
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+    }
+
+    // The registry goes away; a fourth node joins and runs the stream's image from its peers.
+    // Its pause image comes with the node (as node images preload it): exported from n1's
+    // containerd, imported into n4's. The sandbox image is a tag, which only a registry
+    // answers.
+    let pause = registry.image_ref("pause:test");
+    let tar = lan_tmp(&nodes[0]).join("pause.tar");
+    run_ctr(
+        &nodes[0],
+        &["images", "export", &tar.display().to_string(), &pause],
+    );
+    registry.stop();
+    let n4 = start_node(hosts.next().expect("host"), &registry, &etcd_lan, &certs);
+    run_ctr(&n4, &["images", "import", &tar.display().to_string()]);
+    wait_for_members(&n4, 4.0);
+    for n in &nodes {
+        wait_for_members(n, 4.0);
+    }
+    let r4 = run_stream_image(&n4, "late".into()).await;
+    assert_eq!(r4, refs[0], "the new node runs the stream's current image");
+    let ok: f64 = n4
+        .daemon
+        .metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("imagestream_peer_fetches_total{") && l.contains("outcome=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        ok >= v2_blobs.len() as f64,
+        "the new node's layers came from peers ({ok})\n{}",
+        n4.daemon.log_tail()
+    );
+    nodes.push(n4);
+    eprintln!("done in {:?}", t0.elapsed());
+}
