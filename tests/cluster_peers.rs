@@ -303,3 +303,138 @@ async fn a_rollout_fetches_each_blob_once_and_a_new_node_runs_it_with_the_regist
     nodes.push(n4);
     eprintln!("done in {:?}", t0.elapsed());
 }
+
+const USER: &str = "team-a-puller";
+const PASSWORD: &str = "pr1vate-Pa55";
+
+async fn pull_as(
+    node: &Node,
+    image: &str,
+    auth: Option<(&str, &str)>,
+    pod: &str,
+) -> Result<String, tonic::Status> {
+    let logs = node.daemon.dir.path().join(format!("pods-{pod}"));
+    let cfg = pod_config(pod, "team-b", &logs);
+    let mut img = image_client(&node.daemon.cri_socket).await;
+    Ok(img
+        .pull_image(k8s_cri::v1::PullImageRequest {
+            image: Some(image_spec(image)),
+            auth: auth.map(|(u, p)| k8s_cri::v1::AuthConfig {
+                username: u.into(),
+                password: p.into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(cfg),
+        })
+        .await?
+        .into_inner()
+        .image_ref)
+}
+
+fn peer_metric_sum(node: &Node, prefix: &str) -> f64 {
+    node.daemon
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_private_image_goes_to_no_node_whose_pod_lacks_valid_credentials() {
+    require_root("the multi-node peer test");
+    let lan = Lan::new();
+    let reg_host = lan.host("registry");
+    let (h1, h2) = (lan.host("p1"), lan.host("p2"));
+    let origin = Registry::start_in(&reg_host);
+    push_pause_image(&origin);
+    push_image(
+        &origin,
+        "private/app",
+        "v1",
+        "v1",
+        &["/bin/sleep", "infinity"],
+    );
+    // The same storage behind htpasswd, reached by the nodes through the LAN's gateway.
+    let private = common::auth::HtpasswdRegistry::start(&origin.dir.join("data"), USER, PASSWORD);
+    let private_addr = lan.expose(&private.addr);
+    let image = format!("{private_addr}/private/app:v1");
+    let certs = Certs::make(&[("p1", &h1.ip), ("p2", &h2.ip)]);
+    let peers = vec![
+        format!("p1={}", h1.addr(PEER_PORT)),
+        format!("p2={}", h2.addr(PEER_PORT)),
+    ];
+    let start = |host: NetHost| {
+        let name = host.netns.rsplit('-').next().unwrap_or("node").to_string();
+        let bed = RuntimeBed::start_kind_in(
+            RuntimeKind::Containerd2,
+            &origin.addr,
+            BedOptions::default(),
+            &host,
+        );
+        // The node's own credentials, for its mirror's fills.
+        let auth_file = bed.dir.join("node-auth.json");
+        std::fs::write(
+            &auth_file,
+            common::auth::docker_config_json(&private_addr, USER, PASSWORD),
+        )
+        .expect("write the node's auth.json");
+        let toml = format!(
+            "registry_auth_file = {:?}\nprefetch = false\n{}",
+            auth_file.display().to_string(),
+            certs.node_toml(&name, &name, &host.addr(PEER_PORT), &peers)
+        );
+        let daemon =
+            Daemon::start_in_with_config(&host, &bed.endpoint(), &[&private_addr], &[], &toml);
+        daemon.route_through_mirror(&bed, &private_addr);
+        Node { host, daemon, bed }
+    };
+    let (p1, p2) = (start(h1), start(h2));
+
+    // A pod of p1 with the pull secret: pulled, the layers now in the cluster's caches.
+    pull_as(&p1, &image, Some((USER, PASSWORD)), "with-secret")
+        .await
+        .expect("a pod with the secret pulls");
+    let served_before = peer_metric_sum(&p1, "imagestream_peer_requests_total");
+    let asked_before = peer_metric_sum(&p2, "imagestream_peer_fetches_total");
+
+    // Pods of p2 without the secret, or with a wrong one: refused before any peer is asked.
+    let e = pull_as(&p2, &image, None, "no-secret")
+        .await
+        .expect_err("no secret");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = pull_as(&p2, &image, Some((USER, "wrong")), "wrong-secret")
+        .await
+        .expect_err("a wrong secret");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert_eq!(
+        peer_metric_sum(&p2, "imagestream_peer_fetches_total"),
+        asked_before,
+        "p2 asked its peers for a private image no pod of it may pull"
+    );
+    assert_eq!(
+        peer_metric_sum(&p1, "imagestream_peer_requests_total"),
+        served_before,
+        "p1 served blobs for a refused pull"
+    );
+    let out = p2
+        .bed
+        .ctr()
+        .args(["images", "ls", "-q"])
+        .output()
+        .expect("ctr");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("private/app"),
+        "p2's runtime holds the private image"
+    );
+
+    // With the secret, p2's pod pulls, and the layers come from its peer.
+    pull_as(&p2, &image, Some((USER, PASSWORD)), "p2-with-secret")
+        .await
+        .expect("a pod of p2 with the secret pulls");
+    assert!(
+        peer_metric_sum(&p2, "imagestream_peer_fetches_total") > asked_before,
+        "p2 asked its peer once its gate let the pull through\n{}",
+        p2.daemon.log_tail()
+    );
+}
