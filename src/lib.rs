@@ -6,7 +6,8 @@
 //! Data flows one way: the CLI talks to the admin API, which calls the stream service, which
 //! pins through the registry client and writes the store, then swaps the in-memory view; the
 //! CRI proxy reads only that view. containerd pulls through the mirror, which asks the cache,
-//! which asks the registry client on a miss; the cache reads the view for pins and prefetch.
+//! which asks the peers and the registry client on a miss; the cache reads the view for pins
+//! and prefetch. Other nodes read this node's cache through the peer endpoint (in the mirror).
 //!
 //! - [`config`]: embedded defaults (documented constants), the TOML file, flag overrides.
 //! - [`stream`]: the model (streams, tags, generations), name and reference grammar,
@@ -18,8 +19,11 @@
 //!   handshake); digests and registry credentials.
 //! - [`cache`]: the node's layer cache: the verified content store, pull-through fills shared
 //!   by concurrent clients, pins, LRU eviction, scrub and prefetch.
-//! - [`mirror`]: the registry mirror (OCI distribution pull API over HTTP, `/metrics`) and
-//!   containerd's `hosts.toml`.
+//! - [`mirror`]: the registry mirror (OCI distribution pull API over HTTP, `/metrics`), the
+//!   peer endpoint (blobs by digest over mutual TLS), containerd's `hosts.toml` and CRI-O's
+//!   drop-in.
+//! - [`peer`]: the node caches of a cluster as one: discovery (etcd or a static list),
+//!   rendezvous placement, the peer client, the cluster CA and node certificates.
 //! - [`cri`]: the CRI proxy: the HTTP/2 transport (hyper), the decider for the four calls
 //!   that may carry a stream reference (stream access, the node's pull policy, private
 //!   images), and the one connection to the runtime.
