@@ -207,7 +207,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
 
     // Peers: TLS files and the listener now, so that a bad certificate fails the start.
-    let (peers, peer_listener, members_tx) = match start_peers(&config, cluster.is_some()).await {
+    let etcd_for_peers = cluster.as_ref().map(|(etcd, _, _, _)| etcd.clone());
+    let (peers, peer_listener, members_tx) = match start_peers(&config, etcd_for_peers).await {
         Ok(p) => p,
         Err(e) => {
             socket::remove(&config.cri_socket);
@@ -413,7 +414,11 @@ type PeerStart = (
 /// With `peer_listen`: the peer layer (members from the static list, or only this node until
 /// etcd discovery fills them in), the peer endpoint's listener and TLS, and (with etcd) the
 /// sender discovery updates the members through.
-async fn start_peers(config: &Config, with_etcd: bool) -> Result<PeerStart, ServerError> {
+async fn start_peers(
+    config: &Config,
+    etcd: Option<Arc<EtcdStore>>,
+) -> Result<PeerStart, ServerError> {
+    let with_etcd = etcd.is_some();
     let Some(listen) = &config.peer_listen else {
         return Ok((None, None, None));
     };
@@ -426,8 +431,15 @@ async fn start_peers(config: &Config, with_etcd: bool) -> Result<PeerStart, Serv
     let client = crate::peer::client::PeerClient::new(&files, first_byte)
         .map_err(|e| ServerError::Peer(e.to_string()))?;
     let me = config.peer_member();
-    let initial = if with_etcd {
-        Arc::new(vec![me.clone()])
+    let initial = if let Some(etcd) = &etcd {
+        // The members registered so far (etcd down: only this node, until discovery runs).
+        match crate::peer::discovery::list_etcd(etcd, &me).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the peers in etcd yet; discovery retries");
+                Arc::new(vec![me.clone()])
+            }
+        }
     } else {
         crate::peer::discovery::static_members(&me, &config.peers)
             .map_err(|e| ServerError::Peer(e.to_string()))?

@@ -361,3 +361,104 @@ fn a_peer_that_dies_mid_transfer_does_not_fail_the_pull() {
 fn a_peer_that_does_not_answer_is_skipped_after_the_first_byte_deadline() {
     faulty_peer_case(PeerFault::Stall, "slow");
 }
+
+#[test]
+fn pinned_images_are_kept_on_their_home_nodes_and_roll_back_with_the_registry_gone() {
+    require_root("the peer tests");
+    let mut registry = Registry::start();
+    let v1 = push_random_image_to(&registry.addr, "team/app:v1", &[MIB, MIB, MIB]);
+    let v2 = push_random_image_to(&registry.addr, "team/app:v2", &[MIB, MIB, MIB]);
+    let etcd = common::etcd::Etcd::start();
+    let names = ["a", "b", "c", "d"];
+    let certs = Certs::make(&names.map(|n| (n, "127.0.0.1")));
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    // No prefetch: what a node holds comes from the home loop alone.
+    let extra = format!(
+        "store = \"etcd\"\n{}peer_replicas = 2\n",
+        etcd.endpoints_toml(&[0])
+    );
+    let mut nodes: Vec<Daemon> = names[..3]
+        .iter()
+        .zip(&ports)
+        .map(|(n, p)| node(&certs, n, *p, &[], &registry, &extra))
+        .collect();
+    nodes[0].cli_ok(&["stream", "create", "team-a/app"]);
+    nodes[0].cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("team/app:v1"),
+    ]);
+    nodes[0].cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("team/app:v2"),
+    ]);
+
+    // Each blob of both images (the current one and the rollback one) ends up on its two
+    // home nodes, and pinned there.
+    let members: Vec<imagestream::peer::Member> = names[..3]
+        .iter()
+        .map(|n| imagestream::peer::Member {
+            name: n.to_string(),
+            addr: String::new(),
+        })
+        .collect();
+    let blobs: Vec<String> = v1.blobs()[1..]
+        .iter()
+        .chain(&v2.blobs()[1..])
+        .cloned()
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held: Vec<std::collections::BTreeMap<String, u64>> = nodes
+            .iter()
+            .map(|d| common::mirror::store_blobs(&d.state_dir).unwrap_or_default())
+            .collect();
+        let missing: Vec<(String, String)> = blobs
+            .iter()
+            .flat_map(|b| {
+                imagestream::peer::rank(&members, b)
+                    .into_iter()
+                    .take(2)
+                    .map(|m| (m.name.clone(), b.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|(n, b)| {
+                let i = names.iter().position(|x| x == n).expect("a node");
+                !held[i].contains_key(b.trim_start_matches("sha256:"))
+                    && !held[i].contains_key(b.as_str())
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "home blobs never arrived: {missing:?}\n{}",
+            nodes[0].log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let gets = imagestream_blob_gets(&registry);
+    for b in &blobs {
+        assert_eq!(
+            gets.get(b).copied(),
+            Some(1),
+            "{b} from the registry once: {gets:?}"
+        );
+    }
+    let ls = nodes[0].cli_ok(&["cache", "ls"]);
+    assert!(ls.contains("team-a/app:prod"), "pinned by the tag:\n{ls}");
+
+    // The registry goes away, the tag rolls back; a new node runs (here: fetches) v1 from the
+    // cluster.
+    registry.stop();
+    nodes[0].cli_ok(&["tag", "rollback", "team-a/app:prod"]);
+    let d = node(&certs, "d", ports[3], &[], &registry, &extra);
+    for b in &v1.blobs()[1..] {
+        pull_blob(&d, &registry, "team/app", b);
+    }
+    nodes.push(d);
+}

@@ -100,6 +100,28 @@ fn decode(key: &[u8], value: &[u8], prefix: &str) -> Option<Member> {
     (m.name == name && check_name(&m.name) && check_addr(&m.addr)).then_some(m)
 }
 
+/// The members registered in etcd now, `me` included: the daemon's first member list, so that
+/// a pull right after the start already knows its peers.
+pub async fn list_etcd(store: &EtcdStore, me: &Member) -> Result<Members, StoreError> {
+    let prefix = peers_prefix(store);
+    let p = prefix.clone();
+    let listing = store
+        .call_any(true, move |mut c| {
+            let p = p.clone();
+            async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await?;
+    let mut known: BTreeMap<String, Member> = listing
+        .kvs()
+        .iter()
+        .filter_map(|kv| decode(kv.key(), kv.value(), &prefix))
+        .take(MAX_MEMBERS)
+        .map(|m| (m.name.clone(), m))
+        .collect();
+    known.insert(me.name.clone(), me.clone());
+    Ok(Arc::new(known.into_values().collect()))
+}
+
 /// Registers `me` in etcd and keeps `members` up to date until `stop` (then revokes the
 /// registration). Never returns early: etcd failures are retried with back-off.
 pub async fn run_etcd(
