@@ -43,8 +43,10 @@ fn start_node(host: NetHost, registry: &Registry, etcd: &str, certs: &Certs) -> 
         BedOptions::default(),
         &host,
     );
+    // Debug daemons on a loaded 2-core machine can take longer than the default second to
+    // answer a peer; a miss would cost a registry fetch (counted by the rollout check).
     let toml = format!(
-        "store = \"etcd\"\netcd_endpoints = [\"http://{etcd}\"]\n{}",
+        "store = \"etcd\"\netcd_endpoints = [\"http://{etcd}\"]\npeer_first_byte_timeout_ms = 5000\n{}",
         certs.node_toml(&name, &name, &host.addr(PEER_PORT), &[])
     );
     let daemon =
