@@ -374,7 +374,7 @@ fn pinned_images_are_kept_on_their_home_nodes_and_roll_back_with_the_registry_go
     let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
     // No prefetch: what a node holds comes from the home loop alone.
     let extra = format!(
-        "store = \"etcd\"\n{}peer_replicas = 2\n",
+        "store = \"etcd\"\n{}peer_replicas = 2\npeer_first_byte_timeout_ms = 5000\n",
         etcd.endpoints_toml(&[0])
     );
     let mut nodes: Vec<Daemon> = names[..3]
