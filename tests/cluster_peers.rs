@@ -8,8 +8,11 @@
 //! 2. The registry stops; a fourth node that never pulled the image joins (etcd discovery) and
 //!    runs it, its layers from the peers.
 //!
-//! The peer faults (wrong bytes, a transfer cut short, a stall, a client without a node
-//! certificate) are in `tests/peers.rs`, where a fault-injecting peer can be put first.
+//! 3. A client on the LAN without a node certificate gets nothing from a peer endpoint.
+//! 4. A private image goes to no node whose pod lacks valid credentials.
+//!
+//! The peer faults (wrong bytes, a transfer cut short, a stall) are in `tests/peers.rs`, where a
+//! fault-injecting peer can be ranked first.
 
 mod common;
 
@@ -123,6 +126,31 @@ fn run_ctr(node: &Node, args: &[&str]) {
     );
 }
 
+/// Waits until `node`'s cache holds every one of `blobs`.
+fn wait_for_blobs(node: &Node, blobs: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = common::mirror::store_blobs(&node.daemon.state_dir).unwrap_or_default();
+        let missing: Vec<&String> = blobs
+            .iter()
+            .filter(|b| {
+                !held.contains_key(b.as_str())
+                    && !held.contains_key(b.trim_start_matches("sha256:"))
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: never cached {missing:?}\n{}",
+            node.host.netns,
+            node.daemon.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits until `node`'s view of the stream (through etcd) shows `digest`.
 fn wait_for_tag(node: &Node, digest: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -218,6 +246,10 @@ async fn a_rollout_fetches_each_blob_once_and_a_new_node_runs_it_with_the_regist
         "default/app:prod",
         &registry.image_ref("app:v1"),
     ]);
+    // Every node prefetches v1 (and its pause image comes from the registry directly).
+    for n in &nodes {
+        wait_for_blobs(n, &v1_blobs);
+    }
     let before = registry_gets(&registry);
 
     // The rollout: the tag moves to v2 (a new config and top layer over v1's base), every
@@ -268,6 +300,26 @@ async fn a_rollout_fetches_each_blob_once_and_a_new_node_runs_it_with_the_regist
                 .join("\n---\n")
         );
     }
+
+    // From another host of the LAN, without a node certificate: the peer endpoint refuses.
+    let url = format!(
+        "https://{}/v1/blobs/{}",
+        nodes[0].host.addr(PEER_PORT),
+        v2_blobs[0]
+    );
+    let out = reg_host
+        .command("curl")
+        .args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(certs.ca())
+        .arg(&url)
+        .output()
+        .expect("curl in a netns");
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "a client without a node certificate got an answer: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The registry goes away; a fourth node joins and runs the stream's image from its peers.
     // Its pause image comes with the node (as node images preload it): exported from n1's
