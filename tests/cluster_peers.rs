@@ -10,9 +10,9 @@
 //!
 //! 3. A client on the LAN without a node certificate gets nothing from a peer endpoint.
 //! 4. A private image goes to no node whose pod lacks valid credentials.
-//!
-//! The peer faults (wrong bytes, a transfer cut short, a stall) are in `tests/peers.rs`, where a
-//! fault-injecting peer can be ranked first.
+//! 5. A peer that sends wrong bytes, or dies mid-transfer, does not fail a pod's pull: a
+//!    [`common::peer::FaultInjectingPeer`] on the LAN (a real node certificate, faults a healthy
+//!    imagestream never produces), named so that it ranks first for the layer.
 
 mod common;
 
@@ -514,4 +514,97 @@ async fn a_private_image_goes_to_no_node_whose_pod_lacks_valid_credentials() {
         "p2 took {ok} blobs from p1, expected {from_p1} once its gate let the pull through\n{}",
         p2.daemon.log_tail()
     );
+}
+
+/// A node whose first peer for the image's layer misbehaves ([`PeerFault`]): the pod's pull
+/// still succeeds, with the layer from the registry, and the fault is counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_that_sends_wrong_bytes_or_dies_mid_transfer_does_not_fail_the_pull() {
+    use common::peer::{name_ranked_first, FaultInjectingPeer, PeerFault};
+    require_root("the multi-node peer test");
+    let lan = Lan::new();
+    let reg_host = lan.host("registry");
+    let registry = Registry::start_in(&reg_host);
+    push_pause_image(&registry);
+    let certs = Certs::make(&[("fake", &lan.gateway)]);
+    for (i, (fault, outcome)) in [
+        (PeerFault::WrongBytes, "mismatch"),
+        (PeerFault::CutShort, "cut"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let tag = format!("v{i}");
+        push_image(&registry, "app", &tag, &tag, &["/bin/sleep", "infinity"]);
+        let manifest = registry_manifest(&registry.addr, "app", &tag);
+        let layers = manifest["layers"].as_array().expect("layers");
+        let layer = layers[layers.len() - 1]["digest"]
+            .as_str()
+            .expect("a layer")
+            .to_string();
+        let (_, bytes) = http_request(
+            &registry.addr,
+            "GET",
+            &format!("/v2/app/blobs/{layer}"),
+            &[],
+        )
+        .expect("the registry answers");
+        let fake = FaultInjectingPeer::start_on(
+            &lan.gateway,
+            &certs.files("fake"),
+            HashMap::from([(layer.clone(), bytes)]),
+            fault,
+        );
+        let host = lan.host(&format!("f{i}"));
+        let node_name = host.netns.rsplit('-').next().unwrap_or("node").to_string();
+        certs.add(&[(node_name.as_str(), host.ip.as_str())]);
+        let candidates: Vec<String> = (0..200).map(|k| format!("peer-{k}")).collect();
+        let fake_name = name_ranked_first(&layer, &[node_name.as_str()], &candidates);
+        let bed = RuntimeBed::start_kind_in(
+            RuntimeKind::Containerd2,
+            &registry.addr,
+            BedOptions::default(),
+            &host,
+        );
+        let toml = format!(
+            "prefetch = false\n{}",
+            certs.node_toml(
+                &node_name,
+                &node_name,
+                &host.addr(PEER_PORT),
+                &[format!("{fake_name}={}", fake.addr)]
+            )
+        );
+        let daemon =
+            Daemon::start_in_with_config(&host, &bed.endpoint(), &[&registry.addr], &[], &toml);
+        daemon.route_through_mirror(&bed, &registry.addr);
+        let node = Node { host, daemon, bed };
+        let image = registry.image_ref(&format!("app:{tag}"));
+        tokio::time::timeout(
+            PULL_TIMEOUT,
+            cri_pull_image(&node.daemon.cri_socket, &image),
+        )
+        .await
+        .expect("PullImage in time")
+        .unwrap_or_else(|e| {
+            panic!(
+                "{fault:?}: the pull failed: {e}\n{}",
+                node.daemon.log_tail()
+            )
+        });
+        assert!(
+            fake.requests().contains(&layer),
+            "{fault:?}: the faulty peer was asked for {layer}: {:?}",
+            fake.requests()
+        );
+        let series =
+            format!("imagestream_peer_fetches_total{{peer=\"{fake_name}\",outcome=\"{outcome}\"}}");
+        let metrics = node.daemon.metrics();
+        assert_eq!(
+            common::mirror::metric_value(&metrics, &series),
+            Some(1.0),
+            "{fault:?}: {series}\n{metrics}"
+        );
+        common::mirror::verify_store(&node.daemon.state_dir).expect("the store verifies");
+    }
 }

@@ -103,8 +103,19 @@ impl FaultInjectingPeer {
         blobs: HashMap<String, Vec<u8>>,
         fault: PeerFault,
     ) -> FaultInjectingPeer {
+        Self::start_on("127.0.0.1", files, blobs, fault)
+    }
+
+    /// Like [`FaultInjectingPeer::start`], listening on `ip` (e.g. a LAN's gateway address,
+    /// which the nodes in its namespaces reach).
+    pub fn start_on(
+        ip: &str,
+        files: &imagestream::peer::tls::TlsFiles,
+        blobs: HashMap<String, Vec<u8>>,
+        fault: PeerFault,
+    ) -> FaultInjectingPeer {
         let tls = imagestream::peer::tls::server_config(files).expect("fake peer TLS config");
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake peer");
+        let listener = std::net::TcpListener::bind(format!("{ip}:0")).expect("bind fake peer");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("fake peer addr");
         let requests = Arc::new(Mutex::new(Vec::new()));
