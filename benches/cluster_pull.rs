@@ -155,6 +155,8 @@ struct CaseResult {
     /// Each node's pull time.
     times: Vec<Duration>,
     peer_outcomes: BTreeMap<String, f64>,
+    /// CPU (user + system) of all the daemons, start-up to end of the pulls.
+    daemon_cpu: Duration,
 }
 
 impl CaseResult {
@@ -221,6 +223,11 @@ fn run_case(n: usize, peers: bool, case: usize) -> CaseResult {
             .collect()
     });
     let served = registry.blob_bytes_served() - before;
+    let daemon_cpu = nodes
+        .iter()
+        .filter_map(Daemon::pid)
+        .map(process_cpu_time)
+        .sum();
     let mut outcomes = BTreeMap::new();
     for d in &nodes {
         peer_outcomes(d, &mut outcomes);
@@ -232,6 +239,7 @@ fn run_case(n: usize, peers: bool, case: usize) -> CaseResult {
         registry_ratio: served as f64 / image_bytes as f64,
         times,
         peer_outcomes: outcomes,
+        daemon_cpu,
     }
 }
 
@@ -279,9 +287,10 @@ fn main() {
     };
     let single = run_case(1, false, next());
     println!(
-        "single node cold pull: {} (registry bytes / image {:.2})",
+        "single node cold pull: {} (registry bytes / image {:.2}, daemon CPU {})",
         secs(single.slowest()),
-        single.registry_ratio
+        single.registry_ratio,
+        secs(single.daemon_cpu)
     );
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for round in 0..rounds {
@@ -294,7 +303,8 @@ fn main() {
         for peers in order {
             let r = run_case(n, peers, next());
             println!(
-                "round {} peers {:<3}: registry bytes / image {:.2}, nodes {}, peer fetches {:?}",
+                "round {} peers {:<3}: registry bytes / image {:.2}, nodes {}, daemons' CPU {}, \
+                 peer fetches {:?}",
                 round + 1,
                 if peers { "on" } else { "off" },
                 r.registry_ratio,
@@ -303,6 +313,7 @@ fn main() {
                     .map(|t| secs(*t))
                     .collect::<Vec<_>>()
                     .join(" / "),
+                secs(r.daemon_cpu),
                 r.peer_outcomes
             );
             if peers {
@@ -317,32 +328,42 @@ fn main() {
     let (on_r, on_rmin, on_rmax, on_t, on_tmin, on_tmax) = summary(&on);
     println!();
     println!(
-        "{:<24} {:>22} {:>30} {:>12} {:>10}",
-        "case", "registry bytes / image", "slowest node: median [min-max]", "vs single", "on / off"
+        "{:<24} {:>22} {:>30} {:>12} {:>10} {:>14}",
+        "case",
+        "registry bytes / image",
+        "slowest node: median [min-max]",
+        "vs single",
+        "on / off",
+        "daemons' CPU"
     );
     println!(
-        "{:<24} {:>22} {:>30} {:>12} {:>10}",
+        "{:<24} {:>22} {:>30} {:>12} {:>10} {:>14}",
         "1 node, cold",
         format!("{:.2}", single.registry_ratio),
         secs(single.slowest()),
         "1.00",
-        ""
+        "",
+        secs(single.daemon_cpu)
     );
     println!(
-        "{:<24} {:>22} {:>30} {:>12} {:>10}",
+        "{:<24} {:>22} {:>30} {:>12} {:>10} {:>14}",
         format!("{n} nodes, peers off"),
         format!("{off_r:.2} [{off_rmin:.2}-{off_rmax:.2}]"),
         format!("{} [{}-{}]", secs(off_t), secs(off_tmin), secs(off_tmax)),
         format!("{:.2}", off_t.as_secs_f64() / base),
-        ""
+        "",
+        secs(median(
+            &off.iter().map(|r| r.daemon_cpu).collect::<Vec<_>>()
+        ))
     );
     println!(
-        "{:<24} {:>22} {:>30} {:>12} {:>10}",
+        "{:<24} {:>22} {:>30} {:>12} {:>10} {:>14}",
         format!("{n} nodes, peers on"),
         format!("{on_r:.2} [{on_rmin:.2}-{on_rmax:.2}]"),
         format!("{} [{}-{}]", secs(on_t), secs(on_tmin), secs(on_tmax)),
         format!("{:.2}", on_t.as_secs_f64() / base),
-        format!("{:.2}", on_t.as_secs_f64() / off_t.as_secs_f64())
+        format!("{:.2}", on_t.as_secs_f64() / off_t.as_secs_f64()),
+        secs(median(&on.iter().map(|r| r.daemon_cpu).collect::<Vec<_>>()))
     );
     println!(
         "\nloopback registry, not rate-limited: the time peers save here is mostly registry \
