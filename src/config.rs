@@ -567,6 +567,13 @@ impl Config {
                 );
             }
         }
+        if self.store == StoreKind::Etcd && !self.peers.is_empty() {
+            return invalid(
+                "peers",
+                "with store = \"etcd\" nodes find each other through etcd; remove the peers list"
+                    .into(),
+            );
+        }
         if self.store == StoreKind::Embedded {
             crate::peer::discovery::static_members(&self.peer_member(), &self.peers).map_err(
                 |e| ConfigError::Invalid {
