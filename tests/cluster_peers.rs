@@ -38,24 +38,46 @@ struct Node {
     bed: RuntimeBed,
 }
 
-fn start_node(host: NetHost, registry: &Registry, etcd: &str, certs: &Certs) -> Node {
-    let name = host.netns.rsplit('-').next().unwrap_or("node").to_string();
+/// The node name of a LAN host (`<bridge>-n1` → `n1`).
+fn node_name(host: &NetHost) -> String {
+    host.netns.rsplit('-').next().unwrap_or("node").to_string()
+}
+
+/// A node: containerd 2 in `host`'s namespace (its sandbox image from `sandbox_registry`),
+/// imagestream with the peer settings of `certs` plus `extra_toml`, and the runtime's pulls of
+/// `registry` routed through the node's mirror.
+fn start_node_with(
+    host: NetHost,
+    sandbox_registry: &str,
+    registry: &str,
+    certs: &Certs,
+    peers: &[String],
+    extra_toml: &str,
+) -> Node {
+    let name = node_name(&host);
     let bed = RuntimeBed::start_kind_in(
         RuntimeKind::Containerd2,
-        &registry.addr,
+        sandbox_registry,
         BedOptions::default(),
         &host,
     );
+    let toml = format!(
+        "{extra_toml}{}",
+        certs.node_toml(&name, &name, &host.addr(PEER_PORT), peers)
+    );
+    let daemon = Daemon::start_in_with_config(&host, &bed.endpoint(), &[registry], &[], &toml);
+    daemon.route_through_mirror(&bed, registry);
+    Node { host, daemon, bed }
+}
+
+/// A node of the etcd cluster at `etcd`.
+fn start_node(host: NetHost, registry: &Registry, etcd: &str, certs: &Certs) -> Node {
     // Debug daemons on a loaded 2-core machine can take longer than the default second to
     // answer a peer; a miss would cost a registry fetch (counted by the rollout check).
-    let toml = format!(
-        "store = \"etcd\"\netcd_endpoints = [\"http://{etcd}\"]\npeer_first_byte_timeout_ms = 5000\n{}",
-        certs.node_toml(&name, &name, &host.addr(PEER_PORT), &[])
+    let extra = format!(
+        "store = \"etcd\"\netcd_endpoints = [\"http://{etcd}\"]\npeer_first_byte_timeout_ms = 5000\n"
     );
-    let daemon =
-        Daemon::start_in_with_config(&host, &bed.endpoint(), &[&registry.addr], &[], &toml);
-    daemon.route_through_mirror(&bed, &registry.addr);
-    Node { host, daemon, bed }
+    start_node_with(host, &registry.addr, &registry.addr, certs, &[], &extra)
 }
 
 /// Successful blob GETs at the registry per digest, by any client.
@@ -202,12 +224,7 @@ async fn a_rollout_fetches_each_blob_once_and_a_new_node_runs_it_with_the_regist
     let certs = Certs::make(
         &hosts
             .iter()
-            .map(|h| {
-                (
-                    h.netns.rsplit('-').next().unwrap_or("node").to_string(),
-                    h.ip.clone(),
-                )
-            })
+            .map(|h| (node_name(h), h.ip.clone()))
             .collect::<Vec<_>>()
             .iter()
             .map(|(n, ip)| (n.as_str(), ip.as_str()))
@@ -418,31 +435,20 @@ async fn a_private_image_goes_to_no_node_whose_pod_lacks_valid_credentials() {
         format!("p1={}", h1.addr(PEER_PORT)),
         format!("p2={}", h2.addr(PEER_PORT)),
     ];
-    let start = |host: NetHost| {
-        let name = host.netns.rsplit('-').next().unwrap_or("node").to_string();
-        let bed = RuntimeBed::start_kind_in(
-            RuntimeKind::Containerd2,
-            &origin.addr,
-            BedOptions::default(),
-            &host,
-        );
-        // The node's own credentials, for its mirror's fills.
-        let auth_file = bed.dir.join("node-auth.json");
-        std::fs::write(
-            &auth_file,
-            common::auth::docker_config_json(&private_addr, USER, PASSWORD),
-        )
-        .expect("write the node's auth.json");
-        let toml = format!(
-            "registry_auth_file = {:?}\nprefetch = false\n{}",
-            auth_file.display().to_string(),
-            certs.node_toml(&name, &name, &host.addr(PEER_PORT), &peers)
-        );
-        let daemon =
-            Daemon::start_in_with_config(&host, &bed.endpoint(), &[&private_addr], &[], &toml);
-        daemon.route_through_mirror(&bed, &private_addr);
-        Node { host, daemon, bed }
-    };
+    // The nodes' own credentials, for their mirrors' fills.
+    let auth_dir = tempfile::tempdir().expect("tempdir");
+    let auth_file = auth_dir.path().join("node-auth.json");
+    std::fs::write(
+        &auth_file,
+        common::auth::docker_config_json(&private_addr, USER, PASSWORD),
+    )
+    .expect("write the nodes' auth.json");
+    let extra = format!(
+        "registry_auth_file = {:?}\nprefetch = false\n",
+        auth_file.display().to_string()
+    );
+    let start =
+        |host: NetHost| start_node_with(host, &origin.addr, &private_addr, &certs, &peers, &extra);
     let (p1, p2) = (start(h1), start(h2));
 
     // A pod of p1 with the pull secret: pulled, the layers now in the cluster's caches.
@@ -556,29 +562,18 @@ async fn a_peer_that_sends_wrong_bytes_or_dies_mid_transfer_does_not_fail_the_pu
             fault,
         );
         let host = lan.host(&format!("f{i}"));
-        let node_name = host.netns.rsplit('-').next().unwrap_or("node").to_string();
-        certs.add(&[(node_name.as_str(), host.ip.as_str())]);
+        let name = node_name(&host);
+        certs.add(&[(name.as_str(), host.ip.as_str())]);
         let candidates: Vec<String> = (0..200).map(|k| format!("peer-{k}")).collect();
-        let fake_name = name_ranked_first(&layer, &[node_name.as_str()], &candidates);
-        let bed = RuntimeBed::start_kind_in(
-            RuntimeKind::Containerd2,
+        let fake_name = name_ranked_first(&layer, &[name.as_str()], &candidates);
+        let node = start_node_with(
+            host,
             &registry.addr,
-            BedOptions::default(),
-            &host,
+            &registry.addr,
+            &certs,
+            &[format!("{fake_name}={}", fake.addr)],
+            "prefetch = false\n",
         );
-        let toml = format!(
-            "prefetch = false\n{}",
-            certs.node_toml(
-                &node_name,
-                &node_name,
-                &host.addr(PEER_PORT),
-                &[format!("{fake_name}={}", fake.addr)]
-            )
-        );
-        let daemon =
-            Daemon::start_in_with_config(&host, &bed.endpoint(), &[&registry.addr], &[], &toml);
-        daemon.route_through_mirror(&bed, &registry.addr);
-        let node = Node { host, daemon, bed };
         let image = registry.image_ref(&format!("app:{tag}"));
         tokio::time::timeout(
             PULL_TIMEOUT,

@@ -111,15 +111,26 @@ pub async fn list_etcd(store: &EtcdStore, me: &Member) -> Result<Members, StoreE
             async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
         })
         .await?;
+    let known = members_of(&listing, &prefix, me);
+    Ok(Arc::new(known.into_values().collect()))
+}
+
+/// The valid members of a listing of the peers prefix (at most [`MAX_MEMBERS`]), `me`
+/// included.
+fn members_of(
+    listing: &etcd_client::GetResponse,
+    prefix: &str,
+    me: &Member,
+) -> BTreeMap<String, Member> {
     let mut known: BTreeMap<String, Member> = listing
         .kvs()
         .iter()
-        .filter_map(|kv| decode(kv.key(), kv.value(), &prefix))
+        .filter_map(|kv| decode(kv.key(), kv.value(), prefix))
         .take(MAX_MEMBERS)
         .map(|m| (m.name.clone(), m))
         .collect();
     known.insert(me.name.clone(), me.clone());
-    Ok(Arc::new(known.into_values().collect()))
+    known
 }
 
 /// Registers `me` in etcd and keeps `members` up to date until `stop` (then revokes the
@@ -181,14 +192,7 @@ async fn session(
     let listing = store
         .call(client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())))
         .await?;
-    let mut known: BTreeMap<String, Member> = listing
-        .kvs()
-        .iter()
-        .filter_map(|kv| decode(kv.key(), kv.value(), &prefix))
-        .take(MAX_MEMBERS)
-        .map(|m| (m.name.clone(), m))
-        .collect();
-    known.insert(me.name.clone(), me.clone());
+    let mut known = members_of(&listing, &prefix, me);
     publish(members, &known);
     let rev = listing.header().map_or(0, |h| h.revision());
     let mut events = store
