@@ -32,6 +32,8 @@
 //! - [`socket`]: creating root-only unix sockets, replacing stale ones; [`accept`]: the
 //!   accept-and-drain loop of the CRI proxy and the mirror.
 //! - [`audit`]: capped error messages and audit records; [`metrics`]: Prometheus metrics.
+//! - [`signature`]: cosign signature verification (trusted keys, simple-signing payloads); the
+//!   core of the signature policy, not yet used by pinning.
 //! - [`server`]: [`server::run`] wires everything together until a shutdown future completes.
 //! - [`cli`]: the `imagestream` command line.
 #![forbid(unsafe_code)]
@@ -49,6 +51,7 @@ pub mod mirror;
 pub mod peer;
 pub mod registry;
 pub mod server;
+pub mod signature;
 pub mod socket;
 pub mod store;
 pub mod stream;
