@@ -80,11 +80,6 @@ fn start_node(host: NetHost, registry: &Registry, etcd: &str, certs: &Certs) -> 
     start_node_with(host, &registry.addr, &registry.addr, certs, &[], &extra)
 }
 
-/// Successful blob GETs at the registry per digest, by any client.
-fn registry_gets(registry: &Registry) -> HashMap<String, usize> {
-    registry.blob_gets()
-}
-
 /// Runs a container of the stream reference on `node` (PullImage through the stream, then a
 /// sandbox and a container that sleeps); returns the image ref PullImage answered.
 async fn run_stream_image(node: &Node, pod: String) -> String {
@@ -148,64 +143,63 @@ fn run_ctr(node: &Node, args: &[&str]) {
     );
 }
 
-/// Waits until `node`'s cache holds every one of `blobs`.
-fn wait_for_blobs(node: &Node, blobs: &[String]) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Polls `check` every 50 ms until it answers `Ok`; after `timeout` fails the test with its
+/// last answer and `node`'s log tail.
+fn wait_until(node: &Node, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
     loop {
-        let held = common::mirror::store_blobs(&node.daemon.state_dir).unwrap_or_default();
-        let missing: Vec<&String> = blobs
-            .iter()
-            .filter(|b| {
-                !held.contains_key(b.as_str())
-                    && !held.contains_key(b.trim_start_matches("sha256:"))
-            })
-            .collect();
-        if missing.is_empty() {
+        let Err(why) = check() else {
             return;
-        }
+        };
         assert!(
             Instant::now() < deadline,
-            "{}: never cached {missing:?}\n{}",
+            "{}: {why}\n{}",
             node.host.netns,
             node.daemon.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits until `node`'s view of the stream (through etcd) shows `digest`.
-fn wait_for_tag(node: &Node, digest: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = node.daemon.cli_ok(&["stream", "get", STREAM]);
-        // The table shows the first 12 hex digits.
-        if out.contains(&digest[..19]) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: the stream never showed {digest}:\n{out}",
-            node.host.netns
         );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
+/// Waits until `node`'s cache holds every one of `blobs`.
+fn wait_for_blobs(node: &Node, blobs: &[String]) {
+    wait_until(node, Duration::from_secs(60), || {
+        let held = common::mirror::store_blobs(&node.daemon.state_dir).unwrap_or_default();
+        let missing: Vec<&String> = blobs
+            .iter()
+            .filter(|b| !held.contains_key(b.as_str()))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("never cached {missing:?}"))
+        }
+    });
+}
+
+/// Waits until `node`'s view of the stream (through etcd) shows `digest`.
+fn wait_for_tag(node: &Node, digest: &str) {
+    wait_until(node, Duration::from_secs(30), || {
+        let out = node.daemon.cli_ok(&["stream", "get", STREAM]);
+        // The table shows the first 12 hex digits.
+        if out.contains(&digest[..19]) {
+            Ok(())
+        } else {
+            Err(format!("the stream never showed {digest}:\n{out}"))
+        }
+    });
+}
+
+/// Waits until `node` sees `n` members of the cluster.
 fn wait_for_members(node: &Node, n: f64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_until(node, Duration::from_secs(30), || {
         let m = common::mirror::metric_value(&node.daemon.metrics(), "imagestream_peer_members");
         if m == Some(n) {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{m:?} peer members, expected {n}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{}: {m:?} peer members, expected {n}\n{}",
-            node.host.netns,
-            node.daemon.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -267,7 +261,7 @@ async fn a_rollout_fetches_each_blob_once_and_a_new_node_runs_it_with_the_regist
     for n in &nodes {
         wait_for_blobs(n, &v1_blobs);
     }
-    let before = registry_gets(&registry);
+    let before = registry.blob_gets();
 
     // The rollout: the tag moves to v2 (a new config and top layer over v1's base), every
     // node prefetches it and runs it at once.
@@ -291,7 +285,7 @@ async fn a_rollout_fetches_each_blob_once_and_a_new_node_runs_it_with_the_regist
     for r in &refs {
         assert_eq!(r, &refs[0], "every node runs the same image");
     }
-    let after = registry_gets(&registry);
+    let after = registry.blob_gets();
     let direct = registry.blob_gets_not_by("imagestream/");
     assert!(
         direct.is_empty(),
@@ -357,15 +351,7 @@ async fn a_rollout_fetches_each_blob_once_and_a_new_node_runs_it_with_the_regist
     }
     let r4 = run_stream_image(&n4, "late".into()).await;
     assert_eq!(r4, refs[0], "the new node runs the stream's current image");
-    let ok: f64 = n4
-        .daemon
-        .metrics()
-        .lines()
-        .filter(|l| {
-            l.starts_with("imagestream_peer_fetches_total{") && l.contains("outcome=\"ok\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let ok = common::peer::peer_fetches_ok(&n4.daemon);
     assert!(
         ok >= v2_blobs.len() as f64,
         "the new node's layers came from peers ({ok})\n{}",
@@ -506,15 +492,7 @@ async fn a_private_image_goes_to_no_node_whose_pod_lacks_valid_credentials() {
         .filter_map(|b| b["digest"].as_str())
         .filter(|d| imagestream::peer::rank(&members, d)[0].name == "p1")
         .count() as f64;
-    let ok = p2
-        .daemon
-        .metrics()
-        .lines()
-        .filter(|l| {
-            l.starts_with("imagestream_peer_fetches_total{") && l.contains("outcome=\"ok\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
+    let ok = common::peer::peer_fetches_ok(&p2.daemon);
     assert!(
         ok >= from_p1,
         "p2 took {ok} blobs from p1, expected {from_p1} once its gate let the pull through\n{}",

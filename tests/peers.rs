@@ -13,7 +13,7 @@ mod common;
 
 use common::daemon::Daemon;
 use common::mirror::{metric_value, sha256_bytes, MIB};
-use common::peer::{name_ranked_first, Certs, FaultInjectingPeer, PeerFault};
+use common::peer::{name_ranked_first, peer_fetches_ok, Certs, FaultInjectingPeer, PeerFault};
 use common::*;
 use std::collections::HashMap;
 use std::process::Command;
@@ -53,17 +53,6 @@ fn pull_blob(d: &Daemon, registry: &Registry, repo: &str, digest: &str) -> Vec<u
     );
     assert_eq!(sha256_bytes(&body), digest, "the bytes match the digest");
     body
-}
-
-/// Blobs a node got from peers (`imagestream_peer_fetches_total{outcome="ok"}`, every peer).
-fn peer_ok(d: &Daemon) -> f64 {
-    d.metrics()
-        .lines()
-        .filter(|l| {
-            l.starts_with("imagestream_peer_fetches_total{") && l.contains("outcome=\"ok\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn imagestream_blob_gets(registry: &Registry) -> HashMap<String, usize> {
@@ -142,7 +131,7 @@ fn a_rollout_on_three_nodes_fetches_each_blob_from_the_registry_once() {
                 .join("\n---\n")
         );
     }
-    let from_peers: f64 = nodes.iter().map(peer_ok).sum();
+    let from_peers: f64 = nodes.iter().map(peer_fetches_ok).sum();
     assert!(
         from_peers >= blobs.len() as f64 * 2.0,
         "peer fetches: {from_peers}"
@@ -180,7 +169,7 @@ fn with_the_registry_down_a_new_node_pulls_from_its_peers() {
     for blob in &blobs {
         pull_blob(&d, &registry, "team/app", blob);
     }
-    let ok = peer_ok(&d);
+    let ok = peer_fetches_ok(&d);
     assert!(
         ok >= blobs.len() as f64,
         "d filled from peers: {ok}\n{}",
@@ -427,8 +416,7 @@ fn pinned_images_are_kept_on_their_home_nodes_and_roll_back_with_the_registry_go
             })
             .filter(|(n, b)| {
                 let i = names.iter().position(|x| x == n).expect("a node");
-                !held[i].contains_key(b.trim_start_matches("sha256:"))
-                    && !held[i].contains_key(b.as_str())
+                !held[i].contains_key(b.as_str())
             })
             .collect();
         if missing.is_empty() {

@@ -251,6 +251,18 @@ impl Drop for FaultInjectingPeer {
     }
 }
 
+/// Blobs `d` got from its peers: `imagestream_peer_fetches_total{outcome="ok"}`, summed over
+/// the peers.
+pub fn peer_fetches_ok(d: &super::daemon::Daemon) -> f64 {
+    d.metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("imagestream_peer_fetches_total{") && l.contains("outcome=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The name among `candidates` that `imagestream::peer::rank` puts first for `digest` among
 /// `others` plus itself.
 pub fn name_ranked_first(digest: &str, others: &[&str], candidates: &[String]) -> String {
