@@ -170,23 +170,17 @@ async fn session(
     members: &watch::Sender<Members>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), StoreError> {
-    let ttl = ttl_secs.max(1);
     let prefix = peers_prefix(store);
     let key = format!("{prefix}{}", me.name);
     let value = serde_json::to_vec(me).map_err(|e| store.unavailable(e))?;
-    let lease = store
-        .call_any(true, |mut c| async move {
-            c.lease_grant(ttl as i64, None).await
-        })
-        .await?
-        .id();
-    let mut client = store.client();
-    let (mut keeper, mut acks) = store.call(client.lease_keep_alive(lease)).await?;
+    let mut lease = store.grant_lease(ttl_secs).await?;
+    let (id, ttl) = (lease.id, lease.ttl);
+    let mut client = lease.client.clone();
     store
         .call(client.put(
             key.as_str(),
             value.clone(),
-            Some(PutOptions::new().with_lease(lease)),
+            Some(PutOptions::new().with_lease(id)),
         ))
         .await?;
     let listing = store
@@ -208,16 +202,13 @@ async fn session(
         )
         .await?;
     tracing::info!(node = %me.name, addr = %me.addr, members = known.len(), ttl, "registered as a peer");
-    let beat = Duration::from_millis(ttl * 1000 / 3).max(Duration::from_millis(300));
-    let mut tick = tokio::time::interval(beat);
+    let mut tick = tokio::time::interval(lease.beat());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             _ = tick.tick() => {
-                store.call(keeper.keep_alive()).await?;
-                match store.call(acks.message()).await? {
-                    Some(ack) if ack.ttl() > 0 => {}
-                    _ => break Err(store.unavailable("peer registration lease expired")),
+                if let Err(e) = lease.renew(store, "peer registration").await {
+                    break Err(e);
                 }
             }
             msg = events.message() => {
@@ -244,7 +235,7 @@ async fn session(
                             if name == me.name {
                                 // Our key went away (deleted by hand): put it back.
                                 store
-                                    .call(client.put(key.as_str(), value.clone(), Some(PutOptions::new().with_lease(lease))))
+                                    .call(client.put(key.as_str(), value.clone(), Some(PutOptions::new().with_lease(id))))
                                     .await?;
                             } else {
                                 known.remove(name);
@@ -259,9 +250,7 @@ async fn session(
     };
     if result.is_ok() {
         // Stopping: leave the cluster now rather than after the TTL.
-        let _ = store
-            .call_any(true, |mut c| async move { c.lease_revoke(lease).await })
-            .await;
+        lease.revoke(store).await;
     }
     result
 }

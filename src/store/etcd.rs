@@ -310,6 +310,27 @@ impl EtcdStore {
         }
     }
 
+    /// A lease of `ttl_secs` (at least 1) with its keep-alive stream, on the endpoint that
+    /// answered last: the importer election's and peer discovery's.
+    pub(crate) async fn grant_lease(&self, ttl_secs: u64) -> Result<Lease, StoreError> {
+        let ttl = ttl_secs.max(1);
+        let id = self
+            .call_any(true, |mut c| async move {
+                c.lease_grant(ttl as i64, None).await
+            })
+            .await?
+            .id();
+        let mut client = self.client();
+        let (keeper, acks) = self.call(client.lease_keep_alive(id)).await?;
+        Ok(Lease {
+            id,
+            ttl,
+            client,
+            keeper,
+            acks,
+        })
+    }
+
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<Stream, StoreError> {
         serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
             key: String::from_utf8_lossy(key).into_owned(),
@@ -779,6 +800,40 @@ async fn watch_from(
     }
 }
 
+/// A granted lease ([`EtcdStore::grant_lease`]) and the client its keep-alives go through.
+pub(crate) struct Lease {
+    pub id: i64,
+    pub ttl: u64,
+    /// The client of the endpoint the lease was granted on, for the calls tied to it.
+    pub client: Client,
+    keeper: etcd_client::LeaseKeeper,
+    acks: etcd_client::LeaseKeepAliveStream,
+}
+
+impl Lease {
+    /// How often to renew: a third of the TTL, at least 300 ms.
+    pub fn beat(&self) -> Duration {
+        Duration::from_millis(self.ttl * 1000 / 3).max(Duration::from_millis(300))
+    }
+
+    /// Renews the lease once; `Unavailable` naming `what` when it has expired.
+    pub async fn renew(&mut self, store: &EtcdStore, what: &str) -> Result<(), StoreError> {
+        store.call(self.keeper.keep_alive()).await?;
+        match store.call(self.acks.message()).await? {
+            Some(ack) if ack.ttl() > 0 => Ok(()),
+            _ => Err(store.unavailable(format!("{what} lease expired"))),
+        }
+    }
+
+    /// Gives the lease up now (its keys go at once), ignoring failures: it expires anyway.
+    pub async fn revoke(&self, store: &EtcdStore) {
+        let id = self.id;
+        let _ = store
+            .call_any(true, |mut c| async move { c.lease_revoke(id).await })
+            .await;
+    }
+}
+
 /// Runs the importer election until `stop`, telling `leader` whether this node runs the
 /// cluster's scheduled imports. At stop a leader gives the job up at once (revokes its lease).
 pub async fn elect(
@@ -818,18 +873,11 @@ async fn campaign(
     leader: &watch::Sender<bool>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), StoreError> {
-    let ttl = store.settings.lease_ttl_secs.max(1);
-    let lease = store
-        .call_any(true, |mut c| async move {
-            c.lease_grant(ttl as i64, None).await
-        })
-        .await?
-        .id();
-    let mut client = store.client();
-    let (mut keeper, mut acks) = store.call(client.lease_keep_alive(lease)).await?;
+    let mut lease = store.grant_lease(store.settings.lease_ttl_secs).await?;
+    let (id, ttl, beat) = (lease.id, lease.ttl, lease.beat());
+    let mut client = lease.client.clone();
     let key = store.leader_key();
     let me = format!("{} (pid {})", store.settings.node_name, std::process::id());
-    let beat = Duration::from_millis(ttl * 1000 / 3).max(Duration::from_millis(300));
     let result = async {
         loop {
             if !*leader.borrow() {
@@ -838,7 +886,7 @@ async fn campaign(
                     .and_then([TxnOp::put(
                         key.as_str(),
                         me.as_str(),
-                        Some(PutOptions::new().with_lease(lease)),
+                        Some(PutOptions::new().with_lease(id)),
                     )])
                     .or_else([TxnOp::get(key.as_str(), None)]);
                 let resp = store
@@ -889,19 +937,13 @@ async fn campaign(
                 _ = freed => {}
                 _ = stopped(stop) => return Ok(()),
             }
-            store.call(keeper.keep_alive()).await?;
-            match store.call(acks.message()).await? {
-                Some(ack) if ack.ttl() > 0 => {}
-                _ => return Err(store.unavailable("importer lease expired")),
-            }
+            lease.renew(store, "importer").await?;
         }
     }
     .await;
     if result.is_ok() && *leader.borrow() {
         // Shutting down: hand the job over now rather than after the TTL.
-        let _ = store
-            .call_any(true, |mut c| async move { c.lease_revoke(lease).await })
-            .await;
+        lease.revoke(store).await;
         leader.send_replace(false);
     }
     result
