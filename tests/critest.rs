@@ -175,7 +175,8 @@ fn critest_passes_through_imagestream_as_it_does_directly() {
     // A spec that failed through the proxy twice is run directly once more too: one that
     // fails there as well is a race in the runtime that the direct run happened to win
     // (CRI-O's execSync-with-timeout kills its process asynchronously), not the proxy's doing.
-    let (regressions, racy_in_runtime) = rerun_direct_passes(&direct_bed, "direct-again-suspects", &failed_again);
+    let (regressions, racy_in_runtime) =
+        rerun_direct_passes(&direct_bed, "direct-again-suspects", &failed_again);
 
     // (b) Failed directly, not in the baseline.
     let baseline = critest::read_spec_list(&baseline_path());
