@@ -103,6 +103,9 @@ pub struct FileConfig {
     pub peer_replicas: Option<usize>,
     pub peer_first_byte_timeout_ms: Option<u64>,
     pub peer_lease_ttl_secs: Option<u64>,
+    pub signature_policy: Option<crate::signature::policy::Mode>,
+    #[serde(default)]
+    pub signature_keys: Vec<PathBuf>,
 }
 
 /// Flags of `imagestream serve` that override the file.
@@ -214,6 +217,11 @@ pub struct Config {
     pub peer_first_byte_timeout_ms: u64,
     /// Lease TTL of this node's registration in etcd.
     pub peer_lease_ttl_secs: u64,
+    /// The node's default signature policy for streams without their own: `enforce`, `warn`
+    /// or `off` (README, "Signed images").
+    pub signature_policy: crate::signature::policy::Mode,
+    /// The cosign public keys (PEM files) the default policy trusts.
+    pub signature_keys: Vec<PathBuf>,
 }
 
 impl Default for Config {
@@ -265,6 +273,8 @@ impl Default for Config {
             peer_replicas: crate::peer::DEFAULT_REPLICAS,
             peer_first_byte_timeout_ms: crate::peer::DEFAULT_FIRST_BYTE_TIMEOUT.as_millis() as u64,
             peer_lease_ttl_secs: crate::peer::DEFAULT_LEASE_TTL_SECS,
+            signature_policy: crate::signature::policy::Mode::Off,
+            signature_keys: Vec::new(),
         }
     }
 }
@@ -341,6 +351,8 @@ impl Config {
             peer_replicas,
             peer_first_byte_timeout_ms,
             peer_lease_ttl_secs,
+            signature_policy,
+            signature_keys,
         } = f;
         set(&mut self.state_dir, state_dir);
         set(&mut self.cri_socket, cri_socket);
@@ -394,6 +406,8 @@ impl Config {
             peer_first_byte_timeout_ms,
         );
         set(&mut self.peer_lease_ttl_secs, peer_lease_ttl_secs);
+        set(&mut self.signature_policy, signature_policy);
+        self.signature_keys.extend(signature_keys);
     }
 
     fn apply_overrides(&mut self, o: Overrides) {
@@ -591,7 +605,42 @@ impl Config {
         if self.peer_lease_ttl_secs < 2 {
             return invalid("peer_lease_ttl_secs", "must be at least 2".into());
         }
+        if self.signature_policy != crate::signature::policy::Mode::Off
+            && self.signature_keys.is_empty()
+        {
+            return invalid(
+                "signature_keys",
+                format!(
+                    "signature_policy = {:?} needs at least one cosign public key file",
+                    self.signature_policy.as_str()
+                ),
+            );
+        }
         Ok(())
+    }
+
+    /// The node's default signature policy, its key files read and checked; `None` when off.
+    pub fn default_signature_policy(
+        &self,
+    ) -> Result<Option<crate::signature::policy::SignaturePolicy>, ConfigError> {
+        use crate::signature::policy::{Mode, SignaturePolicy};
+        if self.signature_policy == Mode::Off {
+            return Ok(None);
+        }
+        let mut keys = Vec::new();
+        for path in &self.signature_keys {
+            let pem = std::fs::read(path).map_err(|e| ConfigError::Invalid {
+                key: "signature_keys",
+                message: format!("cannot read {}: {e}", path.display()),
+            })?;
+            keys.push((path.display().to_string(), pem));
+        }
+        SignaturePolicy::new(self.signature_policy, &keys)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                key: "signature_keys",
+                message: e.to_string(),
+            })
     }
 
     /// Where other nodes reach this node's peer endpoint.

@@ -77,6 +77,24 @@ pub struct PeerFetchLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `imagestream_signature_verifications_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignatureLabels {
+    /// The policy's mode: `enforce` or `warn`.
+    pub mode: &'static str,
+    /// `verified`, `unsigned`, `untrusted` (no trusted key matched), `digest_differs`,
+    /// `invalid` (bad payload, signature or manifest), `unavailable` (could not be fetched).
+    pub outcome: &'static str,
+}
+
+/// Labels of `imagestream_signature_refusals_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignatureRefusalLabels {
+    /// Where: `set`, `import`, `scheduled-import`, `follow`, `rollback`, `PullImage`,
+    /// `CreateContainer`.
+    pub at: &'static str,
+}
+
 /// Labels of `imagestream_peer_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerServedLabels {
@@ -166,6 +184,11 @@ pub struct Metrics {
     pub peer_members: Gauge,
     /// `imagestream_peer_discovery_errors_total`.
     pub peer_discovery_errors: Counter,
+    /// `imagestream_signature_verifications_total{mode,outcome}`.
+    pub signature_verifications: Family<SignatureLabels, Counter>,
+    /// `imagestream_signature_refusals_total{at}`: digests not pinned, and pods not started,
+    /// under an `enforce` policy.
+    pub signature_refusals: Family<SignatureRefusalLabels, Counter>,
 }
 
 impl Metrics {
@@ -306,7 +329,21 @@ impl Metrics {
             "peer_discovery_errors",
             "Peer discovery sessions with etcd that failed (retried)",
         );
+        let signature_verifications = Family::<SignatureLabels, Counter>::default();
+        registry.register(
+            "signature_verifications",
+            "Signature checks of digests entering a stream (or re-verified), by policy mode and outcome (verified, unsigned, untrusted, digest_differs, invalid, unavailable)",
+            signature_verifications.clone(),
+        );
+        let signature_refusals = Family::<SignatureRefusalLabels, Counter>::default();
+        registry.register(
+            "signature_refusals",
+            "Digests not pinned and stream references not run because of an enforce signature policy, by where (set, import, scheduled-import, follow, rollback, PullImage, CreateContainer)",
+            signature_refusals.clone(),
+        );
         Self {
+            signature_verifications,
+            signature_refusals,
             peer_fetches,
             peer_requests,
             peer_members,
@@ -369,6 +406,20 @@ impl Metrics {
                 })
                 .inc_by(bytes),
         };
+    }
+
+    /// Counts one signature check under a policy of `mode` with its `outcome`.
+    pub fn signature_verified(&self, mode: &'static str, outcome: &'static str) {
+        self.signature_verifications
+            .get_or_create(&SignatureLabels { mode, outcome })
+            .inc();
+    }
+
+    /// Counts one refusal of an `enforce` policy `at` an operation or CRI call.
+    pub fn signature_refused(&self, at: &'static str) {
+        self.signature_refusals
+            .get_or_create(&SignatureRefusalLabels { at })
+            .inc();
     }
 
     /// Counts one blob asked of `peer` with its `outcome` (see [`PeerFetchLabels`]).

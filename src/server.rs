@@ -65,6 +65,11 @@ pub enum ServerError {
 /// Runs the daemon with `config` until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let state_dir = config.state_dir.clone();
+    // The node's default signature policy: its key files are read now, so a bad one fails
+    // the start, naming the file.
+    let default_policy = config
+        .default_signature_policy()
+        .map_err(|e| ServerError::Runtime(e.to_string()))?;
     std::fs::create_dir_all(&state_dir)
         .and_then(|()| {
             std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(STATE_DIR_MODE))
@@ -163,6 +168,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(|e| ServerError::Runtime(e.to_string()))?
             .map_err(ServerError::Cache)?
     };
+    // Signatures are fetched through the cache: kept, pinned and served offline with the
+    // images they sign.
+    streams.set_verifier(Arc::new(crate::signature::fetch::Verifier::new(Arc::new(
+        crate::cache::artifacts::CacheArtifacts::new(cache.clone()),
+    ))));
+    streams.view().set_default_policy(default_policy);
     let mirror_addr = config
         .mirror_addr()
         .map_err(|e| ServerError::Runtime(e.to_string()))?;

@@ -70,6 +70,10 @@ impl From<StreamError> for Status {
                 crate::audit::status(tonic::Code::Unavailable, message)
             }
             StreamError::Store(_) => crate::audit::status(tonic::Code::Internal, message),
+            StreamError::Unsigned { .. } | StreamError::NoPolicy(_) => {
+                crate::audit::status(tonic::Code::FailedPrecondition, message)
+            }
+            StreamError::Policy(_) => crate::audit::status(tonic::Code::InvalidArgument, message),
         }
     }
 }
@@ -144,6 +148,43 @@ impl AdminApi {
         }
     }
 
+    /// A stream as the API shows it: the policy that applies and, per generation, whether
+    /// that policy lets it run.
+    fn stream_pb(&self, s: Stream) -> pb::Stream {
+        let snapshot = self.streams.view().load();
+        let effective = snapshot.policy_for(&s).cloned();
+        let node_default = s.policy.is_none();
+        let refused: Vec<(String, Vec<String>)> = s
+            .tags
+            .values()
+            .map(|t| (t.name.clone(), refusals(effective.as_ref(), t)))
+            .collect();
+        let mut out: pb::Stream = s.into();
+        out.effective_policy = effective.as_ref().map(|p| policy_pb(p, node_default));
+        for t in &mut out.tags {
+            if let Some((_, r)) = refused.iter().find(|(name, _)| *name == t.name) {
+                for (g, why) in t.generations.iter_mut().zip(r) {
+                    g.refused = why.clone();
+                }
+            }
+        }
+        out
+    }
+
+    /// A tag as the API shows it, with [`AdminApi::stream_pb`]'s refusals.
+    fn tag_pb(&self, t: &TagRef, tag: Tag) -> pb::Tag {
+        let snapshot = self.streams.view().load();
+        let policy = snapshot
+            .get(&StreamKey::new(&t.namespace, &t.name))
+            .and_then(|s| snapshot.policy_for(s).cloned());
+        let refused = refusals(policy.as_ref(), &tag);
+        let mut out: pb::Tag = tag.into();
+        for (g, why) in out.generations.iter_mut().zip(refused) {
+            g.refused = why;
+        }
+        out
+    }
+
     /// The current generation of a tag, for audit records.
     fn current(&self, t: &TagRef) -> String {
         self.streams
@@ -155,6 +196,18 @@ impl AdminApi {
             })
             .unwrap_or_else(|| "none".into())
     }
+}
+
+/// Per generation of `tag` (newest first), why `policy` does not let it run (empty: it may).
+fn refusals(policy: Option<&crate::signature::policy::SignaturePolicy>, tag: &Tag) -> Vec<String> {
+    tag.generations
+        .iter()
+        .map(|g| {
+            policy
+                .and_then(|p| p.refuses(g.verification.as_ref()))
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 fn key(namespace: String, name: String) -> StreamKey {
@@ -274,6 +327,7 @@ impl From<crate::stream::events::TagEvent> for pb::TagEvent {
             generation: e.generation,
             cause: e.cause,
             time: e.time,
+            signature: e.signature.unwrap_or_default(),
         }
     }
 }
@@ -343,7 +397,7 @@ impl Admin for AdminApi {
             "none",
             &format!("lookup_local={}", s.lookup_local),
         );
-        Ok(Response::new(s.into()))
+        Ok(Response::new(self.stream_pb(s)))
     }
 
     async fn list_streams(
@@ -353,7 +407,12 @@ impl Admin for AdminApi {
         self.read(&req, "list streams")?;
         let r = req.into_inner();
         let ns = namespace_filter(&r.namespace)?;
-        let streams = self.streams.list(ns).into_iter().map(Into::into).collect();
+        let streams = self
+            .streams
+            .list(ns)
+            .into_iter()
+            .map(|s| self.stream_pb(s))
+            .collect();
         Ok(Response::new(pb::ListStreamsResponse { streams }))
     }
 
@@ -363,7 +422,7 @@ impl Admin for AdminApi {
     ) -> Result<Response<pb::Stream>, Status> {
         self.read(&req, "get stream")?;
         let r = req.into_inner();
-        let mut s: pb::Stream = self.streams.get(&key(r.namespace, r.name))?.into();
+        let mut s = self.stream_pb(self.streams.get(&key(r.namespace, r.name))?);
         for t in &mut s.tags {
             self.mark_held(t).await;
         }
@@ -418,6 +477,49 @@ impl Admin for AdminApi {
         Ok(Response::new(s.into()))
     }
 
+    async fn set_stream_policy(
+        &self,
+        req: Request<pb::SetStreamPolicyRequest>,
+    ) -> Result<Response<pb::Stream>, Status> {
+        let caller = self.write(&req, "set stream policy")?;
+        let r = req.into_inner();
+        let (mode, keys) = check_set_policy(&r)?;
+        let k = key(r.namespace, r.name);
+        let summary = |p: Option<&crate::signature::policy::SignaturePolicy>| {
+            p.map_or("node default".to_string(), |p| {
+                let names: Vec<&str> = p.keys.iter().map(|k| k.name.as_str()).collect();
+                format!("{} [{}]", p.mode, names.join(", "))
+            })
+        };
+        let before = self
+            .streams
+            .get(&k)
+            .map(|s| summary(s.policy.as_ref()))
+            .unwrap_or_default();
+        let s = self.streams.set_policy(&k, mode, &keys).await?;
+        auth::record(
+            &caller,
+            "set stream policy",
+            &k.to_string(),
+            &before,
+            &summary(s.policy.as_ref()),
+        );
+        Ok(Response::new(self.stream_pb(s)))
+    }
+
+    async fn verify_tag(
+        &self,
+        req: Request<pb::VerifyTagRequest>,
+    ) -> Result<Response<pb::Tag>, Status> {
+        self.write(&req, "verify tag")?;
+        let r = req.into_inner();
+        let t = tag_ref(r.namespace, r.name, r.tag)?;
+        let tag = self.streams.verify_tag(&t).await?;
+        let mut tag = self.tag_pb(&t, tag);
+        self.mark_held(&mut tag).await;
+        Ok(Response::new(tag))
+    }
+
     async fn set_tag(&self, req: Request<pb::SetTagRequest>) -> Result<Response<pb::Tag>, Status> {
         let caller = self.write(&req, "set tag")?;
         let r = req.into_inner();
@@ -434,7 +536,7 @@ impl Admin for AdminApi {
             &before,
             &self.current(&t),
         );
-        Ok(Response::new(tag.into()))
+        Ok(Response::new(self.tag_pb(&t, tag)))
     }
 
     async fn rollback_tag(
@@ -454,7 +556,7 @@ impl Admin for AdminApi {
             &before,
             &self.current(&t),
         );
-        let mut tag: pb::Tag = tag.into();
+        let mut tag = self.tag_pb(&t, tag);
         self.mark_held(&mut tag).await;
         if let Some(g) = tag.generations.first() {
             if !g.held {
@@ -472,7 +574,7 @@ impl Admin for AdminApi {
         self.read(&req, "get tag")?;
         let r = req.into_inner();
         let t = tag_ref(r.namespace, r.name, r.tag)?;
-        let mut tag: pb::Tag = self.streams.get_tag(&t)?.into();
+        let mut tag = self.tag_pb(&t, self.streams.get_tag(&t)?);
         self.mark_held(&mut tag).await;
         Ok(Response::new(tag))
     }
@@ -496,7 +598,7 @@ impl Admin for AdminApi {
             );
         }
         Ok(Response::new(pb::ImportTagResponse {
-            tag: Some(tag.into()),
+            tag: Some(self.tag_pb(&t, tag)),
             moved,
         }))
     }
@@ -692,6 +794,8 @@ impl From<Stream> for pb::Stream {
                 allow: s.access.allow,
                 deny: s.access.deny,
             }),
+            policy: s.policy.as_ref().map(|p| policy_pb(p, false)),
+            effective_policy: None,
         }
     }
 }
@@ -724,8 +828,80 @@ impl From<Generation> for pb::Generation {
             cause: g.cause,
             source: g.source,
             held: false,
+            verification: g.verification.map(|v| pb::Verification {
+                status: match v.status {
+                    crate::signature::policy::Status::Verified => "verified".into(),
+                    crate::signature::policy::Status::Failed => "failed".into(),
+                },
+                mode: v.mode.as_str().into(),
+                key: v.key,
+                key_id: v.key_id,
+                signature: v.signature,
+                error: v.error,
+                checked: v.checked,
+            }),
+            refused: String::new(),
         }
     }
+}
+
+/// A signature policy as the API shows it (keys without their PEM).
+fn policy_pb(
+    p: &crate::signature::policy::SignaturePolicy,
+    node_default: bool,
+) -> pb::SignaturePolicy {
+    pb::SignaturePolicy {
+        mode: p.mode.as_str().into(),
+        keys: p
+            .keys
+            .iter()
+            .map(|k| pb::PolicyKey {
+                name: k.name.clone(),
+                id: k.id.clone(),
+                algorithm: k.algorithm.clone(),
+                pem: String::new(),
+            })
+            .collect(),
+        node_default,
+    }
+}
+
+/// A checked `SetStreamPolicy`: the mode (`None`: remove) and the `(name, PEM)` keys.
+pub type PolicyChange = (
+    Option<crate::signature::policy::Mode>,
+    Vec<(String, Vec<u8>)>,
+);
+
+/// A `SetStreamPolicy` request checked: the mode (`None`: remove the stream's own policy) and
+/// the `(name, PEM)` keys (the stream service checks each key).
+pub fn check_set_policy(r: &pb::SetStreamPolicyRequest) -> Result<PolicyChange, Status> {
+    let invalid = |m: String| crate::audit::status(tonic::Code::InvalidArgument, m);
+    let mode = match r.mode.as_str() {
+        "" if r.keys.is_empty() => None,
+        "" => return Err(invalid("keys need a mode (enforce, warn or off)".into())),
+        m => Some(m.parse().map_err(invalid)?),
+    };
+    if r.keys.len() > crate::signature::policy::MAX_POLICY_KEYS {
+        return Err(invalid(format!(
+            "{} keys: a policy trusts at most {}",
+            r.keys.len(),
+            crate::signature::policy::MAX_POLICY_KEYS
+        )));
+    }
+    let keys = r
+        .keys
+        .iter()
+        .map(|k| {
+            let name: String = k
+                .name
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(255)
+                .collect();
+            (name, k.pem.clone().into_bytes())
+        })
+        .collect();
+    Ok((mode, keys))
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@
 //! scrub, [`Cache::verify`], finds those blobs). A full disk is [`CacheError::NoSpace`] (HTTP
 //! 507 at the mirror); a blob whose size is known reserves its space before it is downloaded.
 
+pub mod artifacts;
 pub mod pins;
 pub mod store;
 

@@ -1,5 +1,5 @@
 //! What the cache must keep: the roots are the current image of every stream tag and its last
-//! few earlier digests (`pin_history`); from each root, an index leads to its manifests, a manifest to its config and layers. Everything so
+//! few earlier digests (`pin_history`), with the signature manifests that verified them; from each root, an index leads to its manifests, a manifest to its config and layers. Everything so
 //! reachable (and present) is pinned and never evicted.
 
 use super::store::ContentStore;
@@ -46,6 +46,24 @@ pub fn roots(snapshot: &Snapshot, history: usize) -> Vec<Root> {
                 } else {
                     format!("{name}@generation {}", g.generation)
                 };
+                // The signature manifest that verified it, so that the check can be made
+                // again (a rollback, `tag verify`) with the registry down.
+                let signature = g
+                    .verification
+                    .as_ref()
+                    .and_then(|v| Digest::parse(&v.signature).ok())
+                    .zip(g.reference.split_once('@'));
+                if let Some((sig, (repository, _))) = signature {
+                    by_digest
+                        .entry(sig.clone())
+                        .or_insert_with(|| Root {
+                            reference: format!("{repository}@{sig}"),
+                            digest: sig,
+                            pinned_by: Vec::new(),
+                        })
+                        .pinned_by
+                        .push(format!("{label} (signature)"));
+                }
                 by_digest
                     .entry(digest.clone())
                     .or_insert_with(|| Root {
@@ -270,6 +288,7 @@ mod tests {
                 created: "now".into(),
                 cause: "set".into(),
                 source: tag.source.clone(),
+                verification: None,
             },
             20,
         );

@@ -222,6 +222,23 @@ enum StreamCommand {
         #[arg(long)]
         reset: bool,
     },
+    /// Set which cosign keys a stream trusts, and how strictly (README, "Signed images")
+    #[command(
+        after_help = "Modes:\n  enforce  a digest enters the stream (tag set, import, follow, rollback) only if a cosign\n           signature by one of the keys verifies; pods run only verified generations\n  warn     every digest is pinned; one that does not verify is recorded, logged and counted\n  off      nothing is checked (overrides the node's default policy)\nKeys are cosign public keys (cosign.pub, PEM): ECDSA P-256/P-384 or RSA.\nExamples:\n  imagestream stream policy team-a/app --key /etc/imagestream/keys/ci.pub --mode enforce\n  imagestream stream policy team-a/app --mode off\n  imagestream stream policy team-a/app --clear        (the node's default applies)\nGenerations pinned before a policy was set show as unverified in `stream get`; check them\nwith `imagestream tag verify NS/NAME:TAG`."
+    )]
+    Policy {
+        /// NAMESPACE/NAME
+        stream: String,
+        /// A trusted cosign public key, PEM (repeatable)
+        #[arg(long, value_name = "FILE")]
+        key: Vec<std::path::PathBuf>,
+        /// enforce, warn or off
+        #[arg(long, value_name = "MODE", required_unless_present = "clear", value_parser = ["enforce", "warn", "off"])]
+        mode: Option<String>,
+        /// Remove the stream's own policy: the node's default applies
+        #[arg(long, conflicts_with_all = ["key", "mode"])]
+        clear: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -360,12 +377,40 @@ enum TagCommand {
         /// NAMESPACE/NAME:TAG
         tag: String,
     },
+    /// Check the cosign signatures of a tag's kept generations again under its stream's
+    /// policy and record each outcome (after a policy was set or its keys changed); exits 1
+    /// when the current generation may not run under an enforce policy
+    Verify {
+        /// NAMESPACE/NAME:TAG
+        tag: String,
+    },
     /// Remove a tag and its history
     #[command(alias = "delete")]
     Rm {
         /// NAMESPACE/NAME:TAG
         tag: String,
     },
+}
+
+/// Most bytes read from a `--key` file: a PEM public key is well under this.
+const MAX_KEY_FILE_BYTES: u64 = crate::signature::MAX_KEY_PEM_BYTES as u64;
+
+/// Reads a `--key` file (a PEM public key), refusing anything larger than a key.
+fn read_key_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)
+        .map_err(|e| format!("cannot read key {}: {e}", path.display()))?;
+    let mut text = String::new();
+    file.take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read key {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(format!(
+            "key {} is over {MAX_KEY_FILE_BYTES} bytes: not a PEM public key",
+            path.display()
+        ));
+    }
+    Ok(text)
 }
 
 /// Runs the command line; returns the process exit code.
@@ -523,6 +568,41 @@ async fn run(cli: Cli) -> Result<(), String> {
                         .into_inner();
                     printer.access(&s);
                 }
+                StreamCommand::Policy {
+                    stream,
+                    key,
+                    mode,
+                    clear,
+                } => {
+                    let (namespace, name) = parse_stream_key(&stream).map_err(|e| e.to_string())?;
+                    let mut keys = Vec::new();
+                    for path in &key {
+                        let pem = read_key_file(path)?;
+                        keys.push(pb::PolicyKey {
+                            name: path
+                                .file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_else(|| path.display().to_string()),
+                            pem,
+                            ..Default::default()
+                        });
+                    }
+                    let s = client
+                        .set_stream_policy(pb::SetStreamPolicyRequest {
+                            namespace,
+                            name,
+                            mode: if clear {
+                                String::new()
+                            } else {
+                                mode.unwrap_or_default()
+                            },
+                            keys,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.policy(&s);
+                }
                 StreamCommand::Rm { stream } => {
                     let (namespace, name) = parse_stream_key(&stream).map_err(|e| e.to_string())?;
                     client
@@ -608,6 +688,25 @@ async fn run(cli: Cli) -> Result<(), String> {
                             g.map(|g| g.digest.as_str()).unwrap_or("-"),
                             g.map(|g| g.generation).unwrap_or(0)
                         );
+                    }
+                }
+                TagCommand::Verify { tag } => {
+                    let t = parse_tag_ref(&tag).map_err(|e| e.to_string())?;
+                    let r = client
+                        .verify_tag(pb::VerifyTagRequest {
+                            namespace: t.namespace,
+                            name: t.name,
+                            tag: t.tag,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    printer.history(&r);
+                    if let Some(g) = r.generations.first().filter(|g| !g.refused.is_empty()) {
+                        return Err(format!(
+                            "{tag}: generation {} ({}) may not run: {}",
+                            g.generation, g.digest, g.refused
+                        ));
                     }
                 }
                 TagCommand::History { tag } => {

@@ -18,7 +18,77 @@ fn generation_json(g: &pb::Generation) -> Value {
         "cause": g.cause,
         "source": g.source,
         "held": g.held,
+        "verification": g.verification.as_ref().map(|v| json!({
+            "status": v.status,
+            "mode": v.mode,
+            "key": v.key,
+            "key_id": v.key_id,
+            "signature": v.signature,
+            "error": v.error,
+            "checked": v.checked,
+        })),
+        "refused": if g.refused.is_empty() { Value::Null } else { Value::String(g.refused.clone()) },
     })
+}
+
+fn policy_json(p: &Option<pb::SignaturePolicy>) -> Value {
+    match p {
+        None => Value::Null,
+        Some(p) => json!({
+            "mode": p.mode,
+            "node_default": p.node_default,
+            "keys": p.keys.iter().map(|k| json!({
+                "name": k.name,
+                "id": k.id,
+                "algorithm": k.algorithm,
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+/// The signature policy as one line: `enforce: ci.pub (ecdsa-p256)` / `none`.
+fn policy_line(s: &pb::Stream) -> String {
+    match &s.effective_policy {
+        None => "none".into(),
+        Some(p) => {
+            let keys: Vec<String> = p
+                .keys
+                .iter()
+                .map(|k| format!("{} ({}, {})", k.name, k.algorithm, short_digest(&k.id)))
+                .collect();
+            format!(
+                "{}{}{}",
+                p.mode,
+                if keys.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", keys.join(", "))
+                },
+                if p.node_default {
+                    " [node default]"
+                } else {
+                    ""
+                }
+            )
+        }
+    }
+}
+
+/// A generation's signature column: `verified (ci.pub)`, `unverified: …`, `-`; with
+/// `REFUSED` when an enforce policy does not let it run.
+fn signature_cell(g: &pb::Generation) -> String {
+    let checked = match &g.verification {
+        None => "-".to_string(),
+        Some(v) if v.status == "verified" => format!("verified ({})", v.key),
+        Some(v) => format!("unverified: {}", v.error),
+    };
+    if g.refused.is_empty() {
+        checked
+    } else if g.verification.is_none() {
+        "REFUSED: not verified".into()
+    } else {
+        format!("REFUSED: {checked}")
+    }
 }
 
 fn tag_json(t: &pb::Tag) -> Value {
@@ -98,6 +168,8 @@ fn stream_json(s: &pb::Stream) -> Value {
         "name": s.name,
         "lookup_local": s.lookup_local,
         "access": access_json(s),
+        "policy": policy_json(&s.policy),
+        "effective_policy": policy_json(&s.effective_policy),
         "tags": s.tags.iter().map(tag_json).collect::<Vec<_>>(),
     })
 }
@@ -306,6 +378,7 @@ impl Printer {
                 println!("Stream:        {}/{}", s.namespace, s.name);
                 println!("Lookup local:  {}", s.lookup_local);
                 println!("Used by:       {}", access_line(s));
+                println!("Signatures:    {}", policy_line(s));
                 println!();
                 table(
                     &[
@@ -334,9 +407,16 @@ impl Printer {
                         .collect::<Vec<_>>(),
                 );
                 println!();
-                println!("History (ON NODE: this node's cache holds the image completely):");
+                println!("History (ON NODE: this node's cache holds the image completely; SIGNATURE: REFUSED generations may not run under the enforce policy, `imagestream tag verify` checks them again):");
                 table(
-                    &["TAG", "GENERATION", "DIGEST", "CAUSE", "ON NODE"],
+                    &[
+                        "TAG",
+                        "GENERATION",
+                        "DIGEST",
+                        "CAUSE",
+                        "ON NODE",
+                        "SIGNATURE",
+                    ],
                     &s.tags
                         .iter()
                         .flat_map(|t| {
@@ -347,11 +427,45 @@ impl Printer {
                                     short_digest(&g.digest),
                                     g.cause.clone(),
                                     yes_no(g.held),
+                                    signature_cell(g),
                                 ]
                             })
                         })
                         .collect::<Vec<_>>(),
                 );
+            }
+        }
+    }
+
+    pub fn policy(&self, s: &pb::Stream) {
+        match self.format {
+            Format::Json => self.json(&stream_json(s)),
+            Format::Table => {
+                println!(
+                    "stream {}/{} signature policy: {}",
+                    s.namespace,
+                    s.name,
+                    policy_line(s)
+                );
+                let refused: Vec<String> = s
+                    .tags
+                    .iter()
+                    .filter_map(|t| {
+                        let g = t.generations.first()?;
+                        (!g.refused.is_empty()).then(|| {
+                            format!(
+                                "  {}:{} generation {}: {}",
+                                s.name, t.name, g.generation, g.refused
+                            )
+                        })
+                    })
+                    .collect();
+                if !refused.is_empty() {
+                    println!("tags whose current generation may not run until verified (imagestream tag verify):");
+                    for line in refused {
+                        println!("{line}");
+                    }
+                }
             }
         }
     }
@@ -376,8 +490,15 @@ impl Printer {
             Format::Json => self.json(&tag_json(t)),
             Format::Table => match t.generations.first() {
                 Some(g) => println!(
-                    "{name} -> {} (generation {}, {})",
-                    g.reference, g.generation, g.cause
+                    "{name} -> {} (generation {}, {}{})",
+                    g.reference,
+                    g.generation,
+                    g.cause,
+                    if g.verification.is_some() {
+                        format!(", signature {}", signature_cell(g))
+                    } else {
+                        String::new()
+                    }
                 ),
                 None => println!("{name} has no generations"),
             },
@@ -395,6 +516,7 @@ impl Printer {
                     "ON NODE",
                     "SOURCE",
                     "REFERENCE",
+                    "SIGNATURE",
                 ],
                 &t.generations
                     .iter()
@@ -406,6 +528,7 @@ impl Printer {
                             yes_no(g.held),
                             g.source.clone(),
                             g.reference.clone(),
+                            signature_cell(g),
                         ]
                     })
                     .collect::<Vec<_>>(),
@@ -547,6 +670,7 @@ impl Printer {
                     "generation": e.generation,
                     "cause": e.cause,
                     "time": e.time,
+                    "signature": if e.signature.is_empty() { Value::Null } else { Value::String(e.signature.clone()) },
                 })
             ),
             Format::Table => println!(
@@ -558,7 +682,11 @@ impl Printer {
                 digest(&e.old_digest),
                 digest(&e.new_digest),
                 e.generation,
-                e.cause
+                if e.signature.is_empty() {
+                    e.cause.clone()
+                } else {
+                    format!("{}  signature: {}", e.cause, e.signature)
+                }
             ),
         }
         let _ = std::io::stdout().flush();

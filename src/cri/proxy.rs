@@ -190,6 +190,36 @@ impl CriProxy {
         .await
     }
 
+    /// Refuses a stream reference whose pinned generation the stream's `enforce` signature
+    /// policy does not let run (FailedPrecondition, naming the tag, generation, digest and why).
+    fn signature_gate(resolution: &Resolution, call: &'static str) -> Result<(), Status> {
+        let Resolution::Pinned(p) = resolution else {
+            return Ok(());
+        };
+        let Some(why) = &p.refused else {
+            return Ok(());
+        };
+        crate::metrics::metrics().signature_refused(call);
+        tracing::warn!(
+            target: "imagestream::audit",
+            action = "refuse-unverified",
+            stream = %format!("{}/{}", p.tag.namespace, p.tag.name),
+            tag = %p.tag.tag,
+            digest = %p.digest,
+            generation = p.generation,
+            call,
+            reason = %why,
+            "stream reference not run: its generation is not signature-verified"
+        );
+        Err(crate::audit::status(
+            tonic::Code::FailedPrecondition,
+            format!(
+                "image stream tag {} is at generation {} ({}), which its signature policy (enforce) does not let run: {why}; `imagestream tag verify {}` checks it again",
+                p.tag, p.generation, p.digest, p.tag
+            ),
+        ))
+    }
+
     fn resolve(&self, reference: &str, namespace: Option<&str>) -> Result<Resolution, Status> {
         let mut spec = ImageSpec {
             image: reference.to_string(),
@@ -266,6 +296,7 @@ impl CriProxy {
         };
         let original = spec.image.clone();
         let resolution = self.rewrite(spec, namespace.as_deref())?;
+        Self::signature_gate(&resolution, "PullImage")?;
         self.policy.check(
             &spec.image,
             matches!(resolution, Resolution::Pinned(_)),
@@ -388,6 +419,7 @@ impl CriProxy {
         // `user_specified_image`: the access check applies to that too.
         if !spec.user_specified_image.is_empty() && namespace.is_some() {
             let used = self.resolve(&spec.user_specified_image, namespace.as_deref())?;
+            Self::signature_gate(&used, "CreateContainer")?;
             if let Resolution::PassThrough = used {
                 self.policy
                     .check(&spec.user_specified_image, false, namespace.as_deref())?;
@@ -395,6 +427,7 @@ impl CriProxy {
         }
         let original = spec.image.clone();
         let resolution = self.rewrite(spec, namespace.as_deref())?;
+        Self::signature_gate(&resolution, "CreateContainer")?;
         if !is_image_id(&spec.image) {
             self.policy.check(
                 &spec.image,

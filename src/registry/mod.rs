@@ -445,6 +445,59 @@ impl RegistryClient {
         })
     }
 
+    /// The OCI 1.1 referrers index of `host/repository@digest` with artifact type
+    /// `artifact_type` (at most [`MAX_MANIFEST_BYTES`], within [`MANIFEST_DEADLINE`]);
+    /// `Ok(None)` when the registry has no referrers API (it answers 404). The index is made up
+    /// by the registry, so there is no digest to check it against: its entries are.
+    pub async fn referrers(
+        &self,
+        host: &str,
+        repository: &str,
+        digest: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<Bytes>, RegistryError> {
+        let source = format!("{host}/{repository}@{digest}");
+        let image = Self::parse(&source)?;
+        let url = format!(
+            "{}?artifactType={}",
+            self.url(&image, "referrers", digest.as_str()),
+            percent_encoding::utf8_percent_encode(
+                artifact_type,
+                percent_encoding::NON_ALPHANUMERIC
+            )
+        );
+        let fetch = async {
+            let response = match self
+                .request(
+                    reqwest::Method::GET,
+                    &image,
+                    &url,
+                    Some(OCI_IMAGE_INDEX_MEDIA_TYPE),
+                    &source,
+                )
+                .await
+            {
+                Ok(r) => r,
+                Err(RegistryError::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let (bytes, over) = read_capped(response, MAX_MANIFEST_BYTES, &source).await?;
+            if over {
+                return Err(RegistryError::TooLarge {
+                    reference: source.clone(),
+                    size: bytes.len() as u64 + 1,
+                });
+            }
+            Ok(Some(Bytes::from(bytes)))
+        };
+        tokio::time::timeout(MANIFEST_DEADLINE, fetch)
+            .await
+            .map_err(|_| RegistryError::Unreachable {
+                reference: source.clone(),
+                message: format!("no referrers answer within {MANIFEST_DEADLINE:?}"),
+            })?
+    }
+
     /// Parses `source` as an image reference (docker's normalisation: `nginx` is
     /// `docker.io/library/nginx:latest`).
     pub fn parse(source: &str) -> Result<Reference, RegistryError> {

@@ -1,6 +1,14 @@
-//! Cosign signatures: the verification core of the signature policy (issue 21). Not wired into
-//! pinning yet; what fetches the signatures (the `sha256-<hex>.sig` tag) and the policy that
-//! uses this are still to come.
+//! Cosign signatures: the signature policy of streams (issue 21).
+//!
+//! # Layout
+//! - this file: the verification core: trusted keys ([`TrustedKey`]), the simple-signing
+//!   payload ([`parse_payload`]) and [`verify`] (one signature, one payload, one digest);
+//! - [`policy`]: what a stream (or the node's default) trusts and how strictly
+//!   ([`policy::SignaturePolicy`]), and what each pinned generation records
+//!   ([`policy::Verification`]);
+//! - [`fetch`]: finding a digest's signatures (the `sha256-<hex>.sig` tag, the OCI 1.1
+//!   referrers API) through an [`fetch::ArtifactSource`] (the node cache, so that they are kept
+//!   and pinned with the image) and verifying them ([`fetch::Verifier`]).
 //!
 //! What cosign signs (its `specs/SIGNATURE_SPEC.md`, "simple signing"): a small JSON payload
 //! whose `critical.image.docker-manifest-digest` names the image digest, stored as a layer of
@@ -12,10 +20,20 @@
 //! ECDSA P-256 (what `cosign generate-key-pair` makes) and P-384 with SHA-256/384 and ASN.1 DER
 //! signatures, and RSA with PKCS#1 v1.5 and SHA-256. Ed25519 keys are refused with a clear
 //! error: cosign signs with them in the pre-hashed variant (Ed25519ph), which the crypto library
-//! here (aws-lc-rs, the one rustls uses) does not verify.
+//! here (aws-lc-rs, the one rustls uses) does not verify. A key is known by its name (the file
+//! it came from) and its id, `sha256:` of its DER encoding, which is what a verification
+//! records: renaming a file does not un-verify anything, replacing the key does.
 //!
 //! A signature is accepted when it verifies under one of the trusted keys **and** its payload
 //! names the digest being pinned; each way of failing is its own error.
+//!
+//! Why not sigstore-rs: its OCI verification is built on oci-client 0.17 (this crate is on
+//! 0.18, so two registry clients and two token caches) and keeps the signature-layer type
+//! crate-private; the parts used here (PEM keys, ECDSA/RSA verification) come from the crates
+//! rustls already uses (rustls-pki-types, aws-lc-rs).
+
+pub mod fetch;
+pub mod policy;
 
 use crate::registry::Digest;
 use aws_lc_rs::signature::{
@@ -86,6 +104,7 @@ impl KeyAlgorithm {
 #[derive(Clone)]
 pub struct TrustedKey {
     name: String,
+    id: String,
     algorithm: KeyAlgorithm,
     key: ParsedPublicKey,
 }
@@ -94,6 +113,7 @@ impl std::fmt::Debug for TrustedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TrustedKey")
             .field("name", &self.name)
+            .field("id", &self.id)
             .field("algorithm", &self.algorithm)
             .finish()
     }
@@ -120,6 +140,7 @@ impl TrustedKey {
             if let Ok(key) = ParsedPublicKey::new(algorithm.verification(), spki.as_ref()) {
                 return Ok(Self {
                     name: name.to_string(),
+                    id: Digest::of(spki.as_ref()).to_string(),
                     algorithm,
                     key,
                 });
@@ -139,6 +160,11 @@ impl TrustedKey {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// `sha256:<hex>` of the key's DER encoding (SubjectPublicKeyInfo).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     pub fn algorithm(&self) -> KeyAlgorithm {

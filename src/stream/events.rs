@@ -29,6 +29,9 @@ pub struct TagEvent {
     pub cause: String,
     /// RFC 3339, UTC.
     pub time: String,
+    /// The new generation's signature check (`verified (KEY)`, `unverified: WHY`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// The events that turn `old` into `new` (the same stream, or its creation or deletion).
@@ -56,6 +59,9 @@ pub fn diff(old: Option<&Stream>, new: Option<&Stream>) -> Vec<TagEvent> {
             generation,
             cause,
             time: String::new(),
+            signature: after
+                .and_then(|g| g.verification.as_ref())
+                .map(|v| v.summary()),
         };
         match (before, after) {
             (_, Some(a)) if before.map(|b| b.generation) != Some(a.generation) => {
@@ -94,6 +100,7 @@ mod tests {
                         created: String::new(),
                         cause: "set".into(),
                         source: "r/app:v1".into(),
+                        verification: None,
                     },
                     10,
                 );

@@ -2,6 +2,7 @@
 //! bounded, append-only history of generations, newest first. These are the records the stores
 //! persist (as JSON) and the admin API shows.
 
+use crate::signature::policy::{SignaturePolicy, Verification};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -43,6 +44,9 @@ pub struct Stream {
     /// Incremented by every write; stores use it for compare-and-swap.
     #[serde(default)]
     pub revision: u64,
+    /// The stream's signature policy; `None` follows the node's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<SignaturePolicy>,
 }
 
 /// A stream's access list: namespace names or globs (`team-*`). The stream's own namespace is
@@ -85,6 +89,7 @@ impl Stream {
             tags: BTreeMap::new(),
             access: Access::default(),
             revision: 0,
+            policy: None,
         }
     }
 
@@ -148,6 +153,9 @@ pub struct Generation {
     /// The source reference this digest was pinned from.
     #[serde(default)]
     pub source: String,
+    /// The check of its signature, when a policy applied (or `tag verify` ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
 }
 
 impl Tag {
@@ -169,6 +177,7 @@ impl Tag {
                 created: new.created,
                 cause: new.cause,
                 source: new.source,
+                verification: new.verification,
             },
         );
         self.generations.truncate(limit.max(1));
@@ -212,6 +221,7 @@ pub struct NewGeneration {
     pub created: String,
     pub cause: String,
     pub source: String,
+    pub verification: Option<Verification>,
 }
 
 /// Why a rollback cannot happen.
@@ -244,6 +254,7 @@ mod tests {
             created: "now".into(),
             cause: "set".into(),
             source: "r/app:v1".into(),
+            verification: None,
         }
     }
 

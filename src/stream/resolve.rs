@@ -5,6 +5,7 @@
 use super::events::{diff, TagEvent, EVENT_BUFFER};
 use super::model::{Stream, StreamKey};
 use super::reference::{classify, Classified, ReferenceError, TagRef};
+use crate::signature::policy::{Mode, SignaturePolicy};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use thiserror::Error;
@@ -15,6 +16,8 @@ pub struct Snapshot {
     streams: HashMap<StreamKey, Arc<Stream>>,
     /// Names of the streams that have `lookup_local`, in any namespace.
     local_names: HashSet<String>,
+    /// The node's default signature policy (the config's), for streams without their own.
+    default_policy: Option<Arc<SignaturePolicy>>,
 }
 
 impl Snapshot {
@@ -36,7 +39,18 @@ impl Snapshot {
         Self {
             streams,
             local_names,
+            default_policy: None,
         }
+    }
+
+    /// The signature policy that applies to `stream`: its own, else the node's default;
+    /// `None` when that is `off`.
+    pub fn policy_for<'a>(&'a self, stream: &'a Stream) -> Option<&'a SignaturePolicy> {
+        stream
+            .policy
+            .as_ref()
+            .or(self.default_policy.as_deref())
+            .filter(|p| p.mode != Mode::Off)
     }
 
     pub fn get(&self, key: &StreamKey) -> Option<&Arc<Stream>> {
@@ -60,6 +74,8 @@ pub struct View {
     /// of the last change applied (deletions included), so that a late watch event never
     /// undoes a newer local write.
     applied: Arc<std::sync::Mutex<HashMap<StreamKey, u64>>>,
+    /// The node's default signature policy, carried into every snapshot.
+    default_policy: Arc<RwLock<Option<Arc<SignaturePolicy>>>>,
 }
 
 impl Default for View {
@@ -76,7 +92,18 @@ impl View {
             events: tokio::sync::broadcast::channel(EVENT_BUFFER).0,
             sequence: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             applied: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            default_policy: Arc::new(RwLock::new(None)),
         }
+    }
+
+    /// Sets the node's default signature policy (from the config), for streams that have
+    /// none of their own.
+    pub fn set_default_policy(&self, policy: Option<SignaturePolicy>) {
+        match self.default_policy.write() {
+            Ok(mut g) => *g = policy.map(Arc::new),
+            Err(p) => *p.into_inner() = policy.map(Arc::new),
+        }
+        self.store(Snapshot::from_arcs(self.load().streams.clone()));
     }
 
     /// Every tag change from now on (see [`super::events`]).
@@ -124,7 +151,11 @@ impl View {
         }
     }
 
-    pub fn store(&self, snapshot: Snapshot) {
+    pub fn store(&self, mut snapshot: Snapshot) {
+        snapshot.default_policy = match self.default_policy.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
         let snapshot = Arc::new(snapshot);
         match self.inner.write() {
             Ok(mut guard) => *guard = snapshot,
@@ -199,6 +230,8 @@ pub struct Pinned {
     pub digest: String,
     /// `registry/repository@sha256:<hex>`: what the runtime is asked for.
     pub reference: String,
+    /// Why the stream's signature policy (`enforce`) does not let this generation run.
+    pub refused: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,7 +335,11 @@ pub fn resolve(
             tag: tag_ref.tag.clone(),
             reference: reference.to_string(),
         })?;
+    let refused = snapshot
+        .policy_for(stream)
+        .and_then(|p| p.refuses(generation.verification.as_ref()));
     Ok(Resolution::Pinned(Pinned {
+        refused,
         generation: generation.generation,
         digest: generation.digest.clone(),
         reference: generation.reference.clone(),
@@ -333,6 +370,7 @@ mod tests {
                 created: "now".into(),
                 cause: "set".into(),
                 source: "r/app:v1".into(),
+                verification: None,
             },
             20,
         );

@@ -10,6 +10,9 @@ use super::names::{validate_namespace, NameError};
 use super::reference::{classify, Classified, ReferenceError, TagRef};
 use super::resolve::{resolve, Resolution, ResolveError, Snapshot, View};
 use crate::registry::{PinnedManifest, RegistryClient, RegistryError};
+use crate::signature::fetch::{Verifier, VerifyError};
+use crate::signature::policy::{Mode, SignaturePolicy, Status, Verification};
+use crate::signature::SignatureError;
 use crate::store::{Expect, StoreError, StreamStore};
 use std::sync::Arc;
 use thiserror::Error;
@@ -44,6 +47,19 @@ pub enum StreamError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Store(StoreError),
+    /// Under an `enforce` policy, a digest whose signature does not verify is not pinned.
+    #[error(
+        "{tag}: {digest} was not pinned: {reason} (signature policy: enforce); nothing was written"
+    )]
+    Unsigned {
+        tag: TagRef,
+        digest: String,
+        reason: String,
+    },
+    #[error("invalid signature policy: {0}")]
+    Policy(SignatureError),
+    #[error("no signature policy applies to image stream {0}: set one with `imagestream stream policy {0} --key FILE --mode enforce` (or a node default in the config)")]
+    NoPolicy(StreamKey),
 }
 
 impl From<StoreError> for StreamError {
@@ -71,6 +87,8 @@ pub struct StreamService {
     settings: StreamSettings,
     /// Serialises this node's writes; the store's compare-and-swap guards against others.
     write_lock: tokio::sync::Mutex<()>,
+    /// Checks signatures (through the node cache); set once the cache is open.
+    verifier: std::sync::OnceLock<Arc<Verifier>>,
 }
 
 /// How often an unchanged, healthy scheduled tag's check time is written to the store.
@@ -112,7 +130,164 @@ impl StreamService {
             view,
             settings,
             write_lock: tokio::sync::Mutex::new(()),
+            verifier: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives the service its signature verifier (once; later calls are ignored).
+    pub fn set_verifier(&self, verifier: Arc<Verifier>) {
+        let _ = self.verifier.set(verifier);
+    }
+
+    /// The signature policy that applies to stream `key` now (`None`: off).
+    fn policy_of(&self, key: &StreamKey) -> Option<SignaturePolicy> {
+        let snapshot = self.view.load();
+        let stream = snapshot.get(key)?;
+        snapshot.policy_for(stream).cloned()
+    }
+
+    /// Checks the signature of `pinned` for tag `t` under `policy` (`None`: nothing to check).
+    /// `known` is what an earlier check of the same digest recorded (its signature manifest is
+    /// looked at first). `at` names the operation, for metrics and logs. Under `enforce` a
+    /// failure is [`StreamError::Unsigned`]; under `warn` it is recorded, logged and counted.
+    async fn check_signature(
+        &self,
+        t: &TagRef,
+        policy: Option<&SignaturePolicy>,
+        pinned: &PinnedManifest,
+        known: Option<&Verification>,
+        at: &'static str,
+    ) -> Result<Option<Verification>, StreamError> {
+        let Some(policy) = policy else {
+            return Ok(None);
+        };
+        let result = match (policy.trusted_keys(), self.verifier.get()) {
+            (Err(e), _) => Err(VerifyError::Signature(e)),
+            (Ok(_), None) => Err(VerifyError::Unavailable {
+                message: "this node has no signature verifier".into(),
+            }),
+            (Ok(keys), Some(verifier)) => {
+                let known = known
+                    .filter(|v| !v.signature.is_empty())
+                    .map(|v| v.signature.as_str());
+                verifier.verify(&pinned.reference, &keys, known).await
+            }
+        };
+        let m = crate::metrics::metrics();
+        let checked = now_rfc3339();
+        match result {
+            Ok(v) => {
+                m.signature_verified(policy.mode.as_str(), "verified");
+                tracing::info!(stream = %tag_key(t), tag = %t.tag, digest = %pinned.digest, key = %v.key_name, signature = %v.signature, at, "signature verified");
+                Ok(Some(Verification {
+                    status: Status::Verified,
+                    mode: policy.mode,
+                    key: v.key_name,
+                    key_id: v.key_id,
+                    signature: v.signature.to_string(),
+                    error: String::new(),
+                    checked,
+                }))
+            }
+            Err(e) => {
+                m.signature_verified(policy.mode.as_str(), e.outcome());
+                let reason = crate::audit::cap(e.to_string());
+                if policy.mode == Mode::Enforce {
+                    m.signature_refused(at);
+                    tracing::warn!(target: "imagestream::audit", action = "refuse-unsigned", stream = %tag_key(t), tag = %t.tag, digest = %pinned.digest, at, reason = %reason, "digest not pinned: its signature does not verify");
+                    return Err(StreamError::Unsigned {
+                        tag: t.clone(),
+                        digest: pinned.digest.clone(),
+                        reason,
+                    });
+                }
+                tracing::warn!(stream = %tag_key(t), tag = %t.tag, digest = %pinned.digest, at, reason = %reason, "signature does not verify; pinned anyway (signature policy: warn)");
+                Ok(Some(Verification {
+                    status: Status::Failed,
+                    mode: policy.mode,
+                    key: String::new(),
+                    key_id: String::new(),
+                    signature: String::new(),
+                    error: reason,
+                    checked,
+                }))
+            }
+        }
+    }
+
+    /// Sets stream `key`'s signature policy: `mode` with the `(name, PEM)` keys; `None` for
+    /// `mode` removes the stream's own policy (the node's default applies).
+    pub async fn set_policy(
+        &self,
+        key: &StreamKey,
+        mode: Option<Mode>,
+        keys: &[(String, Vec<u8>)],
+    ) -> Result<Stream, StreamError> {
+        let policy = match mode {
+            Some(mode) => Some(SignaturePolicy::new(mode, keys).map_err(StreamError::Policy)?),
+            None => None,
+        };
+        self.update(key, |stream| {
+            tracing::info!(
+                target: "imagestream::audit",
+                action = "set-signature-policy",
+                stream = %key,
+                before = ?stream.policy.as_ref().map(|p| (p.mode, p.keys.iter().map(|k| k.name.clone()).collect::<Vec<_>>())),
+                after = ?policy.as_ref().map(|p| (p.mode, p.keys.iter().map(|k| k.name.clone()).collect::<Vec<_>>())),
+                "signature policy changed"
+            );
+            stream.policy = policy.clone();
+            Ok(())
+        })
+        .await
+    }
+
+    /// Verifies again every kept generation of `t` under the stream's policy and records the
+    /// outcome in each (verified or not, whatever the mode). Returns the tag.
+    #[tracing::instrument(skip(self, t), fields(stream = %tag_key(t), tag = %t.tag))]
+    pub async fn verify_tag(&self, t: &TagRef) -> Result<Tag, StreamError> {
+        let tag = self.get_tag(t)?;
+        let key = tag_key(t);
+        let Some(policy) = self.policy_of(&key) else {
+            return Err(StreamError::NoPolicy(key));
+        };
+        // Checked as under `warn`: every outcome is recorded, none refused here.
+        let recording = SignaturePolicy {
+            mode: Mode::Warn,
+            ..policy.clone()
+        };
+        let mut outcomes: std::collections::HashMap<String, Verification> = Default::default();
+        for g in &tag.generations {
+            if outcomes.contains_key(&g.digest) {
+                continue;
+            }
+            let pinned = PinnedManifest {
+                digest: g.digest.clone(),
+                reference: g.reference.clone(),
+            };
+            if let Some(mut v) = self
+                .check_signature(
+                    t,
+                    Some(&recording),
+                    &pinned,
+                    g.verification.as_ref(),
+                    "verify",
+                )
+                .await?
+            {
+                v.mode = policy.mode;
+                outcomes.insert(g.digest.clone(), v);
+            }
+        }
+        self.update_tag(t, |tag| {
+            for g in &mut tag.generations {
+                if let Some(v) = outcomes.get(&g.digest) {
+                    g.verification = Some(v.clone());
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// The resolution view, shared with the CRI proxy.
@@ -262,8 +437,12 @@ impl StreamService {
         self.check_follow_cycle(t, source)?;
         let pinned = self.pin_source(source).await?;
         tracing::Span::current().record("digest", pinned.digest.as_str());
+        let policy = self.policy_of(&tag_key(t));
+        let verification = self
+            .check_signature(t, policy.as_ref(), &pinned, None, "set")
+            .await?;
         let tag = self
-            .push_generation(t, source, &pinned, "set", |tag| {
+            .push_generation(t, source, &pinned, "set", verification, |tag| {
                 tag.schedule = schedule;
                 tag.condition = schedule.map(|_| ImportCondition {
                     last_check: now_rfc3339(),
@@ -287,8 +466,12 @@ impl StreamService {
             tracing::info!("import: the source still points at the current digest");
             return Ok((tag, false));
         }
+        let policy = self.policy_of(&tag_key(t));
+        let verification = self
+            .check_signature(t, policy.as_ref(), &pinned, None, "import")
+            .await?;
         let tag = self
-            .push_generation(t, &tag.source, &pinned, "import", |_| {})
+            .push_generation(t, &tag.source, &pinned, "import", verification, |_| {})
             .await?;
         tracing::info!(reference = %pinned.reference, "tag imported");
         Ok((tag, true))
@@ -319,10 +502,27 @@ impl StreamService {
                         .map_err(|e| e.to_string()),
                 },
             };
-        let moved_to = match &outcome {
-            Ok(Some(p)) if Some(&p.digest) != current.as_ref() => Some(p),
+        let mut outcome = outcome;
+        let mut moved_to = match &outcome {
+            Ok(Some(p)) if Some(&p.digest) != current.as_ref() => Some(p.clone()),
             _ => None,
         };
+        // A new digest must pass the signature policy; under `enforce` one that does not is
+        // a failed check: the tag keeps its pin, the condition says why.
+        let mut verification = None;
+        if let Some(p) = &moved_to {
+            let policy = self.policy_of(&tag_key(t));
+            match self
+                .check_signature(t, policy.as_ref(), p, None, "scheduled-import")
+                .await
+            {
+                Ok(v) => verification = v,
+                Err(e) => {
+                    outcome = Err(e.to_string());
+                    moved_to = None;
+                }
+            }
+        }
         let moved = moved_to.is_some();
         // Nothing changed and the tag was already fine: record the check at most hourly, so a
         // steady tag costs no disk write per check.
@@ -357,7 +557,7 @@ impl StreamService {
             Some(p) => {
                 tracing::Span::current().record("digest", p.digest.as_str());
                 let tag = self
-                    .push_generation(t, &tag.source, p, "import", record)
+                    .push_generation(t, &tag.source, &p, "import", verification, record)
                     .await?;
                 tracing::info!(reference = %p.reference, "scheduled import moved the tag");
                 tag
@@ -469,12 +669,50 @@ impl StreamService {
             digest: current.digest.clone(),
             reference: current.reference.clone(),
         };
+        let mut count = 0;
         for (t, source) in &followers {
-            self.push_generation(t, source, &pinned, &format!("follows {moved}"), |_| {})
-                .await?;
+            // The source tag's own check stands if the follower's policy trusts its key.
+            let policy = self.policy_of(&tag_key(t));
+            let verification = match &policy {
+                Some(p) if p.accepts(current.verification.as_ref()) => {
+                    current.verification.clone().map(|mut v| {
+                        v.mode = p.mode;
+                        v
+                    })
+                }
+                _ => {
+                    match self
+                        .check_signature(
+                            t,
+                            policy.as_ref(),
+                            &pinned,
+                            current.verification.as_ref(),
+                            "follow",
+                        )
+                        .await
+                    {
+                        Ok(v) => v,
+                        // Under `enforce` this follower stays where it is; the others move.
+                        Err(e) => {
+                            tracing::warn!(tag = %t, follows = %moved, error = %e, "tag did not follow its source tag");
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.push_generation(
+                t,
+                source,
+                &pinned,
+                &format!("follows {moved}"),
+                verification,
+                |_| {},
+            )
+            .await?;
             tracing::info!(tag = %t, follows = %moved, digest = %pinned.digest, "tag followed its source tag");
+            count += 1;
         }
-        Ok(followers.len())
+        Ok(count)
     }
 
     /// Resolves `source` (an image reference, or another stream's tag) to a pinned manifest.
@@ -506,6 +744,7 @@ impl StreamService {
         source: &str,
         pinned: &PinnedManifest,
         cause: &str,
+        verification: Option<Verification>,
         mut also: impl FnMut(&mut Tag),
     ) -> Result<Tag, StreamError> {
         let limit = self.settings.history_limit;
@@ -526,6 +765,7 @@ impl StreamService {
                         created: now_rfc3339(),
                         cause: cause.into(),
                         source: source.to_string(),
+                        verification: verification.clone(),
                     },
                     limit,
                 );
@@ -540,6 +780,34 @@ impl StreamService {
     #[tracing::instrument(skip(self, t), fields(stream = %tag_key(t), tag = %t.tag, digest))]
     pub async fn rollback(&self, t: &TagRef, to: Option<u64>) -> Result<Tag, StreamError> {
         let limit = self.settings.history_limit;
+        // The target passes the signature policy first (its recorded signature manifest is
+        // in the cache, so this works with the registry down).
+        let before = self.get_tag(t)?;
+        let target = before
+            .rollback_target(to)
+            .map_err(|source| StreamError::Rollback {
+                tag: t.clone(),
+                source,
+            })?
+            .clone();
+        let policy = self.policy_of(&tag_key(t));
+        let pinned = PinnedManifest {
+            digest: target.digest.clone(),
+            reference: target.reference.clone(),
+        };
+        let verification = match &policy {
+            None => target.verification.clone(),
+            Some(p) => {
+                self.check_signature(
+                    t,
+                    Some(p),
+                    &pinned,
+                    target.verification.as_ref(),
+                    "rollback",
+                )
+                .await?
+            }
+        };
         let stream = self
             .update(&tag_key(t), |stream| {
                 let tag = stream
@@ -556,6 +824,9 @@ impl StreamService {
                         source,
                     })?
                     .clone();
+                if target.digest != pinned.digest {
+                    return Err(StreamError::Store(StoreError::Conflict(tag_key(t))));
+                }
                 tag.push(
                     NewGeneration {
                         digest: target.digest,
@@ -563,6 +834,7 @@ impl StreamService {
                         created: now_rfc3339(),
                         cause: format!("rollback to generation {}", target.generation),
                         source: target.source,
+                        verification: verification.clone(),
                     },
                     limit,
                 );
