@@ -11,6 +11,7 @@
 #   crio, pinns       github.com/cri-o/cri-o    CRI-O and its namespace pinner (cgo, libseccomp;
 #                     needs gcc, make, pkg-config, libc6-dev, libseccomp-dev to build, conmon to run)
 #   kubelet           k8s.io/kubernetes         the kubelet, built in a generated module
+#   cosign            github.com/sigstore/cosign/v2   Sigstore's image signer and verifier
 #
 # Usage: bash scripts/test-tools.sh [TOOL...]   builds what is missing (of TOOLs, default all),
 #                                              prints the bin dir
@@ -33,6 +34,9 @@ CRIO_TAGS="containers_image_ostree_stub exclude_graphdriver_btrfs btrfs_noversio
 # The kubelet: the k8s.io/kubernetes module; its staging modules (k8s.io/api, ...) carry the
 # matching v0.x version.
 KUBELET_VERSION=v1.34.4
+# cosign (module github.com/sigstore/cosign/v2); `cosign version` prints what its Makefile sets
+# through sigs.k8s.io/release-utils/version (build_cosign).
+COSIGN_VERSION=v2.6.4
 
 cache=${IMAGESTREAM_TEST_CACHE:-/var/cache/imagestream-test}
 bin=${IMAGESTREAM_TEST_TOOLS:-$cache/bin}
@@ -43,7 +47,7 @@ if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
   export PATH="$PATH:/usr/local/go/bin"
 fi
 if ! command -v go >/dev/null; then
-  echo "test-tools: Go is needed to build the test tools (go.dev toolchain, 1.24+)" >&2
+  echo "test-tools: Go is needed to build the test tools (go.dev toolchain, 1.25+, for cosign)" >&2
   exit 1
 fi
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
@@ -212,7 +216,22 @@ build_kubelet() {
   (cd "$dir" && go mod tidy && go build -trimpath -ldflags "$ldflags" -o "$out" .)
 }
 
-ALL_TOOLS=(crictl critest h2spec containerd2 crio pinns kubelet)
+build_cosign() {
+  # As cosign's Makefile builds it (no cgo, so no PIV or PKCS#11 keys), dated by the release's
+  # commit.
+  local mod="github.com/sigstore/cosign/v2@$COSIGN_VERSION" date ldflags
+  date=$(mod_time "$mod")
+  ldflags="-buildid="
+  ldflags+=" -X sigs.k8s.io/release-utils/version.gitVersion=$COSIGN_VERSION"
+  ldflags+=" -X sigs.k8s.io/release-utils/version.gitTreeState=clean"
+  ldflags+=" -X sigs.k8s.io/release-utils/version.buildDate=$date"
+  GOBIN="$out.gobin" go install -trimpath -ldflags "$ldflags" \
+    "github.com/sigstore/cosign/v2/cmd/cosign@$COSIGN_VERSION"
+  mv -f "$out.gobin/cosign" "$out"
+  rmdir "$out.gobin"
+}
+
+ALL_TOOLS=(crictl critest h2spec containerd2 crio pinns kubelet cosign)
 WANTED=("$@")
 for w in "${WANTED[@]}"; do
   [[ " ${ALL_TOOLS[*]} " == *" $w "* ]] || {
@@ -233,4 +252,5 @@ want containerd2 && build containerd2 "containerd-$CONTAINERD_VERSION-1" build_c
 want crio && build crio "crio-$CRIO_VERSION-1" build_crio
 want pinns && build pinns "pinns-$CRIO_VERSION-1" build_pinns
 want kubelet && build kubelet "kubelet-$KUBELET_VERSION-1" build_kubelet
+want cosign && build cosign "cosign-$COSIGN_VERSION-1" build_cosign
 echo "$bin"

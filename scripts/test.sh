@@ -26,9 +26,10 @@ export IMAGESTREAM_TEST_TOOLS
 
 # The runtime matrix (tests/common/runtime.rs): the whole suite on containerd 2 (the default),
 # then the CRI-facing tests on each other runtime: the CRI transparency tests (cri_proxy), the
-# critest parity, the stream story (streams, crictl_story), access, and the mirror pull (cache).
+# critest parity, the stream story (streams, crictl_story), access, the mirror pull (cache), and
+# the signature policy's refusals at pod start (signatures).
 # IMAGESTREAM_TEST_RUNTIMES picks the legs (default: all three, in this order).
-CRI_FACING_TESTS=(--test cri_proxy --test critest --test streams --test crictl_story --test access --test cache)
+CRI_FACING_TESTS=(--test cri_proxy --test critest --test streams --test crictl_story --test access --test cache --test signatures)
 for runtime in ${IMAGESTREAM_TEST_RUNTIMES:-containerd2 containerd16 crio}; do
   case $runtime in
     containerd2)

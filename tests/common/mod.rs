@@ -29,6 +29,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod cosign;
 pub mod crash;
 pub mod crictl;
 pub mod critest;

@@ -1,9 +1,9 @@
 //! Conformance and client tools for the integration tests, and the plumbing to point them at a
 //! CRI unix socket.
 //!
-//! - [`tool`]: a binary built by `bash scripts/test-tools.sh` (crictl, critest, h2spec) from the
-//!   cache dir named by `IMAGESTREAM_TEST_TOOLS` (default `/var/cache/imagestream-test/bin`);
-//!   panics with the command to run when it is missing.
+//! - [`tool`]: a binary built by `bash scripts/test-tools.sh` (crictl, critest, h2spec, cosign)
+//!   from the cache dir named by `IMAGESTREAM_TEST_TOOLS` (default
+//!   `/var/cache/imagestream-test/bin`); panics with the command to run when it is missing.
 //! - [`TcpBridge`]: `socat` listening on a free 127.0.0.1 port and forwarding every connection to
 //!   a unix socket (h2spec and nghttp speak TCP only); killed, with its forked children, on drop.
 //! - gRPC framing over raw HTTP/2 bodies: [`grpc_frame`] (the 5-byte length prefix) and
@@ -25,8 +25,8 @@ pub fn tools_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_TOOLS_DIR))
 }
 
-/// The path of test tool `name` (`crictl`, `critest`, `h2spec`) in [`tools_dir`]; panics, naming
-/// `bash scripts/test-tools.sh`, unless it is an executable file there.
+/// The path of test tool `name` (`crictl`, `critest`, `h2spec`, `cosign`) in [`tools_dir`];
+/// panics, naming `bash scripts/test-tools.sh`, unless it is an executable file there.
 pub fn tool(name: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let dir = tools_dir();
@@ -35,7 +35,7 @@ pub fn tool(name: &str) -> PathBuf {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => path,
         _ => panic!(
             "test tool {name} not found at {} (IMAGESTREAM_TEST_TOOLS={}): \
-             run `bash scripts/test-tools.sh` first (it builds crictl, critest and h2spec into \
+             run `bash scripts/test-tools.sh` first (it builds the test tools into \
              that dir; set IMAGESTREAM_TEST_TOOLS to use another one)",
             path.display(),
             dir.display()
