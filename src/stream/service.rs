@@ -18,6 +18,9 @@ use std::sync::Arc;
 use thiserror::Error;
 use time::format_description::well_known::Rfc3339;
 
+/// The `at` of [`StreamService::verify_tag`]'s checks: recorded, never refused.
+const VERIFY: &str = "verify";
+
 /// How often a write retries after losing a compare-and-swap race.
 const CAS_RETRIES: usize = 8;
 
@@ -149,7 +152,8 @@ impl StreamService {
     /// Checks the signature of `pinned` for tag `t` under `policy` (`None`: nothing to check).
     /// `known` is what an earlier check of the same digest recorded (its signature manifest is
     /// looked at first). `at` names the operation, for metrics and logs. Under `enforce` a
-    /// failure is [`StreamError::Unsigned`]; under `warn` it is recorded, logged and counted.
+    /// failure is [`StreamError::Unsigned`]; under `warn`, and for `tag verify` (`at` is
+    /// [`VERIFY`]), it is recorded, logged and counted.
     async fn check_signature(
         &self,
         t: &TagRef,
@@ -192,7 +196,7 @@ impl StreamService {
             Err(e) => {
                 m.signature_verified(policy.mode.as_str(), e.outcome());
                 let reason = crate::audit::cap(e.to_string());
-                if policy.mode == Mode::Enforce {
+                if policy.mode == Mode::Enforce && at != VERIFY {
                     m.signature_refused(at);
                     tracing::warn!(target: "imagestream::audit", action = "refuse-unsigned", stream = %tag_key(t), tag = %t.tag, digest = %pinned.digest, at, reason = %reason, "digest not pinned: its signature does not verify");
                     return Err(StreamError::Unsigned {
@@ -201,7 +205,11 @@ impl StreamService {
                         reason,
                     });
                 }
-                tracing::warn!(stream = %tag_key(t), tag = %t.tag, digest = %pinned.digest, at, reason = %reason, "signature does not verify; pinned anyway (signature policy: warn)");
+                if at == VERIFY {
+                    tracing::warn!(stream = %tag_key(t), tag = %t.tag, digest = %pinned.digest, reason = %reason, "signature does not verify");
+                } else {
+                    tracing::warn!(stream = %tag_key(t), tag = %t.tag, digest = %pinned.digest, at, reason = %reason, "signature does not verify; pinned anyway (signature policy: warn)");
+                }
                 Ok(Some(Verification {
                     status: Status::Failed,
                     mode: policy.mode,
@@ -251,11 +259,7 @@ impl StreamService {
         let Some(policy) = self.policy_of(&key) else {
             return Err(StreamError::NoPolicy(key));
         };
-        // Checked as under `warn`: every outcome is recorded, none refused here.
-        let recording = SignaturePolicy {
-            mode: Mode::Warn,
-            ..policy.clone()
-        };
+        // Every outcome is recorded, none refused here.
         let mut outcomes: std::collections::HashMap<String, Verification> = Default::default();
         for g in &tag.generations {
             if outcomes.contains_key(&g.digest) {
@@ -265,17 +269,10 @@ impl StreamService {
                 digest: g.digest.clone(),
                 reference: g.reference.clone(),
             };
-            if let Some(mut v) = self
-                .check_signature(
-                    t,
-                    Some(&recording),
-                    &pinned,
-                    g.verification.as_ref(),
-                    "verify",
-                )
+            if let Some(v) = self
+                .check_signature(t, Some(&policy), &pinned, g.verification.as_ref(), VERIFY)
                 .await?
             {
-                v.mode = policy.mode;
                 outcomes.insert(g.digest.clone(), v);
             }
         }
