@@ -15,8 +15,7 @@ use common::*;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    AuthConfig, CreateContainerRequest, ExecSyncRequest, ImageStatusRequest, PodSandboxConfig,
-    PullImageRequest, StartContainerRequest,
+    AuthConfig, CreateContainerRequest, ImageStatusRequest, PodSandboxConfig, PullImageRequest,
 };
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -133,21 +132,7 @@ async fn a_private_image_in_the_node_cache_runs_only_for_pods_with_its_pull_secr
     let ctr = create(&mut rt, &pod_a_id, &pod_a, &id, &image)
         .await
         .expect("pod A creates its container");
-    rt.start_container(StartContainerRequest {
-        container_id: ctr.clone(),
-    })
-    .await
-    .expect("start");
-    let out = rt
-        .exec_sync(ExecSyncRequest {
-            container_id: ctr,
-            cmd: vec!["cat".into(), "/version".into()],
-            timeout: 10,
-        })
-        .await
-        .expect("exec")
-        .into_inner();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v1");
+    assert_eq!(start_and_read_version(&mut rt, &ctr).await, "v1");
 
     // Everything is on the node: containerd holds the image and the cache its blobs.
     let mut direct = image_client(&ctd.socket).await;

@@ -15,9 +15,7 @@ use common::cosign::{self, CosignKey};
 use common::daemon::Daemon;
 use common::*;
 use imagestream::registry::Digest;
-use k8s_cri::v1::{
-    CreateContainerRequest, ExecSyncRequest, PullImageRequest, StartContainerRequest,
-};
+use k8s_cri::v1::{CreateContainerRequest, PullImageRequest};
 use std::time::{Duration, Instant};
 
 const TAG: &str = "team-a/app:prod";
@@ -53,6 +51,11 @@ fn assert_refused(d: &Daemon, tag: &str, reference: &str, digest: &str, why: &st
     }
     let after = d.cli(&["-o", "json", "tag", "history", tag]);
     assert_eq!(before.stdout, after.stdout, "tag {tag} changed");
+}
+
+/// `stream policy STREAM --key KEY --mode MODE`.
+fn set_policy(d: &Daemon, stream: &str, key: &str, mode: &str) -> serde_json::Value {
+    d.cli_json(&["stream", "policy", stream, "--key", key, "--mode", mode])
 }
 
 /// The digest of the signature manifest cosign stored for `digest` in `repo`.
@@ -103,15 +106,7 @@ fn streams_pin_only_digests_whose_cosign_signature_verifies() {
     );
     let public = key.public.display().to_string();
     d.cli_ok(&["stream", "create", "team-a/app", "--lookup-local"]);
-    let s = d.cli_json(&[
-        "stream",
-        "policy",
-        "team-a/app",
-        "--key",
-        &public,
-        "--mode",
-        "enforce",
-    ]);
+    let s = set_policy(&d, "team-a/app", &public, "enforce");
     assert_eq!(s["effective_policy"]["mode"], "enforce", "{s}");
     assert_eq!(
         s["effective_policy"]["keys"][0]["name"], "cosign.pub",
@@ -175,15 +170,7 @@ fn streams_pin_only_digests_whose_cosign_signature_verifies() {
     // `--from-stream`: a stream with the same policy follows the verified tag, reusing its
     // check.
     d.cli_ok(&["stream", "create", "team-a/follower"]);
-    d.cli_ok(&[
-        "stream",
-        "policy",
-        "team-a/follower",
-        "--key",
-        &public,
-        "--mode",
-        "enforce",
-    ]);
+    set_policy(&d, "team-a/follower", &public, "enforce");
     d.cli_ok(&[
         "tag",
         "set",
@@ -195,15 +182,7 @@ fn streams_pin_only_digests_whose_cosign_signature_verifies() {
     assert_eq!(f["verification"]["status"], "verified", "{f}");
 
     // warn: unverified digests are pinned, recorded and counted, not refused.
-    d.cli_ok(&[
-        "stream",
-        "policy",
-        "team-a/app",
-        "--key",
-        &public,
-        "--mode",
-        "warn",
-    ]);
+    set_policy(&d, "team-a/app", &public, "warn");
     d.cli_ok(&["tag", "set", TAG, &v2]);
     d.cli_ok(&["tag", "set", TAG, &v3]);
     let gs = generations(&d, TAG);
@@ -227,15 +206,7 @@ fn streams_pin_only_digests_whose_cosign_signature_verifies() {
     );
 
     // Tightened to enforce: `stream get` shows the unverified generations as refused.
-    d.cli_ok(&[
-        "stream",
-        "policy",
-        "team-a/app",
-        "--key",
-        &public,
-        "--mode",
-        "enforce",
-    ]);
+    set_policy(&d, "team-a/app", &public, "enforce");
     let s = d.cli_json(&["stream", "get", "team-a/app"]);
     let current = &s["tags"][0]["generations"][0];
     assert_eq!(current["digest"], d3.as_str());
@@ -350,15 +321,7 @@ async fn pods_run_only_verified_generations_under_enforce() {
     d.cli_ok(&["stream", "create", "team-a/app", "--lookup-local"]);
     // Pinned before any policy: no verification recorded.
     d.cli_ok(&["tag", "set", TAG, &registry.image_ref("app:v1")]);
-    d.cli_ok(&[
-        "stream",
-        "policy",
-        "team-a/app",
-        "--key",
-        &public,
-        "--mode",
-        "enforce",
-    ]);
+    set_policy(&d, "team-a/app", &public, "enforce");
 
     let logs = d.dir.path().join("pod-logs");
     let pod = pod_config("p1", "team-a", &logs.join("p1"));
@@ -428,21 +391,7 @@ async fn pods_run_only_verified_generations_under_enforce() {
         .expect("a verified generation runs")
         .into_inner()
         .container_id;
-    rt.start_container(StartContainerRequest {
-        container_id: ctr.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    let out = rt
-        .exec_sync(ExecSyncRequest {
-            container_id: ctr,
-            cmd: vec!["cat".into(), "/version".into()],
-            timeout: 10,
-        })
-        .await
-        .expect("ExecSync")
-        .into_inner();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v1");
+    assert_eq!(start_and_read_version(&mut rt, &ctr).await, "v1");
     remove_pod(&mut rt, &pod_id).await;
 }
 

@@ -3,8 +3,8 @@
 //! and then swaps the resolution [`View`], so that the CRI path sees the change at once.
 
 use super::model::{
-    validate_access_pattern, Access, ImportCondition, NewGeneration, RollbackError, Schedule,
-    Stream, StreamKey, Tag,
+    validate_access_pattern, Access, Generation, ImportCondition, NewGeneration, RollbackError,
+    Schedule, Stream, StreamKey, Tag,
 };
 use super::names::{validate_namespace, NameError};
 use super::reference::{classify, Classified, ReferenceError, TagRef};
@@ -779,14 +779,7 @@ impl StreamService {
         let limit = self.settings.history_limit;
         // The target passes the signature policy first (its recorded signature manifest is
         // in the cache, so this works with the registry down).
-        let before = self.get_tag(t)?;
-        let target = before
-            .rollback_target(to)
-            .map_err(|source| StreamError::Rollback {
-                tag: t.clone(),
-                source,
-            })?
-            .clone();
+        let target = rollback_target(&self.get_tag(t)?, t, to)?;
         let policy = self.policy_of(&tag_key(t));
         let pinned = PinnedManifest {
             digest: target.digest.clone(),
@@ -814,13 +807,7 @@ impl StreamService {
                         stream: tag_key(t),
                         tag: t.tag.clone(),
                     })?;
-                let target = tag
-                    .rollback_target(to)
-                    .map_err(|source| StreamError::Rollback {
-                        tag: t.clone(),
-                        source,
-                    })?
-                    .clone();
+                let target = rollback_target(tag, t, to)?;
                 if target.digest != pinned.digest {
                     return Err(StreamError::Store(StoreError::Conflict(tag_key(t))));
                 }
@@ -893,6 +880,16 @@ impl StreamService {
         }
         Err(StreamError::Store(StoreError::Conflict(key)))
     }
+}
+
+/// The generation a rollback of `t` to `to` goes to ([`Tag::rollback_target`]).
+fn rollback_target(tag: &Tag, t: &TagRef, to: Option<u64>) -> Result<Generation, StreamError> {
+    tag.rollback_target(to)
+        .cloned()
+        .map_err(|source| StreamError::Rollback {
+            tag: t.clone(),
+            source,
+        })
 }
 
 fn take_tag(mut stream: Stream, t: &TagRef) -> Result<Tag, StreamError> {

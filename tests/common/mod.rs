@@ -1275,6 +1275,29 @@ pub async fn start_sleeping_container(
     (rt, ctr)
 }
 
+/// StartContainer of `container_id`, then what its `/version` says (the test images' version,
+/// see [`push_image`]), read with ExecSync.
+pub async fn start_and_read_version(
+    rt: &mut RuntimeServiceClient<Channel>,
+    container_id: &str,
+) -> String {
+    rt.start_container(k8s_cri::v1::StartContainerRequest {
+        container_id: container_id.to_string(),
+    })
+    .await
+    .expect("StartContainer");
+    let out = rt
+        .exec_sync(k8s_cri::v1::ExecSyncRequest {
+            container_id: container_id.to_string(),
+            cmd: vec!["cat".into(), "/version".into()],
+            timeout: 10,
+        })
+        .await
+        .expect("ExecSync of cat /version")
+        .into_inner();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// StopContainer (timeout 0) of its containers, StopPodSandbox, then RemovePodSandbox.
 pub async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod_id: &str) {
     // The test images' PID 1 (`sleep`) ignores SIGTERM: stop the containers at once, or CRI-O's
