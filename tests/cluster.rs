@@ -12,7 +12,9 @@
 //! - TLS: a node with a client certificate reaches an etcd that requires one, a node without
 //!   is refused and says so;
 //! - a watch that must start from a compacted revision lists again;
-//! - a tag moved on one node is prefetched into the layer cache of another.
+//! - a tag moved on one node is prefetched into the layer cache of another;
+//! - a signature policy set on one node holds on every node: another node refuses a pod an
+//!   unverified generation, and runs it once it is verified (real cosign).
 
 mod common;
 
@@ -587,5 +589,63 @@ fn every_node_prefetches_a_tag_moved_on_another_node() {
             n2.log_text()
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_signature_policy_set_on_one_node_holds_on_every_node() {
+    let etcd = Etcd::start();
+    let registry = Registry::start();
+    let ctd = RuntimeBed::start(&registry);
+    let v1 = push_image(&registry, "app", "v1", "v1", &["/bin/sleep", "infinity"]);
+    let eps = etcd.endpoints_toml(&[0]);
+    let nodes: Vec<Daemon> = (1..=2)
+        .map(|i| node(&ctd.endpoint(), &registry, &eps, &format!("node{i}")))
+        .collect();
+    let key = common::cosign::CosignKey::generate();
+    nodes[0].cli_ok(&["stream", "create", "team-a/app"]);
+    nodes[0].cli_ok(&[
+        "tag",
+        "set",
+        "team-a/app:prod",
+        &registry.image_ref("app:v1"),
+    ]);
+    nodes[0].cli_ok(&[
+        "stream",
+        "policy",
+        "team-a/app",
+        "--key",
+        &key.public.display().to_string(),
+        "--mode",
+        "enforce",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while nodes[1].cli_json(&["stream", "get", "team-a/app"])["effective_policy"]["mode"]
+        != "enforce"
+    {
+        assert!(Instant::now() < deadline, "node 2 never saw the policy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let err = rt
+        .block_on(cri_pull_image(&nodes[1].cri_socket, STREAM_REF))
+        .expect_err("node 2 refuses the unverified generation");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+
+    common::cosign::sign(&key, &format!("{}/app@{v1}", registry.addr));
+    nodes[0].cli_ok(&["tag", "verify", "team-a/app:prod"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match rt.block_on(cri_pull_image(&nodes[1].cri_socket, STREAM_REF)) {
+            Ok(image_ref) => {
+                assert!(!image_ref.is_empty());
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+                assert!(Instant::now() < deadline, "node 2 still refuses: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 }
