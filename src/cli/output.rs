@@ -454,8 +454,8 @@ impl Printer {
                         let g = t.generations.first()?;
                         (!g.refused.is_empty()).then(|| {
                             format!(
-                                "  {}:{} generation {}: {}",
-                                s.name, t.name, g.generation, g.refused
+                                "  {}/{}:{} generation {}: {}",
+                                s.namespace, s.name, t.name, g.generation, g.refused
                             )
                         })
                     })
