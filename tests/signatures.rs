@@ -84,6 +84,7 @@ fn streams_pin_only_digests_whose_cosign_signature_verifies() {
     let (v4, d4) = image("v4");
     let (v5, d5) = image("v5");
     let (v6, d6) = image("v6");
+    let (v7, d7) = image("v7");
     cosign::sign(&key, &v1);
     cosign::sign(&other, &v3); // signed, by a key the stream does not trust
     cosign::copy_signature(&registry.addr, "app", &d1, &d4); // v1's signature under v4's tag
@@ -91,12 +92,17 @@ fn streams_pin_only_digests_whose_cosign_signature_verifies() {
     cosign::tamper_payload(&registry.addr, "app", &d5);
     cosign::sign(&key, &v6);
     cosign::corrupt_signature(&registry.addr, "app", &d6);
-    // The reference verifier's verdicts, which imagestream must share.
+    cosign::sign_as_referrer(&key, &v7); // the OCI 1.1 way: a referrer, no .sig tag
+                                         // The reference verifier's verdicts, which imagestream must share.
     let truth: Vec<bool> = [&v1, &v2, &v3, &v4, &v5, &v6]
         .iter()
         .map(|r| cosign::verify(&key, r))
         .collect();
     assert_eq!(truth, [true, false, false, false, false, false]);
+    assert!(
+        cosign::verify_result_with(&key, &v7, &["--experimental-oci11"]).is_ok(),
+        "cosign accepts the referrer"
+    );
 
     let d = Daemon::start_with_config(
         "unix:///nonexistent.sock",
@@ -130,6 +136,22 @@ fn streams_pin_only_digests_whose_cosign_signature_verifies() {
         signature_digest(&registry, "app", &d1).as_str()
     );
     assert!(g["refused"].is_null(), "{g}");
+
+    // A signature stored as an OCI 1.1 referrer (docker-registry 2.8 has no referrers API:
+    // found through the referrers tag schema's index).
+    d.cli_ok(&["tag", "set", "team-a/app:referrer", &v7]);
+    let g = &generations(&d, "team-a/app:referrer")[0];
+    assert_eq!(g["verification"]["status"], "verified", "{g}");
+    let index: serde_json::Value = serde_json::from_slice(&registry_manifest_bytes(
+        &registry.addr,
+        "app",
+        &format!("sha256-{}", d7.trim_start_matches("sha256:")),
+    ))
+    .expect("referrers index");
+    assert_eq!(
+        g["verification"]["signature"],
+        index["manifests"][0]["digest"]
+    );
 
     // Everything cosign rejects is refused, each for its own reason, and nothing is written.
     assert_refused(&d, TAG, &v2, &d2, "no signature");

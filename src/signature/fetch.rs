@@ -5,8 +5,9 @@
 //!    holds it, pinned, so a rollback re-verifies with the registry down);
 //! 2. the tag `sha256-<hex>.sig` in the image's repository (cosign's default, all versions);
 //! 3. the OCI 1.1 referrers API (`GET /v2/<repo>/referrers/<digest>`), where the registry has
-//!    it: manifests with artifact type [`COSIGN_SIG_ARTIFACT_TYPE`] (cosign
-//!    `--registry-referrers-mode=oci-1-1`).
+//!    it, else the index OCI 1.1 clients keep under the tag `sha256-<hex>` for registries
+//!    without it (the referrers tag schema): manifests with artifact type
+//!    [`COSIGN_SIG_ARTIFACT_TYPE`] (cosign `--registry-referrers-mode=oci-1-1`).
 //!
 //! A signature manifest lists simple-signing layers ([`SIMPLE_SIGNING_MEDIA_TYPE`]), each
 //! with its signature in the [`SIGNATURE_ANNOTATION`]; cosign appends one per `cosign sign`.
@@ -186,6 +187,12 @@ pub fn signature_tag(digest: &Digest) -> String {
     format!("sha256-{}.sig", digest.hex())
 }
 
+/// The tag of the referrers index a registry without the referrers API holds for `digest`
+/// (OCI distribution spec 1.1, "referrers tag schema"): `sha256-<hex>`.
+pub fn referrers_tag(digest: &Digest) -> String {
+    format!("sha256-{}", digest.hex())
+}
+
 /// Finds and verifies signatures through an [`ArtifactSource`].
 pub struct Verifier {
     source: Arc<dyn ArtifactSource>,
@@ -252,9 +259,17 @@ impl Verifier {
                 first_error.get_or_insert(VerifyError::Unavailable { message });
             }
         }
-        // 3. Referrers, where the registry has them.
+        // 3. Referrers: the API where the registry has it, else the referrers tag schema.
         if candidates.is_empty() {
-            match self.source.referrers(&host, &repository, &digest).await {
+            let index = match self.source.referrers(&host, &repository, &digest).await {
+                Ok(None) => {
+                    self.source
+                        .manifest(&host, &repository, &referrers_tag(&digest))
+                        .await
+                }
+                other => other,
+            };
+            match index {
                 Ok(Some(index)) => {
                     for d in signature_referrers(&index).unwrap_or_default() {
                         match self.source.manifest(&host, &repository, d.as_str()).await {

@@ -131,12 +131,18 @@ fn is_p256_public_key_pem(pem: &str) -> bool {
 /// Runs cosign with `args` in the key's dir, with a cleared environment (see the module docs);
 /// panics only if it cannot be started.
 fn run_cosign(key: &CosignKey, args: &[&str]) -> Output {
+    run_cosign_with(key, args, &[])
+}
+
+/// [`run_cosign`] with `envs` added to the cleared environment.
+fn run_cosign_with(key: &CosignKey, args: &[&str], envs: &[(&str, &str)]) -> Output {
     let cosign = tool("cosign");
     let home = key.dir.path();
     Command::new(&cosign)
         .args(args)
         .current_dir(home)
         .env_clear()
+        .envs(envs.iter().copied())
         .env("HOME", home)
         .env("COSIGN_PASSWORD", "")
         .env("TUF_ROOT", home.join("tuf"))
@@ -174,6 +180,37 @@ pub fn sign(key: &CosignKey, image: &str) {
     }
 }
 
+/// Like [`sign`], stored the OCI 1.1 way (`--registry-referrers-mode=oci-1-1`, experimental in
+/// cosign 2): a manifest with artifact type `application/vnd.dev.cosign.artifact.sig.v1+json`
+/// whose `subject` is the image. A registry without the referrers API (docker-registry 2.8)
+/// lists it in the fallback index under the tag `sha256-<hex>` (the OCI 1.1 referrers tag
+/// schema), which go-containerregistry maintains for cosign.
+pub fn sign_as_referrer(key: &CosignKey, image: &str) {
+    let private = path_arg(&key.private);
+    let out = run_cosign_with(
+        key,
+        &[
+            "sign",
+            "--key",
+            &private,
+            "--tlog-upload=false",
+            "--allow-http-registry",
+            "--registry-referrers-mode=oci-1-1",
+            "--yes",
+            image,
+        ],
+        &[("COSIGN_EXPERIMENTAL", "1")],
+    );
+    if !out.status.success() {
+        panic!(
+            "cosign sign (referrers) {image} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// Whether cosign accepts `image`'s signatures with `key` ([`verify_result`] is `Ok`). A
 /// rejection's reason is printed to stderr (the test's output).
 pub fn verify(key: &CosignKey, image: &str) -> bool {
@@ -190,22 +227,27 @@ pub fn verify(key: &CosignKey, image: &str) -> bool {
 /// an empty trusted root): Ok(cosign's stdout, the verified payloads as JSON) if it accepts the
 /// image, Err(cosign's stderr) if it rejects it. Panics if cosign cannot be run or is killed.
 pub fn verify_result(key: &CosignKey, image: &str) -> Result<String, String> {
+    verify_result_with(key, image, &[])
+}
+
+/// [`verify_result`] with `extra` flags (e.g. `--experimental-oci11`, to find signatures stored
+/// as OCI 1.1 referrers: [`sign_as_referrer`]).
+pub fn verify_result_with(key: &CosignKey, image: &str, extra: &[&str]) -> Result<String, String> {
     let public = path_arg(&key.public);
     let trusted_root = path_arg(&key.trusted_root());
-    let out = run_cosign(
-        key,
-        &[
-            "verify",
-            "--key",
-            &public,
-            "--insecure-ignore-tlog=true",
-            "--insecure-ignore-sct=true",
-            "--trusted-root",
-            &trusted_root,
-            "--allow-http-registry",
-            image,
-        ],
-    );
+    let mut args = vec![
+        "verify",
+        "--key",
+        &public,
+        "--insecure-ignore-tlog=true",
+        "--insecure-ignore-sct=true",
+        "--trusted-root",
+        &trusted_root,
+        "--allow-http-registry",
+    ];
+    args.extend_from_slice(extra);
+    args.push(image);
+    let out = run_cosign_with(key, &args, &[("COSIGN_EXPERIMENTAL", "1")]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     match out.status.code() {
