@@ -52,6 +52,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 
+/// What is percent-encoded in a query value: everything but RFC 3986's unreserved characters
+/// (so `application/vnd.dev.cosign…` keeps its dots and dashes: a registry comparing the raw
+/// query text still matches it).
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// The manifest media types asked for when pinning: OCI image, OCI index, Docker v2 manifest
 /// and Docker manifest list.
 pub const ACCEPTED_MANIFEST_TYPES: [&str; 4] = [
@@ -461,10 +470,7 @@ impl RegistryClient {
         let url = format!(
             "{}?artifactType={}",
             self.url(&image, "referrers", digest.as_str()),
-            percent_encoding::utf8_percent_encode(
-                artifact_type,
-                percent_encoding::NON_ALPHANUMERIC
-            )
+            percent_encoding::utf8_percent_encode(artifact_type, QUERY_VALUE)
         );
         let fetch = async {
             let response = match self
