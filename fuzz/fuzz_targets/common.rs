@@ -28,6 +28,7 @@ pub fn snapshot() -> Snapshot {
                     created: "2026-01-01T00:00:00Z".into(),
                     cause: "set".into(),
                     source: tag.source.clone(),
+                    verification: None,
                 },
                 20,
             );
