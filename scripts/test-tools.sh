@@ -12,6 +12,9 @@
 #                     needs gcc, make, pkg-config, libc6-dev, libseccomp-dev to build, conmon to run)
 #   kubelet           k8s.io/kubernetes         the kubelet, built in a generated module
 #   cosign            github.com/sigstore/cosign/v2   Sigstore's image signer and verifier
+#   referrers-registry  github.com/google/go-containerregistry   its registry (pkg/registry) with
+#                     the OCI 1.1 referrers API on, built in a generated module: plain HTTP,
+#                     blobs and manifests kept in memory (gone when it exits)
 #
 # Usage: bash scripts/test-tools.sh [TOOL...]   builds what is missing (of TOOLs, default all),
 #                                              prints the bin dir
@@ -37,6 +40,9 @@ KUBELET_VERSION=v1.34.4
 # cosign (module github.com/sigstore/cosign/v2); `cosign version` prints what its Makefile sets
 # through sigs.k8s.io/release-utils/version (build_cosign).
 COSIGN_VERSION=v2.6.4
+# go-containerregistry (the library cosign talks to registries with), for its registry: no
+# command of the module serves it with the referrers API on (`crane registry serve` does not).
+GO_CONTAINERREGISTRY_VERSION=v0.22.1
 
 cache=${IMAGESTREAM_TEST_CACHE:-/var/cache/imagestream-test}
 bin=${IMAGESTREAM_TEST_TOOLS:-$cache/bin}
@@ -231,7 +237,45 @@ build_cosign() {
   rmdir "$out.gobin"
 }
 
-ALL_TOOLS=(crictl critest h2spec containerd2 crio pinns kubelet cosign)
+build_referrers_registry() {
+  # A main of a few lines around pkg/registry, in a generated module requiring
+  # go-containerregistry: `--address HOST:PORT`, plain HTTP, the referrers API on, blobs and
+  # manifests in memory (the default), every request logged to stderr (the registry's default).
+  local mod="github.com/google/go-containerregistry@$GO_CONTAINERREGISTRY_VERSION" gomod dir
+  gomod=$(mod_field "$mod" GoMod)
+  work_dir
+  dir="$work/referrers-registry"
+  mkdir "$dir"
+  {
+    echo "module imagestream.test/referrers-registry"
+    echo
+    grep -E '^go ' "$gomod"
+    echo
+    echo "require github.com/google/go-containerregistry $GO_CONTAINERREGISTRY_VERSION"
+  } >"$dir/go.mod"
+  cat >"$dir/main.go" <<'EOF'
+package main
+
+import (
+	"flag"
+	"log"
+	"net/http"
+
+	"github.com/google/go-containerregistry/pkg/registry"
+)
+
+func main() {
+	address := flag.String("address", "127.0.0.1:5000", "HOST:PORT to serve plain HTTP on")
+	flag.Parse()
+	s := &http.Server{Addr: *address, Handler: registry.New(registry.WithReferrersSupport(true))}
+	log.Printf("serving on %s", *address)
+	log.Fatal(s.ListenAndServe())
+}
+EOF
+  (cd "$dir" && go mod tidy && go build -trimpath -ldflags "-s -w" -o "$out" .)
+}
+
+ALL_TOOLS=(crictl critest h2spec containerd2 crio pinns kubelet cosign referrers-registry)
 WANTED=("$@")
 for w in "${WANTED[@]}"; do
   [[ " ${ALL_TOOLS[*]} " == *" $w "* ]] || {
@@ -253,4 +297,6 @@ want crio && build crio "crio-$CRIO_VERSION-1" build_crio
 want pinns && build pinns "pinns-$CRIO_VERSION-1" build_pinns
 want kubelet && build kubelet "kubelet-$KUBELET_VERSION-1" build_kubelet
 want cosign && build cosign "cosign-$COSIGN_VERSION-1" build_cosign
+want referrers-registry && build referrers-registry \
+  "referrers-registry-$GO_CONTAINERREGISTRY_VERSION-1" build_referrers_registry
 echo "$bin"

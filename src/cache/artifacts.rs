@@ -1,8 +1,10 @@
 //! The cache as the source of signature artifacts ([`crate::signature::fetch::ArtifactSource`]):
 //! signature manifests and payloads are fetched through the cache like an image's, so they are
 //! stored verified, pinned with the generation that recorded them ([`super::pins::roots`]) and
-//! served from the node with the registry down. A tag's answer (`sha256-<hex>.sig`) is
-//! remembered like any tag the mirror serves. The referrers API is asked of the registry.
+//! served from the node with the registry down (by digest: a generation records the signature
+//! manifest that verified it). Tags (`sha256-<hex>.sig`, the referrers tag schema's
+//! `sha256-<hex>`) are always asked of the registry and not remembered
+//! ([`Cache::manifest_by_tag_unremembered`]). The referrers API is asked of the registry.
 
 use super::{Cache, CacheError, Origin};
 use crate::registry::{Digest, RegistryClient, RegistryError};
@@ -38,11 +40,15 @@ impl ArtifactSource for CacheArtifacts {
         repository: &str,
         reference: &str,
     ) -> Result<Option<Bytes>, String> {
-        match self
-            .cache
-            .manifest(Some(&origin(host, repository)), reference)
-            .await
-        {
+        let origin = origin(host, repository);
+        let fetched = if Digest::parse(reference).is_ok() {
+            self.cache.manifest(Some(&origin), reference).await
+        } else {
+            self.cache
+                .manifest_by_tag_unremembered(&origin, reference)
+                .await
+        };
+        match fetched {
             Ok(m) => Ok(Some(m.bytes)),
             Err(CacheError::Upstream(RegistryError::NotFound { .. })) => Ok(None),
             Err(e) => Err(e.to_string()),

@@ -892,6 +892,19 @@ impl Cache {
         })
     }
 
+    /// A manifest by `tag`, always from `origin`, stored by digest like any manifest but not
+    /// remembered as the tag's answer: for cosign's signature tags (`sha256-<hex>.sig`), one
+    /// per image, which would crowd the [`MAX_REMEMBERED_TAGS`] tags the mirror serves offline
+    /// and rewrite their file on every new image. What verified a generation is recorded by
+    /// digest, and that is what is read again offline.
+    pub async fn manifest_by_tag_unremembered(
+        &self,
+        origin: &Origin,
+        tag: &str,
+    ) -> Result<Manifest, CacheError> {
+        self.fetch_manifest(origin, tag).await
+    }
+
     async fn fetch_manifest(
         &self,
         origin: &Origin,

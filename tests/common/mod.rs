@@ -41,6 +41,7 @@ pub mod mirror;
 pub mod netns;
 pub mod origin;
 pub mod peer;
+pub mod referrers_registry;
 pub mod runtime;
 pub mod tools;
 
