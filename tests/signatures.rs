@@ -313,6 +313,21 @@ fn streams_pin_only_digests_whose_cosign_signature_verifies() {
     let g = &generations(&d, TAG)[0];
     assert_eq!(g["digest"], d1.as_str());
     assert_eq!(g["verification"]["status"], "verified", "{g}");
+    // `tag verify` works offline too: verified generations verify again from the cache, and a
+    // failed one keeps its reason rather than "cannot be fetched".
+    d.cli_ok(&["tag", "verify", TAG]);
+    let gs = generations(&d, TAG);
+    assert_eq!(gs[0]["verification"]["status"], "verified", "{}", gs[0]);
+    let g3 = gs
+        .iter()
+        .find(|g| g["digest"] == d3.as_str())
+        .expect("v3's generation");
+    assert!(
+        g3["verification"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no trusted key matched")),
+        "{g3}"
+    );
     let ls = d.cli_json(&["cache", "ls"]);
     let sig1 = signature_digest_cached(&ls, "(signature)");
     assert!(sig1, "the signature manifests are pinned: {ls}");

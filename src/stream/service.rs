@@ -196,6 +196,12 @@ impl StreamService {
             Err(e) => {
                 m.signature_verified(policy.mode.as_str(), e.outcome());
                 let reason = crate::audit::cap(e.to_string());
+                // `tag verify` with the registry unreachable: a generation's earlier outcome
+                // stands rather than becoming "cannot be fetched".
+                if at == VERIFY && matches!(e, VerifyError::Unavailable { .. }) && known.is_some() {
+                    tracing::warn!(stream = %tag_key(t), tag = %t.tag, digest = %pinned.digest, reason = %reason, "signature not checked again; the earlier outcome stands");
+                    return Ok(known.cloned());
+                }
                 if policy.mode == Mode::Enforce && at != VERIFY {
                     m.signature_refused(at);
                     tracing::warn!(target: "imagestream::audit", action = "refuse-unsigned", stream = %tag_key(t), tag = %t.tag, digest = %pinned.digest, at, reason = %reason, "digest not pinned: its signature does not verify");
