@@ -16,34 +16,32 @@
 //! `dev.cosignproject.cosign/signature` annotation) is over the payload's **raw bytes**, which
 //! are therefore never re-serialised here.
 //!
-//! Keys are cosign public keys (`cosign.pub`: PEM `PUBLIC KEY`, SubjectPublicKeyInfo):
-//! ECDSA P-256 (what `cosign generate-key-pair` makes) and P-384 with SHA-256/384 and ASN.1 DER
+//! Keys are cosign public keys (`cosign.pub`: PEM `PUBLIC KEY`, SubjectPublicKeyInfo), parsed
+//! and checked by sigstore-rs (`sigstore::crypto::CosignVerificationKey`, on aws-lc-rs):
+//! ECDSA P-256 (what `cosign generate-key-pair` makes), P-384 and P-521 with ASN.1 DER
 //! signatures, and RSA with PKCS#1 v1.5 and SHA-256. Ed25519 keys are refused with a clear
-//! error: cosign signs with them in the pre-hashed variant (Ed25519ph), which the crypto library
-//! here (aws-lc-rs, the one rustls uses) does not verify. A key is known by its name (the file
+//! error: cosign signs with them in the pre-hashed variant (Ed25519ph), which sigstore-rs's
+//! verification key does not do (it verifies plain Ed25519). A key is known by its name (the file
 //! it came from) and its id, `sha256:` of its DER encoding, which is what a verification
 //! records: renaming a file does not un-verify anything, replacing the key does.
 //!
 //! A signature is accepted when it verifies under one of the trusted keys **and** its payload
 //! names the digest being pinned; each way of failing is its own error.
 //!
-//! Why not sigstore-rs: its OCI verification is built on oci-client 0.17 (this crate is on
-//! 0.18, so two registry clients and two token caches) and keeps the signature-layer type
-//! crate-private; the parts used here (PEM keys, ECDSA/RSA verification) come from the crates
-//! rustls already uses (rustls-pki-types, aws-lc-rs).
+//! sigstore-rs is used for keys and signature checks only (no features): its OCI verification
+//! (`cosign` feature) is built on oci-client 0.17, while this crate is on 0.18 (two registry
+//! clients, two token caches), and keeps its signature-layer type crate-private. The payload
+//! and signature manifest are read here with serde, capped, and fuzzed (`fuzz/`).
 
 pub mod fetch;
 pub mod policy;
 
 use crate::registry::Digest;
-use aws_lc_rs::signature::{
-    ParsedPublicKey, VerificationAlgorithm, ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1,
-    ED25519, RSA_PKCS1_2048_8192_SHA256,
-};
 use base64::Engine as _;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::SubjectPublicKeyInfoDer;
 use serde::Deserialize;
+use sigstore::crypto::{CosignVerificationKey, Signature as RawSignature};
 use thiserror::Error;
 
 /// Largest simple-signing payload accepted: cosign's are a few hundred bytes (the digest, the
@@ -79,22 +77,16 @@ pub enum SignatureError {
 pub enum KeyAlgorithm {
     EcdsaP256,
     EcdsaP384,
+    EcdsaP521,
     Rsa,
 }
 
 impl KeyAlgorithm {
-    fn verification(self) -> &'static dyn VerificationAlgorithm {
-        match self {
-            KeyAlgorithm::EcdsaP256 => &ECDSA_P256_SHA256_ASN1,
-            KeyAlgorithm::EcdsaP384 => &ECDSA_P384_SHA384_ASN1,
-            KeyAlgorithm::Rsa => &RSA_PKCS1_2048_8192_SHA256,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             KeyAlgorithm::EcdsaP256 => "ecdsa-p256",
             KeyAlgorithm::EcdsaP384 => "ecdsa-p384",
+            KeyAlgorithm::EcdsaP521 => "ecdsa-p521",
             KeyAlgorithm::Rsa => "rsa",
         }
     }
@@ -106,7 +98,7 @@ pub struct TrustedKey {
     name: String,
     id: String,
     algorithm: KeyAlgorithm,
-    key: ParsedPublicKey,
+    key: CosignVerificationKey,
 }
 
 impl std::fmt::Debug for TrustedKey {
@@ -120,8 +112,9 @@ impl std::fmt::Debug for TrustedKey {
 }
 
 impl TrustedKey {
-    /// A key from PEM (`-----BEGIN PUBLIC KEY-----`, as `cosign.pub`). The algorithm is the
-    /// one the key parses as: P-256, P-384, then RSA (2048 to 8192 bits).
+    /// A key from PEM (`-----BEGIN PUBLIC KEY-----`, as `cosign.pub`), parsed and later used
+    /// by sigstore-rs (`sigstore::crypto::CosignVerificationKey`): ECDSA P-256/P-384/P-521
+    /// (ASN.1 signatures, SHA-256/384/512) or RSA (PKCS#1 v1.5, SHA-256, 2048 to 8192 bits).
     pub fn from_pem(name: &str, pem: &[u8]) -> Result<Self, SignatureError> {
         let bad = |reason: String| SignatureError::Key {
             name: name.to_string(),
@@ -132,30 +125,32 @@ impl TrustedKey {
         }
         let spki = SubjectPublicKeyInfoDer::from_pem_slice(pem)
             .map_err(|e| bad(format!("no PEM \"PUBLIC KEY\" block ({e})")))?;
-        for algorithm in [
-            KeyAlgorithm::EcdsaP256,
-            KeyAlgorithm::EcdsaP384,
-            KeyAlgorithm::Rsa,
-        ] {
-            if let Ok(key) = ParsedPublicKey::new(algorithm.verification(), spki.as_ref()) {
-                return Ok(Self {
-                    name: name.to_string(),
-                    id: Digest::of(spki.as_ref()).to_string(),
-                    algorithm,
-                    key,
-                });
+        let key = CosignVerificationKey::try_from_der(spki.as_ref()).map_err(|e| {
+            bad(format!(
+                "not an ECDSA P-256/P-384/P-521 or RSA public key ({})",
+                crate::audit::cap(e.to_string())
+            ))
+        })?;
+        let algorithm = match &key {
+            CosignVerificationKey::ECDSA_P256_SHA256_ASN1(_) => KeyAlgorithm::EcdsaP256,
+            CosignVerificationKey::ECDSA_P384_SHA384_ASN1(_) => KeyAlgorithm::EcdsaP384,
+            CosignVerificationKey::ECDSA_P521_SHA512_ASN1(_) => KeyAlgorithm::EcdsaP521,
+            CosignVerificationKey::RSA_PKCS1_SHA256(_)
+            | CosignVerificationKey::RSA_PSS_SHA256(_) => KeyAlgorithm::Rsa,
+            CosignVerificationKey::ED25519(_) => {
+                return Err(bad(
+                    "Ed25519 keys are not supported: cosign signs with them as Ed25519ph; \
+                     use an ECDSA P-256 key (cosign generate-key-pair)"
+                        .into(),
+                ))
             }
-        }
-        if ParsedPublicKey::new(&ED25519, spki.as_ref()).is_ok() {
-            return Err(bad(
-                "Ed25519 keys are not supported: cosign signs with them as Ed25519ph; \
-                 use an ECDSA P-256 key (cosign generate-key-pair)"
-                    .into(),
-            ));
-        }
-        Err(bad(
-            "not an ECDSA P-256/P-384 or RSA (2048-8192 bit) public key".into(),
-        ))
+        };
+        Ok(Self {
+            name: name.to_string(),
+            id: Digest::of(spki.as_ref()).to_string(),
+            algorithm,
+            key,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -172,7 +167,9 @@ impl TrustedKey {
     }
 
     fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
-        self.key.verify_sig(message, signature).is_ok()
+        self.key
+            .verify_signature(RawSignature::Raw(signature), message)
+            .is_ok()
     }
 }
 

@@ -64,7 +64,7 @@ pub struct PolicyKey {
     pub name: String,
     /// `sha256:` of its DER encoding.
     pub id: String,
-    /// `ecdsa-p256`, `ecdsa-p384` or `rsa`.
+    /// `ecdsa-p256`, `ecdsa-p384`, `ecdsa-p521` or `rsa`.
     pub algorithm: String,
     /// The PEM text.
     pub pem: String,
