@@ -343,6 +343,24 @@ fn per_second(recs: &[&Rec], from: Duration, to: Duration) -> (usize, usize) {
 }
 
 /// Text without ANSI escape sequences (the daemon's text log is coloured).
+/// Prints how many WARN / ERROR lines the daemon logged (`note` after the count) and the first
+/// five, each cut at 400 characters.
+fn print_warnings(daemon: &Daemon, note: &str) {
+    let log = strip_ansi(&daemon.log_text());
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    println!(
+        "  imagestream log: {} WARN/ERROR lines{note}{}",
+        bad.len(),
+        if bad.is_empty() { "" } else { ", first ones:" }
+    );
+    for l in bad.iter().take(5) {
+        println!("    {}", l.chars().take(400).collect::<String>());
+    }
+}
+
 fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
@@ -808,19 +826,7 @@ async fn main() {
         mib(end_rss),
         mib(hwm)
     );
-    let log = strip_ansi(&daemon.log_text());
-    let bad: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .collect();
-    println!(
-        "  imagestream log: {} WARN/ERROR lines{}",
-        bad.len(),
-        if bad.is_empty() { "" } else { ", first ones:" }
-    );
-    for l in bad.iter().take(5) {
-        println!("    {l}");
-    }
+    print_warnings(&daemon, "");
 
     // --- Signature policy: a daemon of its own (the scheduled tags above stop with this one) --
     drop(admin);
@@ -1507,17 +1513,5 @@ async fn signature_policy(
     {
         println!("  /metrics: {l}");
     }
-    let log = strip_ansi(&daemon.log_text());
-    let bad: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .collect();
-    println!(
-        "  imagestream log: {} WARN/ERROR lines (1 expected: the refusal){}",
-        bad.len(),
-        if bad.is_empty() { "" } else { ", first ones:" }
-    );
-    for l in bad.iter().take(5) {
-        println!("    {}", l.chars().take(400).collect::<String>());
-    }
+    print_warnings(&daemon, " (1 expected: the refusal)");
 }

@@ -619,13 +619,9 @@ fn a_signature_policy_set_on_one_node_holds_on_every_node() {
         "--mode",
         "enforce",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while nodes[1].cli_json(&["stream", "get", "team-a/app"])["effective_policy"]["mode"]
-        != "enforce"
-    {
-        assert!(Instant::now() < deadline, "node 2 never saw the policy");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    nodes[1].wait_for("node 2 to see the policy", Duration::from_secs(20), || {
+        nodes[1].cli_json(&["stream", "get", "team-a/app"])["effective_policy"]["mode"] == "enforce"
+    });
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let err = rt
         .block_on(cri_pull_image(&nodes[1].cri_socket, STREAM_REF))
@@ -634,18 +630,15 @@ fn a_signature_policy_set_on_one_node_holds_on_every_node() {
 
     common::cosign::sign(&key, &format!("{}/app@{v1}", registry.addr));
     nodes[0].cli_ok(&["tag", "verify", "team-a/app:prod"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match rt.block_on(cri_pull_image(&nodes[1].cri_socket, STREAM_REF)) {
-            Ok(image_ref) => {
-                assert!(!image_ref.is_empty());
-                break;
-            }
+    nodes[1].wait_for(
+        "node 2 to run the verified generation",
+        Duration::from_secs(20),
+        || match rt.block_on(cri_pull_image(&nodes[1].cri_socket, STREAM_REF)) {
+            Ok(image_ref) => !image_ref.is_empty(),
             Err(e) => {
                 assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
-                assert!(Instant::now() < deadline, "node 2 still refuses: {e}");
-                std::thread::sleep(Duration::from_millis(50));
+                false
             }
-        }
-    }
+        },
+    );
 }

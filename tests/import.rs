@@ -7,19 +7,10 @@ mod common;
 
 use common::daemon::{spawn_watch, Daemon};
 use common::*;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn wait_for(what: &str, d: &Daemon, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+/// How long a change may take to show.
+const WAIT: Duration = Duration::from_secs(20);
 
 #[test]
 fn a_scheduled_tag_follows_its_source_and_survives_registry_outages() {
@@ -122,7 +113,7 @@ fn a_scheduled_tag_follows_its_source_and_survives_registry_outages() {
     registry.stop();
     let condition =
         |d: &Daemon| d.cli_json(&["tag", "history", "team-a/app:prod"])["import_condition"].clone();
-    wait_for("a failing import condition", &d, || {
+    d.wait_for("a failing import condition", WAIT, || {
         condition(&d)["error"]
             .as_str()
             .is_some_and(|e| !e.is_empty())
@@ -135,7 +126,7 @@ fn a_scheduled_tag_follows_its_source_and_survives_registry_outages() {
     assert_eq!(r["digest"], v2.as_str(), "{r}");
 
     registry.restart();
-    wait_for("the condition to clear", &d, || {
+    d.wait_for("the condition to clear", WAIT, || {
         condition(&d)["error"].as_str() == Some("")
     });
     let h = d.cli_json(&["tag", "history", "team-a/app:prod"]);
@@ -186,7 +177,7 @@ fn a_tag_following_another_stream_tag_moves_with_it_and_cycles_are_refused() {
         "team-a/base:prod",
         &registry.image_ref("app:v2"),
     ]);
-    wait_for("canary and stage to follow base to v2", &d, || {
+    d.wait_for("canary and stage to follow base to v2", WAIT, || {
         current("team-b/app:stage")["digest"] == v2.as_str()
     });
     let c = current("team-b/app:canary");
@@ -198,7 +189,7 @@ fn a_tag_following_another_stream_tag_moves_with_it_and_cycles_are_refused() {
     );
 
     d.cli_ok(&["tag", "rollback", "team-a/base:prod"]);
-    wait_for("canary and stage to follow the rollback", &d, || {
+    d.wait_for("canary and stage to follow the rollback", WAIT, || {
         current("team-b/app:stage")["digest"] == v1.as_str()
     });
 

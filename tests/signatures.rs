@@ -16,22 +16,12 @@ use common::daemon::Daemon;
 use common::*;
 use imagestream::registry::Digest;
 use k8s_cri::v1::{CreateContainerRequest, PullImageRequest};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+/// How long a change may take to show.
+const WAIT: Duration = Duration::from_secs(30);
 
 const TAG: &str = "team-a/app:prod";
-
-/// Polls `f` every 100 ms for up to 30 s; panics with `what` and the daemon's log.
-fn wait_for(what: &str, d: &Daemon, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            d.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn generations(d: &Daemon, tag: &str) -> Vec<serde_json::Value> {
     d.cli_json(&["tag", "history", tag])["generations"]
@@ -269,7 +259,7 @@ fn streams_pin_only_digests_whose_cosign_signature_verifies() {
         "tag verify recorded generation 2 as verified"
     );
     // The follower follows now.
-    wait_for("the follower to follow the verified v2", &d, || {
+    d.wait_for("the follower to follow the verified v2", WAIT, || {
         generations(&d, "team-a/follower:prod")[0]["digest"] == d2.as_str()
     });
 
@@ -289,9 +279,9 @@ fn streams_pin_only_digests_whose_cosign_signature_verifies() {
         "1s",
     ]);
     let m2 = moving("m2-unsigned");
-    wait_for(
+    d.wait_for(
         "the scheduled import to refuse the unsigned digest",
-        &d,
+        WAIT,
         || {
             d.cli_json(&["tag", "history", "team-a/app:sched"])["import_condition"]["error"]
                 .as_str()
@@ -303,9 +293,11 @@ fn streams_pin_only_digests_whose_cosign_signature_verifies() {
     assert_eq!(gs[0]["digest"], m1.as_str());
     assert!(d.metric("imagestream_signature_refusals_total{at=\"scheduled-import\"}") >= 1.0);
     cosign::sign(&key, &format!("{}/app@{m2}", registry.addr));
-    wait_for("the scheduled import to move once m2 is signed", &d, || {
-        generations(&d, "team-a/app:sched")[0]["digest"] == m2.as_str()
-    });
+    d.wait_for(
+        "the scheduled import to move once m2 is signed",
+        WAIT,
+        || generations(&d, "team-a/app:sched")[0]["digest"] == m2.as_str(),
+    );
 
     // The registry goes away: rollbacks still verify, from the signatures in the node cache.
     registry.stop();

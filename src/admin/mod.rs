@@ -873,7 +873,7 @@ pub type PolicyChange = (
 );
 
 /// A `SetStreamPolicy` request checked: the mode (`None`: remove the stream's own policy) and
-/// the `(name, PEM)` keys (the stream service checks each key).
+/// the `(name, PEM)` keys (the stream service checks them: each key, and how many).
 pub fn check_set_policy(r: &pb::SetStreamPolicyRequest) -> Result<PolicyChange, Status> {
     let invalid = |m: String| crate::audit::status(tonic::Code::InvalidArgument, m);
     let mode = match r.mode.as_str() {
@@ -881,13 +881,6 @@ pub fn check_set_policy(r: &pb::SetStreamPolicyRequest) -> Result<PolicyChange, 
         "" => return Err(invalid("keys need a mode (enforce, warn or off)".into())),
         m => Some(m.parse().map_err(invalid)?),
     };
-    if r.keys.len() > crate::signature::policy::MAX_POLICY_KEYS {
-        return Err(invalid(format!(
-            "{} keys: a policy trusts at most {}",
-            r.keys.len(),
-            crate::signature::policy::MAX_POLICY_KEYS
-        )));
-    }
     let keys = r
         .keys
         .iter()

@@ -157,22 +157,27 @@ fn run_cosign_with(key: &CosignKey, args: &[&str], envs: &[(&str, &str)]) -> Out
 /// same image is added to that manifest as another layer). Offline: nothing goes to Rekor.
 /// Panics with cosign's output if it fails.
 pub fn sign(key: &CosignKey, image: &str) {
+    sign_with(key, image, &[], &[]);
+}
+
+/// `cosign sign --key` of `image` with `extra` flags and `envs`; panics with cosign's output if
+/// it fails.
+fn sign_with(key: &CosignKey, image: &str, extra: &[&str], envs: &[(&str, &str)]) {
     let private = path_arg(&key.private);
-    let out = run_cosign(
-        key,
-        &[
-            "sign",
-            "--key",
-            &private,
-            "--tlog-upload=false",
-            "--allow-http-registry",
-            "--yes",
-            image,
-        ],
-    );
+    let mut args = vec![
+        "sign",
+        "--key",
+        &private,
+        "--tlog-upload=false",
+        "--allow-http-registry",
+        "--yes",
+    ];
+    args.extend_from_slice(extra);
+    args.push(image);
+    let out = run_cosign_with(key, &args, envs);
     if !out.status.success() {
         panic!(
-            "cosign sign {image} failed ({}):\nstdout: {}\nstderr: {}",
+            "cosign sign {extra:?} {image} failed ({}):\nstdout: {}\nstderr: {}",
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
@@ -186,29 +191,12 @@ pub fn sign(key: &CosignKey, image: &str) {
 /// lists it in the fallback index under the tag `sha256-<hex>` (the OCI 1.1 referrers tag
 /// schema), which go-containerregistry maintains for cosign.
 pub fn sign_as_referrer(key: &CosignKey, image: &str) {
-    let private = path_arg(&key.private);
-    let out = run_cosign_with(
+    sign_with(
         key,
-        &[
-            "sign",
-            "--key",
-            &private,
-            "--tlog-upload=false",
-            "--allow-http-registry",
-            "--registry-referrers-mode=oci-1-1",
-            "--yes",
-            image,
-        ],
+        image,
+        &["--registry-referrers-mode=oci-1-1"],
         &[("COSIGN_EXPERIMENTAL", "1")],
     );
-    if !out.status.success() {
-        panic!(
-            "cosign sign (referrers) {image} failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
 /// Whether cosign accepts `image`'s signatures with `key` ([`verify_result`] is `Ok`). A

@@ -322,6 +322,20 @@ impl Daemon {
             .unwrap_or_else(|| panic!("metric {series} not in /metrics:\n{text}"))
     }
 
+    /// Polls `ok` every 100 ms for up to `timeout`; panics naming `what`, with the daemon's
+    /// log tail.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The last 6000 bytes of the daemon's log, for assertion messages.
     pub fn log_tail(&self) -> String {
         format!(

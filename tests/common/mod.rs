@@ -545,21 +545,12 @@ impl Registry {
             .spawn()
             .map_err(|e| format!("spawn docker-registry: {e}"))?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!("docker-registry exited early: {status}"));
-                }
-            }
-            if http_get_status(&self.addr, "/v2/") == Some(200) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err("timeout waiting for GET /v2/ == 200".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_serving_v2(
+            self.child.as_mut(),
+            &self.addr,
+            "docker-registry",
+            Duration::from_secs(15),
+        )
     }
 
     /// Stops the registry process (storage and port are kept for `restart`).
@@ -858,6 +849,31 @@ fn copy_dir_recursive(from: &Path, to: &Path) {
             fs::copy(entry.path(), &dst)
                 .unwrap_or_else(|e| panic!("copy {}: {e}", entry.path().display()));
         }
+    }
+}
+
+/// Waits until the registry at `addr` answers `GET /v2/` with 200, for up to `timeout`; an
+/// error if `child` (the registry's process) exits first or time runs out.
+pub fn wait_serving_v2(
+    mut child: Option<&mut std::process::Child>,
+    addr: &str,
+    what: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(child) = child.as_deref_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("{what} exited early: {status}"));
+            }
+        }
+        if http_get_status(addr, "/v2/") == Some(200) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err("timeout waiting for GET /v2/ == 200".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

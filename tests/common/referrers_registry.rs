@@ -11,13 +11,13 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
 use super::tools::tool;
 use super::{
-    file_tail, free_port, harness_tempdir, http_get_status, log_file, send_signal, wait_or_kill,
+    file_tail, free_port, harness_tempdir, log_file, send_signal, wait_or_kill, wait_serving_v2,
 };
 
 /// A running go-containerregistry registry serving plain HTTP on 127.0.0.1.
@@ -77,21 +77,12 @@ impl ReferrersRegistry {
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!("referrers-registry exited early: {status}"));
-                }
-            }
-            if http_get_status(&self.addr, "/v2/") == Some(200) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err("timeout waiting for GET /v2/ == 200".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_serving_v2(
+            self.child.as_mut(),
+            &self.addr,
+            "referrers-registry",
+            Duration::from_secs(30),
+        )
     }
 
     /// Stops the registry process.
